@@ -1,0 +1,105 @@
+"""Model artifact: `bank.safetensors` (the memory bank) + `model.json` (config, thresholds, stats).
+
+No pickle anywhere. `model.json` records the bank file's sha256 and is itself hashed: that hash is the
+artifact's identity (stored in the database, used as the workers' cache key). Loading verifies both.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+from common.engine.config import PatchCoreConfig
+
+FORMAT = "totalrecall.patchcore"
+FORMAT_VERSION = 1
+BANK_FILE = "bank.safetensors"
+META_FILE = "model.json"
+
+
+class ArtifactError(ValueError):
+    """The artifact is corrupt, incomplete or incompatible with this code."""
+
+
+@dataclass
+class ModelState:
+    config: PatchCoreConfig
+    bank: np.ndarray  # (M, D) float32
+    image_threshold: float
+    pixel_threshold: float
+    stats: dict[str, Any] = field(default_factory=dict)  # counts, timings, calibration details
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def library_versions() -> dict[str, str]:
+    import faiss
+    import timm
+    import torch
+    import torchvision
+
+    return {"python": platform.python_version(), "numpy": np.__version__, "torch": torch.__version__,
+            "torchvision": torchvision.__version__, "timm": timm.__version__, "faiss": faiss.__version__}
+
+
+def save_artifact(folder: str | Path, state: ModelState) -> str:
+    """Write the artifact into `folder`; returns its sha256 (of model.json)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    bank_path = folder / BANK_FILE
+    save_file({"bank": np.ascontiguousarray(state.bank, dtype=np.float32)}, str(bank_path))
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "config": state.config.to_dict(),
+        "bank_shape": list(state.bank.shape),
+        "bank_sha256": sha256_file(bank_path),
+        "image_threshold": state.image_threshold,
+        "pixel_threshold": state.pixel_threshold,
+        "stats": state.stats,
+        "versions": library_versions(),
+    }
+    data = json.dumps(meta, indent=2, sort_keys=True).encode()
+    (folder / META_FILE).write_bytes(data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def load_artifact(folder: str | Path, expected_sha256: str | None = None) -> ModelState:
+    folder = Path(folder)
+    meta_path, bank_path = folder / META_FILE, folder / BANK_FILE
+    if not meta_path.is_file() or not bank_path.is_file():
+        raise ArtifactError(f"incomplete model artifact in {folder}: needs {META_FILE} and {BANK_FILE}")
+    data = meta_path.read_bytes()
+    if expected_sha256 and hashlib.sha256(data).hexdigest() != expected_sha256:
+        raise ArtifactError(f"{meta_path}: sha256 mismatch (artifact corrupted or replaced)")
+    try:
+        meta = json.loads(data)
+    except json.JSONDecodeError as exc:
+        raise ArtifactError(f"{meta_path} is not valid JSON: {exc}") from exc
+    if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
+        raise ArtifactError(f"unsupported artifact format {meta.get('format')!r} "
+                            f"v{meta.get('format_version')}; this code reads {FORMAT} v{FORMAT_VERSION}")
+    if sha256_file(bank_path) != meta["bank_sha256"]:
+        raise ArtifactError(f"{bank_path}: sha256 mismatch (memory bank corrupted)")
+    try:
+        config = PatchCoreConfig.from_dict(meta["config"])
+    except (TypeError, ValueError) as exc:
+        raise ArtifactError(f"artifact config incompatible with this code: {exc}") from exc
+    bank = load_file(str(bank_path))["bank"]
+    if list(bank.shape) != meta["bank_shape"] or bank.dtype != np.float32:
+        raise ArtifactError(f"memory bank is {bank.shape} {bank.dtype}, config says {meta['bank_shape']}")
+    return ModelState(config, bank, float(meta["image_threshold"]), float(meta["pixel_threshold"]),
+                      meta.get("stats", {}))

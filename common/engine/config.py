@@ -1,0 +1,52 @@
+"""PatchCore settings: everything that changes the model's output, stored with every artifact."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+RESIZE_MODES = ("keep_aspect", "square")
+
+
+@dataclass(frozen=True)
+class PatchCoreConfig:
+    backbone: str = "efficientnet_lite0"
+    layers: tuple[str, ...] | None = None  # None: the backbone's stride-8 and stride-16 stages
+    image_size: int = 224  # keep_aspect: input area is image_size**2; square: image_size x image_size
+    resize: str = "keep_aspect"
+    center_crop: int | None = None  # paper protocol: image_size=256, resize="square", center_crop=224
+    embed_dim: int = 1024  # fixed patch-feature dimension budget, split evenly between the layers
+    projection_dim: int = 128  # random projection the coreset is computed on
+    coreset_ratio: float = 0.1
+    seed: int = 0
+    num_neighbors: int = 9  # b of the paper's Eq. 7; 0 turns the reweighting off
+    sigma: float = 4.0  # Gaussian smoothing of the anomaly map, in model-input pixels
+    holdout_fraction: float = 0.1  # nominal images kept out of the bank to calibrate thresholds
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        if self.resize not in RESIZE_MODES:
+            raise ValueError(f"resize must be one of {RESIZE_MODES}, not {self.resize!r}")
+        if not 0 < self.coreset_ratio <= 1:
+            raise ValueError("coreset_ratio must be in (0, 1]")
+        if self.num_neighbors == 1 or self.num_neighbors < 0:
+            raise ValueError("num_neighbors (b of Eq. 7) must be 0 (off) or >= 2")
+        if not 0 <= self.holdout_fraction < 1:
+            raise ValueError("holdout_fraction must be in [0, 1)")
+        if self.image_size < 32 or (self.center_crop is not None and self.center_crop > self.image_size):
+            raise ValueError("image_size must be >= 32 and center_crop <= image_size")
+        if self.layers is not None:
+            object.__setattr__(self, "layers", tuple(self.layers))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["layers"] = list(self.layers) if self.layers else None
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PatchCoreConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown PatchCore setting(s): {sorted(unknown)}")
+        return cls(**data)

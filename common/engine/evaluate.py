@@ -1,0 +1,103 @@
+"""`totalrecall evaluate`: fit on DIR/NAME/train/good, score DIR/NAME/test/*, compare with ground truth.
+
+The JSON keys image_auroc, pixel_auroc, aupro, fit_seconds, coreset_seconds, score_ms_per_image and
+peak_rss_mb are the product's benchmark contract: keep them.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from common.engine import mvtec
+from common.engine.config import PatchCoreConfig
+from common.engine.metrics import PixelMetrics, f1_max, image_auroc
+from common.engine.patchcore import PatchCore
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
+
+
+def evaluate(data: str | Path, category: str, config: PatchCoreConfig, shots: int | None = None,
+             weights: str | None = None, device: str | None = "auto", progress: bool = True) -> dict[str, Any]:
+    train = mvtec.train_images(data, category)
+    if shots is not None:
+        if not 1 <= shots <= len(train):
+            raise ValueError(f"--shots must be between 1 and {len(train)}")
+        picked = np.random.default_rng(config.seed).choice(len(train), shots, replace=False)
+        train = [train[i] for i in sorted(picked)]
+    tests = mvtec.test_images(data, category)
+    model = PatchCore(config, device=device, weights=weights)
+    fit = model.fit(train, progress=progress)
+
+    pixels = PixelMetrics()
+    scores, labels, failures = [], [], []
+    t0 = time.perf_counter()
+    for pos, r in model.iter_predict([t.path for t in tests], progress=progress):
+        item = tests[pos]
+        if not r.ok:
+            failures.append({"image": str(item.path), "error": r.error})
+            continue
+        scores.append(r.score)
+        labels.append(item.label)
+        top, left, h, w = r.box
+        pixels.update(r.anomaly_map, mvtec.load_mask(item, r.image_hw)[top: top + h, left: left + w])
+    score_seconds = time.perf_counter() - t0
+    image_f1, _ = f1_max(np.array(scores), np.array(labels))
+    pixel_f1, _ = pixels.pixel_f1_max()
+    predicted = np.array(scores) >= model.image_threshold
+    return {
+        "category": category,
+        "data": str(data),
+        "config": config.to_dict(),
+        "shots": shots,
+        "train_images": fit["train_images"],
+        "holdout_images": fit["holdout_images"],
+        "test_images": len(tests),
+        "failed_images": failures,
+        "image_auroc": image_auroc(np.array(scores), np.array(labels)),
+        "pixel_auroc": pixels.pixel_auroc(),
+        "aupro": pixels.aupro(0.3),
+        "image_f1_max": image_f1,
+        "pixel_f1_max": pixel_f1,
+        "image_threshold": model.image_threshold,
+        "pixel_threshold": model.pixel_threshold,
+        "calibrated_recall": float(predicted[np.array(labels) == 1].mean()),
+        "calibrated_false_positive_rate": float(predicted[np.array(labels) == 0].mean()),
+        "patch_features": fit["patch_features"],
+        "bank_size": fit["bank_size"],
+        "feature_dim": fit["feature_dim"],
+        "fit_seconds": fit["fit_seconds"],
+        "extract_seconds": fit["extract_seconds"],
+        "coreset_seconds": fit["coreset_seconds"],
+        "score_seconds": round(score_seconds, 3),
+        "score_ms_per_image": round(1000.0 * score_seconds / max(1, len(tests)), 2),
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "device": str(model.device),
+    }
+
+
+def format_table(report: dict[str, Any]) -> str:
+    rows = [
+        ("category", report["category"]),
+        ("train / holdout / test images",
+         f"{report['train_images']} / {report['holdout_images']} / {report['test_images']}"),
+        ("image AUROC", f"{report['image_auroc']:.4f}"),
+        ("pixel AUROC", f"{report['pixel_auroc']:.4f}"),
+        ("AUPRO@0.3", f"{report['aupro']:.4f}"),
+        ("image / pixel F1-max", f"{report['image_f1_max']:.4f} / {report['pixel_f1_max']:.4f}"),
+        ("recall / FPR at calibrated threshold",
+         f"{report['calibrated_recall']:.3f} / {report['calibrated_false_positive_rate']:.3f}"),
+        ("patch features -> bank", f"{report['patch_features']} -> {report['bank_size']} x {report['feature_dim']}"),
+        ("fit s (coreset s)", f"{report['fit_seconds']:.1f} ({report['coreset_seconds']:.1f})"),
+        ("score ms/image", f"{report['score_ms_per_image']:.1f}"),
+        ("peak RSS MB", f"{report['peak_rss_mb']:.0f}"),
+        ("failed images", str(len(report["failed_images"]))),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)

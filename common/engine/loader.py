@@ -1,0 +1,84 @@
+"""Decode and preprocess images on background threads while the model computes, and batch them.
+
+Consecutive images with the same input size go into one batch (keep_aspect inputs may differ in size).
+Per-image failures are yielded as `Failed` items rather than raised, so one bad image never stops a batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from common.engine.config import PatchCoreConfig
+from common.engine.preprocessing import Geometry, to_input
+from common.images import ImageDecodeError, decode_image
+
+ImageSource = np.ndarray | str | Path | bytes | Callable[[], Any]
+
+
+@dataclass
+class Batch:
+    positions: list[int]  # positions of the images in the caller's sequence
+    tensor: torch.Tensor  # (B, 3, h, w)
+    geometries: list[Geometry]
+
+
+@dataclass
+class Failed:
+    position: int
+    error: str
+
+
+def load_rgb(source: ImageSource) -> np.ndarray:
+    if isinstance(source, np.ndarray):
+        return source
+    if callable(source):
+        source = source()
+        if isinstance(source, np.ndarray):
+            return source
+    return decode_image(source)
+
+
+def iter_batches(images: Sequence[ImageSource], config: PatchCoreConfig, mean: tuple[float, ...],
+                 std: tuple[float, ...], batch_size: int, threads: int = 2,
+                 prefetch: int = 16) -> Iterator[Batch | Failed]:
+    def prepare(pos: int) -> tuple[int, torch.Tensor | None, Geometry | None, str | None]:
+        try:
+            x, geo = to_input(load_rgb(images[pos]), config, mean, std)
+            return pos, x, geo, None
+        except (ImageDecodeError, ValueError, OSError, KeyError) as exc:
+            return pos, None, None, f"{exc.__class__.__name__}: {exc}"
+
+    pending: list[tuple[int, torch.Tensor, Geometry]] = []
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        for pos, x, geo, err in _bounded_map(pool, prepare, range(len(images)), prefetch):
+            if err is not None:
+                yield Failed(pos, err)
+                continue
+            if pending and (x.shape != pending[0][1].shape or len(pending) == batch_size):
+                yield _collate(pending)
+                pending = []
+            pending.append((pos, x, geo))
+        if pending:
+            yield _collate(pending)
+
+
+def _collate(items: list[tuple[int, torch.Tensor, Geometry]]) -> Batch:
+    return Batch([p for p, _, _ in items], torch.stack([x for _, x, _ in items]), [g for _, _, g in items])
+
+
+def _bounded_map(pool: ThreadPoolExecutor, fn: Callable, items: Iterable, ahead: int) -> Iterator:
+    """pool.map that keeps at most `ahead` results in flight (bounded memory), in order."""
+    futures: list = []
+    for item in items:
+        futures.append(pool.submit(fn, item))
+        if len(futures) > ahead:
+            yield futures.pop(0).result()
+    for f in futures:
+        yield f.result()

@@ -1,0 +1,58 @@
+"""Datasets in the MVTec AD folder layout: train/good, test/<type>, ground_truth/<type>/<stem>_mask.png."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from common.images import list_image_files
+
+
+@dataclass(frozen=True)
+class TestImage:
+    path: Path
+    defect_type: str  # "good" for nominal images
+    mask_path: Path | None  # None: no defect pixels
+
+    @property
+    def label(self) -> int:
+        return int(self.defect_type != "good")
+
+
+def train_images(root: str | Path, category: str) -> list[Path]:
+    folder = Path(root) / category / "train" / "good"
+    if not folder.is_dir():
+        raise FileNotFoundError(f"no training folder {folder}")
+    return list_image_files(folder)
+
+
+def test_images(root: str | Path, category: str) -> list[TestImage]:
+    base = Path(root) / category
+    if not (base / "test").is_dir():
+        raise FileNotFoundError(f"no test folder {base / 'test'}")
+    items = []
+    for type_dir in sorted(p for p in (base / "test").iterdir() if p.is_dir()):
+        for path in list_image_files(type_dir):
+            mask = None
+            if type_dir.name != "good":
+                for ext in (".png", ".jpg", ".jpeg", ".bmp"):
+                    candidate = base / "ground_truth" / type_dir.name / f"{path.stem}_mask{ext}"
+                    if candidate.is_file():
+                        mask = candidate
+                        break
+            items.append(TestImage(path, type_dir.name, mask))
+    return items
+
+
+def load_mask(item: TestImage, hw: tuple[int, int]) -> np.ndarray:
+    """Boolean mask at (H, W); a missing mask is all False. Masks of another size are resized (nearest)."""
+    if item.mask_path is None:
+        return np.zeros(hw, dtype=bool)
+    with Image.open(item.mask_path) as m:
+        m = m.convert("L")
+        if m.size != (hw[1], hw[0]):
+            m = m.resize((hw[1], hw[0]), Image.Resampling.NEAREST)
+        return np.asarray(m) >= 128

@@ -1,0 +1,63 @@
+"""Image -> normalised input tensor, keeping track of where the model's input lies in the image."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from common.engine.config import PatchCoreConfig
+
+GRID = 16  # input sides are multiples of the deepest stride, so the two feature grids align exactly
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where the model input comes from: the crop box (in original pixels) and the input size."""
+
+    orig_hw: tuple[int, int]
+    box: tuple[int, int, int, int]  # top, left, height, width of the region the model sees
+    input_hw: tuple[int, int]
+
+
+def resized_hw(h: int, w: int, config: PatchCoreConfig) -> tuple[int, int]:
+    """Size the whole image is resized to (before any center crop)."""
+    if config.resize == "square":
+        return config.image_size, config.image_size
+    # keep_aspect: the input area is image_size**2, whatever the aspect ratio, so small tiles gain
+    # resolution, big images lose none of their field of view, and compute per image is constant.
+    scale = config.image_size / math.sqrt(h * w)
+    return max(GRID, round(h * scale / GRID) * GRID), max(GRID, round(w * scale / GRID) * GRID)
+
+
+def geometry(h: int, w: int, config: PatchCoreConfig) -> Geometry:
+    rh, rw = resized_hw(h, w, config)
+    if config.center_crop is None:
+        return Geometry((h, w), (0, 0, h, w), (rh, rw))
+    c = config.center_crop
+    top, left = (rh - c) // 2, (rw - c) // 2
+    sy, sx = h / rh, w / rw  # crop box mapped back to original pixels
+    box = (round(top * sy), round(left * sx), round(c * sy), round(c * sx))
+    return Geometry((h, w), box, (c, c))
+
+
+def to_input(image: np.ndarray, config: PatchCoreConfig, mean: tuple[float, ...],
+             std: tuple[float, ...]) -> tuple[torch.Tensor, Geometry]:
+    """(H, W, 3) uint8 RGB -> (3, h, w) float32 normalised tensor and its geometry."""
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"expected an (H, W, 3) uint8 RGB array, got {image.shape} {image.dtype}")
+    h, w = image.shape[:2]
+    geo = geometry(h, w, config)
+    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float().div_(255.0)
+    rh, rw = resized_hw(h, w, config)
+    x = F.interpolate(x, size=(rh, rw), mode="bilinear", align_corners=False, antialias=True)[0]
+    if config.center_crop is not None:
+        c = config.center_crop
+        top, left = (rh - c) // 2, (rw - c) // 2
+        x = x[:, top: top + c, left: left + c]
+    m = torch.tensor(mean, dtype=torch.float32)[:, None, None]
+    s = torch.tensor(std, dtype=torch.float32)[:, None, None]
+    return ((x - m) / s).contiguous(), geo

@@ -1,0 +1,77 @@
+"""From patch distances to image scores (paper Eq. 7) and smoothed full-resolution anomaly maps."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from common.engine.knn import NearestNeighbors
+
+
+def reweighted_image_score(test_feature: np.ndarray, nearest_id: int, bank_neighbors: np.ndarray,
+                           bank: np.ndarray, max_distance: float) -> float:
+    """Paper Eq. 7: s = (1 - exp|m_test - m*| / sum_{m in N_b(m*)} exp|m_test - m|) * s*.
+
+    `bank_neighbors` are the ids of the b nearest bank features of m* (m* itself among them, as the
+    nearest of itself). A test patch whose nearest bank feature sits in a sparse region of the bank
+    (its neighbours are far from the test patch too) keeps more of its score.
+    """
+    if len(bank_neighbors) == 0:
+        return max_distance
+    d_star = float(np.linalg.norm(test_feature - bank[nearest_id]))
+    d_all = np.linalg.norm(bank[bank_neighbors].astype(np.float64) - test_feature, axis=1)
+    top = max(d_star, float(d_all.max()))  # softmax-style shift; the ratio is unchanged
+    weight = 1.0 - math.exp(d_star - top) / float(np.exp(d_all - top).sum())
+    return weight * max_distance
+
+
+def image_scores(features: np.ndarray, patch_dist: np.ndarray, patch_ids: np.ndarray,
+                 index: NearestNeighbors, num_neighbors: int) -> np.ndarray:
+    """Image scores for a batch: features (B, P, D), 1-NN distances/ids (B, P)."""
+    worst = patch_dist.argmax(axis=1)
+    rows = np.arange(len(worst))
+    s_star = patch_dist[rows, worst]
+    if num_neighbors == 0:
+        return s_star.astype(np.float64)
+    m_star = patch_ids[rows, worst]
+    _, neighbors = index.search(index.bank[m_star], min(num_neighbors, len(index)))
+    return np.array([
+        reweighted_image_score(features[b, worst[b]], int(m_star[b]), neighbors[b], index.bank,
+                               float(s_star[b]))
+        for b in range(len(worst))
+    ])
+
+
+def gaussian_kernel(sigma: float) -> torch.Tensor:
+    radius = int(4.0 * sigma + 0.5)  # scipy.ndimage.gaussian_filter's default truncate=4
+    x = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    k = torch.exp(-0.5 * (x / sigma) ** 2)
+    return k / k.sum()
+
+
+def smooth_maps(patch_scores: torch.Tensor, input_hw: tuple[int, int], sigma: float) -> torch.Tensor:
+    """(B, h, w) patch scores -> (B, H_in, W_in): bilinear upsampling, then a Gaussian blur with
+    reflect padding (as scipy's gaussian_filter), sigma in model-input pixels (the paper's sigma=4)."""
+    maps = F.interpolate(patch_scores[:, None], size=input_hw, mode="bilinear", align_corners=False)
+    if sigma <= 0:
+        return maps[:, 0]
+    k = gaussian_kernel(sigma).to(maps.device)
+    r = len(k) // 2
+    for dim in (2, 3):  # separable: rows, then columns
+        pad = (0, 0, r, r) if dim == 2 else (r, r, 0, 0)
+        if maps.shape[dim] <= r:  # reflect padding needs the side longer than the radius
+            maps = F.pad(maps, pad, mode="replicate")
+        else:
+            maps = F.pad(maps, pad, mode="reflect")
+        weight = k.reshape(1, 1, -1, 1) if dim == 2 else k.reshape(1, 1, 1, -1)
+        maps = F.conv2d(maps, weight)
+    return maps[:, 0]
+
+
+def to_image_resolution(smoothed: torch.Tensor, box_hw: tuple[int, int]) -> np.ndarray:
+    """One (H_in, W_in) map -> (H, W) float32 map at the region's own resolution (bilinear)."""
+    out = F.interpolate(smoothed[None, None], size=box_hw, mode="bilinear", align_corners=False)
+    return out[0, 0].cpu().numpy()

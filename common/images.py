@@ -1,0 +1,80 @@
+"""Safe image decoding: any mode, any size, bounded memory, clear errors.
+
+Every image that enters TotalRecall goes through `decode_image`, so the rules live in one place:
+EXIF orientation is applied as a viewer would, 16-bit and palette/CMYK/alpha modes are converted to
+8-bit RGB, decompression bombs are refused from the header alone, and very large images are reduced
+while decoding (JPEG draft mode) and then resized so a batch's memory stays bounded.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+# Refuse anything above this many pixels before decoding (a 50k x 50k PNG is a few KB on disk).
+MAX_PIXELS = int(os.environ.get("TOTALRECALL_MAX_IMAGE_PIXELS", 100_000_000))
+# After decoding, images are reduced so their longer side is at most this (keeps chunks bounded).
+MAX_SIDE = int(os.environ.get("TOTALRECALL_MAX_IMAGE_SIDE", 4096))
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+
+class ImageDecodeError(ValueError):
+    """The bytes are not a usable image; the message says why."""
+
+
+def decode_image(source: bytes | str | Path, max_side: int = MAX_SIDE) -> np.ndarray:
+    """Decode an image to an (H, W, 3) uint8 RGB array, oriented as a viewer shows it."""
+    data = Path(source).read_bytes() if isinstance(source, str | Path) else source
+    if not data:
+        raise ImageDecodeError("empty file (0 bytes)")
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            width, height = img.size
+            if width * height > MAX_PIXELS:
+                raise ImageDecodeError(
+                    f"image is {width}x{height} = {width * height:,} pixels, above the limit of "
+                    f"{MAX_PIXELS:,} (TOTALRECALL_MAX_IMAGE_PIXELS); refused without decoding"
+                )
+            if img.format == "JPEG" and max(width, height) > max_side:
+                img.draft("RGB", (max_side, max_side))  # decode at 1/2, 1/4 or 1/8 scale
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            rgb = _to_rgb(img)
+    except ImageDecodeError:
+        raise
+    except UnidentifiedImageError as exc:
+        raise ImageDecodeError("not a recognised image format") from exc
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise ImageDecodeError(f"corrupt or truncated image: {exc}") from exc
+    if min(rgb.size) < 8:
+        raise ImageDecodeError(f"image is {rgb.size[0]}x{rgb.size[1]} pixels, too small to inspect")
+    if max(rgb.size) > max_side:
+        scale = max_side / max(rgb.size)
+        rgb = rgb.resize((max(1, round(rgb.size[0] * scale)), max(1, round(rgb.size[1] * scale))),
+                         Image.Resampling.BILINEAR)
+    return np.asarray(rgb)
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(img, dtype=np.float32)
+        top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        arr8 = np.clip(arr * (255.0 / top), 0, 255).astype(np.uint8)
+        return Image.fromarray(arr8, mode="L").convert("RGB")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if img.mode == "RGB":
+        return img
+    return img.convert("RGB")  # L, P, CMYK, YCbCr, 1 ...
+
+
+def list_image_files(folder: str | Path) -> list[Path]:
+    """Image files directly in `folder`, sorted by name."""
+    return sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
