@@ -51,7 +51,9 @@ def to_input(image: np.ndarray, config: PatchCoreConfig, mean: tuple[float, ...]
         raise ValueError(f"expected an (H, W, 3) uint8 RGB array, got {image.shape} {image.dtype}")
     h, w = image.shape[:2]
     geo = geometry(h, w, config)
-    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float().div_(255.0)
+    if not image.flags.writeable or not image.flags.c_contiguous:
+        image = np.array(image)  # torch wants writable memory; decoded PIL arrays are read-only
+    x = torch.from_numpy(image).permute(2, 0, 1)[None].float().div_(255.0)
     rh, rw = resized_hw(h, w, config)
     x = F.interpolate(x, size=(rh, rw), mode="bilinear", align_corners=False, antialias=True)[0]
     if config.center_crop is not None:
