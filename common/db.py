@@ -1,0 +1,429 @@
+"""Database models (SQLAlchemy 2) and engine/session helpers, for SQLite and PostgreSQL.
+
+The schema itself is created by the Alembic migrations in `migrations/` (`common.migrate.upgrade`), never
+by `metadata.create_all`; the models here must match them (tests compare the two).
+
+Invariants the schema enforces:
+- `results` has UNIQUE (image_uri, model_version_id): scoring an image with a model is recorded once,
+  however often a chunk is retried (`record_results` upserts accordingly).
+- At most one active `model_versions` row per product (partial unique index), and only a `ready`
+  version may be active.
+- `jobs.idempotency_key` is unique, so two schedulers racing to enqueue the same nightly run create one job.
+
+Timestamps are timezone-aware UTC datetimes in Python (SQLite stores them as naive UTC text).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from collections.abc import Iterator, Sequence
+from datetime import UTC, date, datetime
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    Column,
+    Date,
+    DateTime,
+    Engine,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+    create_engine,
+    event,
+    false,
+    func,
+    text,
+    update,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
+from sqlalchemy.types import JSON
+
+from common.settings import get_settings
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+# JSONB on PostgreSQL (indexable, compact), JSON text elsewhere; Python None is SQL NULL, not JSON null.
+JSONType = JSON(none_as_null=True).with_variant(postgresql.JSONB(none_as_null=True), "postgresql")
+# 64-bit ids on PostgreSQL; SQLite only auto-increments a column declared exactly INTEGER.
+BigIntId = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class ModelStatus(StrEnum):
+    TRAINING = "training"
+    READY = "ready"
+    FAILED = "failed"
+
+
+class JobKind(StrEnum):
+    FIT = "fit"
+    SCORE = "score"
+
+
+class JobStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
+class ResultStatus(StrEnum):
+    OK = "ok"
+    FAILED = "failed"
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC datetimes on every backend (SQLite has no time zones)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value!r}: pass a timezone-aware (UTC) datetime")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _in(column: str, values: type[StrEnum]) -> str:
+    return f"{column} IN ({', '.join(repr(v.value) for v in values)})"
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {dict[str, Any]: JSONType, datetime: UTCDateTime}
+
+
+class Product(Base):
+    """A product line: where its training images and its daily archives live, and how to fit it."""
+
+    __tablename__ = "products"
+    __table_args__ = (UniqueConstraint("name"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    train_uri: Mapped[str] = mapped_column(Text)
+    archive_uri_template: Mapped[str] = mapped_column(Text)  # contains "{date}" (YYYY-MM-DD)
+    fit_config: Mapped[dict[str, Any]] = mapped_column(default=dict)  # backbone, image_size, coreset_ratio...
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, server_default=func.now())
+
+    model_versions: Mapped[list[ModelVersion]] = relationship(
+        back_populates="product", order_by="ModelVersion.version"
+    )
+
+    def archive_uri(self, day: date) -> str:
+        return self.archive_uri_template.replace("{date}", day.isoformat())
+
+
+class ModelVersion(Base):
+    """One fitted PatchCore model of a product; its artifact lives in storage at `artifact_uri`."""
+
+    __tablename__ = "model_versions"
+    __table_args__ = (
+        UniqueConstraint("product_id", "version"),
+        CheckConstraint(_in("status", ModelStatus), name="status"),
+        CheckConstraint("NOT is_active OR status = 'ready'", name="active_is_ready"),
+        Index(
+            "uq_model_versions_one_active",
+            "product_id",
+            unique=True,
+            postgresql_where=text("is_active"),
+            sqlite_where=text("is_active"),
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    product_id: Mapped[int] = mapped_column(ForeignKey("products.id"))
+    version: Mapped[int] = mapped_column(Integer)
+    artifact_uri: Mapped[str | None] = mapped_column(Text)
+    sha256: Mapped[str | None] = mapped_column(String(64))
+    config: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    image_threshold: Mapped[float | None] = mapped_column(Float)
+    pixel_threshold: Mapped[float | None] = mapped_column(Float)
+    train_image_count: Mapped[int | None] = mapped_column(Integer)
+    validation: Mapped[dict[str, Any] | None] = mapped_column()
+    status: Mapped[str] = mapped_column(String(16), default=ModelStatus.TRAINING.value)
+    is_active: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, server_default=func.now())
+    error: Mapped[str | None] = mapped_column(Text)
+
+    product: Mapped[Product] = relationship(back_populates="model_versions")
+
+
+class Job(Base):
+    """A fit or score run, with progress counters the workers advance chunk by chunk."""
+
+    __tablename__ = "jobs"
+    __table_args__ = (
+        UniqueConstraint("idempotency_key"),
+        CheckConstraint(_in("kind", JobKind), name="kind"),
+        CheckConstraint(_in("status", JobStatus), name="status"),
+        CheckConstraint("total >= 0 AND done >= 0 AND failed >= 0", name="counts"),
+        Index("ix_jobs_product_id_created_at", "product_id", "created_at"),
+        Index("ix_jobs_status", "status"),
+    )
+
+    id: Mapped[int] = mapped_column(BigIntId, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    product_id: Mapped[int] = mapped_column(ForeignKey("products.id"))
+    model_version_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id"))
+    status: Mapped[str] = mapped_column(String(16), default=JobStatus.QUEUED.value, server_default="queued")
+    total: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    done: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    failed: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    images_uri: Mapped[str | None] = mapped_column(Text)
+    run_date: Mapped[date | None] = mapped_column(Date)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, server_default=func.now())
+    started_at: Mapped[datetime | None] = mapped_column()
+    finished_at: Mapped[datetime | None] = mapped_column()
+    error: Mapped[str | None] = mapped_column(Text)
+    enqueued_by: Mapped[str | None] = mapped_column(String(200))
+    # e.g. "nightly:<product>:<date>:<model_version>"; NULL for ad-hoc jobs (NULLs never collide).
+    idempotency_key: Mapped[str | None] = mapped_column(String(255))
+
+    product: Mapped[Product] = relationship()
+    model_version: Mapped[ModelVersion | None] = relationship()
+
+
+class Result(Base):
+    """The verdict for one image under one model version (exactly once: see the unique constraint)."""
+
+    __tablename__ = "results"
+    __table_args__ = (
+        UniqueConstraint("image_uri", "model_version_id"),
+        CheckConstraint(_in("status", ResultStatus), name="status"),
+        Index("ix_results_product_id_captured_date", "product_id", "captured_date"),
+        Index("ix_results_job_id", "job_id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigIntId, primary_key=True)
+    job_id: Mapped[int] = mapped_column(BigIntId, ForeignKey("jobs.id"))
+    model_version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id"))
+    product_id: Mapped[int] = mapped_column(ForeignKey("products.id"))
+    image_uri: Mapped[str] = mapped_column(Text)
+    captured_date: Mapped[date | None] = mapped_column(Date)
+    status: Mapped[str] = mapped_column(String(16))
+    score: Mapped[float | None] = mapped_column(Float)
+    threshold: Mapped[float | None] = mapped_column(Float)
+    is_anomalous: Mapped[bool | None] = mapped_column(Boolean)
+    mask_uri: Mapped[str | None] = mapped_column(Text)
+    heatmap_uri: Mapped[str | None] = mapped_column(Text)
+    defect_fraction: Mapped[float | None] = mapped_column(Float)
+    max_y: Mapped[int | None] = mapped_column(Integer)
+    max_x: Mapped[int | None] = mapped_column(Integer)
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, server_default=func.now())
+
+
+# Read-only reporting views (created by the migration). Separate metadata: never created or diffed as tables.
+views_metadata = MetaData()
+anomaly_history = Table(
+    "anomaly_history",
+    views_metadata,
+    Column("product", String),
+    Column("captured_date", Date),
+    Column("image_uri", Text),
+    Column("score", Float),
+    Column("threshold", Float),
+    Column("verdict", String),  # 'anomalous' | 'ok' | 'failed'
+    Column("model_version", Integer),
+    Column("mask_uri", Text),
+    Column("error", Text),
+    Column("job_id", BigInteger),
+    Column("created_at", UTCDateTime),
+)
+job_summary = Table(
+    "job_summary",
+    views_metadata,
+    Column("job_id", BigInteger),
+    Column("kind", String),
+    Column("product", String),
+    Column("status", String),
+    Column("total", Integer),
+    Column("done", Integer),
+    Column("failed", Integer),
+    Column("run_date", Date),
+    Column("model_version", Integer),
+    Column("enqueued_by", String),
+    Column("created_at", UTCDateTime),
+    Column("started_at", UTCDateTime),
+    Column("finished_at", UTCDateTime),
+    Column("queued_seconds", Float),  # started_at - created_at
+    Column("run_seconds", Float),  # finished_at - started_at
+    Column("error", Text),
+)
+READONLY_ROLE = "totalrecall_readonly"  # PostgreSQL role allowed to SELECT the two views only
+
+
+# --- engines and sessions -------------------------------------------------------------------------------
+
+_engines: dict[str, Engine] = {}
+_engines_lock = threading.Lock()
+
+
+def make_engine(url: str, **kwargs: Any) -> Engine:
+    """A new engine for `url` (uncached): pre-ping; SQLite gets WAL, foreign keys and a busy timeout."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        database = parsed.database
+        if database and database != ":memory:" and not database.startswith("file:"):
+            Path(database).expanduser().absolute().parent.mkdir(parents=True, exist_ok=True)
+        kwargs.setdefault("connect_args", {}).setdefault("timeout", 30)
+        engine = create_engine(parsed, pool_pre_ping=True, **kwargs)
+        event.listen(engine, "connect", _sqlite_pragmas)
+        return engine
+    if parsed.get_backend_name() == "postgresql":
+        connect_args = kwargs.setdefault("connect_args", {})
+        connect_args.setdefault("connect_timeout", 10)
+        connect_args.setdefault("application_name", "totalrecall")
+    return create_engine(parsed, pool_pre_ping=True, **kwargs)
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")  # readers do not block the writer
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA busy_timeout=30000")  # ms to wait for a lock held by another process
+    cursor.execute("PRAGMA synchronous=NORMAL")  # safe with WAL
+    cursor.close()
+
+
+def get_engine(url: str | None = None) -> Engine:
+    """The process-wide engine for `url` (default: settings' database URL)."""
+    url = url or get_settings().database_url
+    with _engines_lock:
+        engine = _engines.get(url)
+        if engine is None:
+            engine = _engines[url] = make_engine(url)
+        return engine
+
+
+def dispose_engines(url: str | None = None) -> None:
+    """Close pooled connections of cached engines (all, or the one for `url`) and forget them."""
+    with _engines_lock:
+        urls = [url] if url is not None else list(_engines)
+        for key in urls:
+            engine = _engines.pop(key, None)
+            if engine is not None:
+                engine.dispose()
+
+
+def _forget_engines_after_fork() -> None:
+    # A forked child (Celery prefork) must not use or close the parent's sockets, nor wait on a held lock.
+    global _engines_lock
+    for engine in _engines.values():
+        engine.dispose(close=False)
+    _engines.clear()
+    _engines_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_engines_after_fork)
+
+
+@contextlib.contextmanager
+def session_scope(url: str | None = None) -> Iterator[Session]:
+    """A session that commits on success and rolls back on error; objects stay usable after it closes."""
+    session = sessionmaker(bind=get_engine(url), expire_on_commit=False)()
+    try:
+        yield session
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()
+
+
+# --- write helpers the invariants call for ----------------------------------------------------------------
+
+_RESULT_UPDATABLE = (
+    "job_id",
+    "captured_date",
+    "status",
+    "score",
+    "threshold",
+    "is_anomalous",
+    "mask_uri",
+    "heatmap_uri",
+    "defect_fraction",
+    "max_y",
+    "max_x",
+    "error",
+    "created_at",
+)
+
+
+def record_results(session: Session, rows: Sequence[dict[str, Any]]) -> int:
+    """Insert result rows exactly once per (image_uri, model_version_id); returns rows written.
+
+    All rows must have the same keys (one multi-row INSERT ... ON CONFLICT statement).
+
+    A retried chunk is harmless: an existing `ok` result is never overwritten, while an existing `failed`
+    one is replaced (a retry may succeed where the first attempt failed).
+    """
+    if not rows:
+        return 0
+    rows = [{"created_at": utcnow(), **row} for row in rows]
+    dialect = session.get_bind().dialect.name
+    insert = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}.get(dialect)
+    if insert is None:
+        raise NotImplementedError(f"record_results does not support {dialect}")
+    stmt = insert(Result).values(rows)
+    stmt = stmt.on_conflict_do_update(
+        index_elements=["image_uri", "model_version_id"],
+        set_={name: stmt.excluded[name] for name in _RESULT_UPDATABLE if name in rows[0]},
+        where=Result.status == ResultStatus.FAILED.value,
+    )
+    return session.execute(stmt).rowcount
+
+
+def activate_model_version(session: Session, version: ModelVersion) -> None:
+    """Make `version` its product's only active version (deactivate the others first, then flush)."""
+    if version.status != ModelStatus.READY:
+        raise ValueError(
+            f"model version {version.version} is {version.status}, only a ready one can be active"
+        )
+    session.execute(
+        update(ModelVersion)
+        .where(
+            ModelVersion.product_id == version.product_id,
+            ModelVersion.id != version.id,
+            ModelVersion.is_active,
+        )
+        .values(is_active=False)
+        .execution_options(synchronize_session="fetch")
+    )
+    version.is_active = True
+    session.flush()

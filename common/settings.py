@@ -1,0 +1,173 @@
+"""TotalRecall settings, read from `TOTALRECALL_*` environment variables in one place.
+
+Every process (CLI, workers, scheduler) builds its configuration through `get_settings()`, so the
+defaults and the validation rules live here. Values that may carry secrets (database and broker URLs)
+must go through `redact_url` before they are logged or printed; `Settings.__repr__` already does so.
+
+The standard AWS variables (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_DEFAULT_REGION`) are read
+by boto3 itself and are not copied here; `AWS_ENDPOINT_URL` is, because the storage layer passes it
+explicitly as `endpoint_url` (older botocore releases ignore the variable).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+PREFIX = "TOTALRECALL_"
+DEFAULT_HOME = "./totalrecall-data"
+DEFAULT_CHUNK_SIZE = 64
+DEFAULT_MODEL_CACHE_MB = 2048
+DEFAULT_NIGHTLY_AT = "02:00"
+DEFAULT_S3_MAX_ATTEMPTS = 6
+
+REDACTED = "***"
+# Query parameters whose values are secrets (e.g. `?password=` accepted by libpq and redis-py).
+_SECRET_QUERY_KEYS = re.compile(r"pass|secret|token|key|credential", re.IGNORECASE)
+_HH_MM = re.compile(r"^([01]?\d|2[0-3]):([0-5]\d)$")
+
+
+class SettingsError(ValueError):
+    """A setting has an unusable value; the message names the environment variable."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Resolved configuration. Paths are absolute; empty environment variables count as unset."""
+
+    home: Path
+    database_url: str
+    broker_url: str | None  # None: tasks run in-process, no Celery broker
+    storage_url: str  # s3://bucket/prefix or a local folder
+    chunk_size: int
+    cache_dir: Path  # worker's local model-artifact cache
+    model_cache_mb: int  # bound of the in-memory model cache
+    nightly_at: str  # "HH:MM", normalised to two-digit hour
+    readonly_password: str | None = field(default=None, repr=False)
+    aws_endpoint_url: str | None = None
+    s3_max_attempts: int = DEFAULT_S3_MAX_ATTEMPTS
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if environ is None else environ
+        home = Path(_get(env, "HOME") or DEFAULT_HOME).expanduser().absolute()
+        return cls(
+            home=home,
+            database_url=_get(env, "DATABASE_URL") or f"sqlite:///{home / 'totalrecall.db'}",
+            broker_url=_get(env, "BROKER_URL"),
+            storage_url=_get(env, "STORAGE_URL") or str(home / "storage"),
+            chunk_size=_positive_int(env, "CHUNK_SIZE", DEFAULT_CHUNK_SIZE),
+            cache_dir=Path(_get(env, "CACHE_DIR") or home / "cache").expanduser().absolute(),
+            model_cache_mb=_positive_int(env, "MODEL_CACHE_MB", DEFAULT_MODEL_CACHE_MB),
+            nightly_at=_hh_mm(env, "NIGHTLY_AT", DEFAULT_NIGHTLY_AT),
+            readonly_password=_get(env, "READONLY_PASSWORD"),
+            aws_endpoint_url=aws_endpoint_url(env),
+            s3_max_attempts=s3_max_attempts(env),
+        )
+
+    @property
+    def tasks_in_process(self) -> bool:
+        """True when no broker is configured and tasks run in the calling process."""
+        return self.broker_url is None
+
+    @property
+    def nightly_time(self) -> tuple[int, int]:
+        """`nightly_at` as (hour, minute), e.g. for a Celery crontab."""
+        hour, minute = self.nightly_at.split(":")
+        return int(hour), int(minute)
+
+    def redacted(self) -> dict[str, str]:
+        """All settings as display strings, with passwords hidden (safe to log or print)."""
+        return {
+            "home": str(self.home),
+            "database_url": redact_url(self.database_url),
+            "broker_url": redact_url(self.broker_url) if self.broker_url else "(none: in-process)",
+            "storage_url": redact_url(self.storage_url),
+            "chunk_size": str(self.chunk_size),
+            "cache_dir": str(self.cache_dir),
+            "model_cache_mb": str(self.model_cache_mb),
+            "nightly_at": self.nightly_at,
+            "readonly_password": REDACTED if self.readonly_password else "(unset)",
+            "aws_endpoint_url": redact_url(self.aws_endpoint_url) if self.aws_endpoint_url else "(default)",
+            "s3_max_attempts": str(self.s3_max_attempts),
+        }
+
+    def __repr__(self) -> str:
+        body = ", ".join(f"{k}={v!r}" for k, v in self.redacted().items())
+        return f"Settings({body})"
+
+
+@functools.lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Process-wide settings, read from the environment once."""
+    return Settings.from_env()
+
+
+def reset_settings_cache() -> None:
+    """Forget the cached settings so the next `get_settings()` re-reads the environment (tests)."""
+    get_settings.cache_clear()
+
+
+def aws_endpoint_url(environ: Mapping[str, str] | None = None) -> str | None:
+    """`AWS_ENDPOINT_URL` (e.g. a moto or MinIO server), or None for AWS itself."""
+    env = os.environ if environ is None else environ
+    return env.get("AWS_ENDPOINT_URL", "").strip() or None
+
+
+def s3_max_attempts(environ: Mapping[str, str] | None = None) -> int:
+    """Total attempts per S3 request (botocore 'standard' retry mode), `TOTALRECALL_S3_MAX_ATTEMPTS`."""
+    env = os.environ if environ is None else environ
+    return _positive_int(env, "S3_MAX_ATTEMPTS", DEFAULT_S3_MAX_ATTEMPTS)
+
+
+def redact_url(url: str) -> str:
+    """`url` with any password (userinfo or secret-looking query parameter) replaced by `***`.
+
+    Strings that are not URLs (plain paths) come back unchanged. When the URL is ambiguous (an
+    unescaped `@` in the password) more is hidden rather than less.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    if "@" in rest:
+        userinfo, _, hostpart = rest.rpartition("@")
+        if ":" in userinfo:
+            user = userinfo.split(":", 1)[0]
+            rest = f"{user}:{REDACTED}@{hostpart}"
+    redacted = f"{scheme}://{rest}"
+    parts = urlsplit(redacted)
+    if not parts.query:
+        return redacted
+    query = [(k, REDACTED if _SECRET_QUERY_KEYS.search(k) else v) for k, v in parse_qsl(parts.query, True)]
+    return urlunsplit(parts._replace(query=urlencode(query, safe="*")))
+
+
+def _get(env: Mapping[str, str], name: str) -> str | None:
+    value = env.get(PREFIX + name, "").strip()
+    return value or None
+
+
+def _positive_int(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = _get(env, name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise SettingsError(f"{PREFIX}{name} must be a positive integer, got {raw!r}")
+    return value
+
+
+def _hh_mm(env: Mapping[str, str], name: str, default: str) -> str:
+    raw = _get(env, name) or default
+    match = _HH_MM.match(raw)
+    if not match:
+        raise SettingsError(f"{PREFIX}{name} must be a time of day as HH:MM (24h), got {raw!r}")
+    return f"{int(match.group(1)):02d}:{match.group(2)}"

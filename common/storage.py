@@ -1,0 +1,476 @@
+"""Object storage: one interface over S3 (boto3) and a local folder.
+
+A `Storage` is rooted at a URI (`s3://bucket/prefix/` or a folder) and addressed by keys: relative,
+'/'-separated, no empty, `.` or `..` segments. The same key rules apply on both back ends, so a layout
+that works locally works on S3. Full object URIs (`s3://bucket/a/b.png`, `/data/a/b.png`) are handled by
+`split_uri` and `read_uri`.
+
+Failure model: a missing object raises `StorageNotFound` (a `KeyError`); a key that would leave a local
+root raises `UnsafeKeyError` (a `ValueError`); transient S3 trouble (connection errors, 5xx, throttling)
+is retried by botocore with exponential backoff and, once retries are spent, raises `StorageUnavailable`
+so that callers (Celery tasks) can retry later. Local writes are atomic (temp file + `os.replace`).
+"""
+
+from __future__ import annotations
+
+import mimetypes
+import os
+import shutil
+import tempfile
+import threading
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from common.settings import aws_endpoint_url, s3_max_attempts
+
+_TMP_PREFIX = ".totalrecall-tmp-"
+
+
+class StorageError(Exception):
+    """A storage operation failed; the message names the URI."""
+
+
+class StorageNotFound(StorageError, KeyError):
+    """No object at the URI."""
+
+    def __str__(self) -> str:  # KeyError would print the repr of the message
+        return str(self.args[0]) if self.args else "object not found"
+
+
+class StorageUnavailable(StorageError):
+    """The store did not answer (connection error, 5xx, throttling) even after retries: try again later."""
+
+
+class UnsafeKeyError(StorageError, ValueError):
+    """The key is malformed or would resolve outside the storage root."""
+
+
+class Storage(ABC):
+    """Objects under one root URI, addressed by relative '/'-separated keys."""
+
+    root_uri: str  # ends with '/' (S3) or is an absolute folder path (local)
+
+    @abstractmethod
+    def put_bytes(self, key: str, data: bytes, content_type: str | None = None) -> str:
+        """Store `data` at `key` (replacing any object there); returns the object's URI."""
+
+    @abstractmethod
+    def get_bytes(self, key: str) -> bytes:
+        """The object's content; `StorageNotFound` if there is none."""
+
+    @abstractmethod
+    def exists(self, key: str) -> bool: ...
+
+    @abstractmethod
+    def list(self, prefix: str = "") -> list[str]:
+        """Keys starting with `prefix` (a plain string prefix, not only a folder), recursive, sorted."""
+
+    @abstractmethod
+    def delete(self, key: str) -> None:
+        """Remove the object; deleting a missing object is not an error."""
+
+    @abstractmethod
+    def uri_for(self, key: str) -> str:
+        """The full URI of `key`, accepted by `split_uri` / `read_uri`."""
+
+    @abstractmethod
+    def put_file(self, key: str, path: str | Path, content_type: str | None = None) -> str:
+        """Upload a (possibly large) local file without reading it into memory; returns the URI."""
+
+    @abstractmethod
+    def get_file(self, key: str, path: str | Path) -> Path:
+        """Download to `path` atomically (a partial download never appears there); returns `path`."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.root_uri!r})"
+
+
+def open_storage(
+    uri: str | Path, *, endpoint_url: str | None = None, max_attempts: int | None = None
+) -> Storage:
+    """The storage rooted at `uri`: `s3://bucket[/prefix]`, `file:///folder` or a plain folder path.
+
+    For S3, `endpoint_url` defaults to `AWS_ENDPOINT_URL` and `max_attempts` to `TOTALRECALL_S3_MAX_ATTEMPTS`.
+    A local folder is created if missing.
+    """
+    text = str(uri)
+    if text.startswith("s3://"):
+        bucket, prefix = _parse_s3(text)
+        return S3Storage(bucket, prefix, endpoint_url=endpoint_url, max_attempts=max_attempts)
+    return LocalStorage(_local_path(text))
+
+
+def split_uri(uri: str | Path) -> tuple[str, str]:
+    """Split a full object URI into (storage root URI, key), so `open_storage(root).get_bytes(key)` reads it.
+
+    `s3://bucket/archive/img 1.png` -> (`s3://bucket/`, `archive/img 1.png`);
+    `/data/archive/img 1.png` (or `file:///data/...`) -> (`/`, `data/archive/img 1.png`).
+    """
+    text = str(uri)
+    if text.startswith("s3://"):
+        bucket, key = _parse_s3(text)
+        if not key or key.endswith("/"):
+            raise UnsafeKeyError(f"{text!r} names a bucket or folder, not an object")
+        return f"s3://{bucket}/", key
+    path = _local_path(text)
+    anchor = path.anchor
+    key = path.as_posix()[len(Path(anchor).as_posix()) :]
+    if not key:
+        raise UnsafeKeyError(f"{text!r} names a folder, not an object")
+    return anchor, key
+
+
+def read_uri(uri: str | Path) -> bytes:
+    """Content of the object at a full URI (see `split_uri`)."""
+    root, key = split_uri(uri)
+    return open_storage(root).get_bytes(key)
+
+
+def check_key(key: str) -> str:
+    """`key` if it is a valid relative object key, else `UnsafeKeyError`."""
+    if not isinstance(key, str) or not key:
+        raise UnsafeKeyError(f"storage key must be a non-empty string, got {key!r}")
+    if "\x00" in key:
+        raise UnsafeKeyError(f"storage key contains a NUL byte: {key!r}")
+    if key.startswith("/"):
+        raise UnsafeKeyError(f"storage key must be relative, got absolute {key!r}")
+    for segment in key.split("/"):
+        if segment in ("", ".", ".."):
+            raise UnsafeKeyError(f"storage key {key!r} has an empty, '.' or '..' segment")
+    return key
+
+
+def _check_prefix(prefix: str) -> str:
+    """A list prefix: empty, or a key (optionally ending in '/')."""
+    if prefix:
+        check_key(prefix[:-1] if prefix.endswith("/") else prefix)
+    return prefix
+
+
+def _parse_s3(uri: str) -> tuple[str, str]:
+    """(bucket, rest) of `s3://bucket/rest`; the rest is taken literally (no percent-decoding)."""
+    bucket, _, rest = uri[len("s3://") :].partition("/")
+    if not bucket:
+        raise ValueError(f"S3 URI without a bucket: {uri!r}")
+    return bucket, rest
+
+
+def _local_path(uri: str) -> Path:
+    if uri.startswith("file://"):
+        parts = urlsplit(uri)
+        if parts.netloc not in ("", "localhost"):
+            raise ValueError(f"file URI on another host is not supported: {uri!r}")
+        uri = unquote(parts.path)
+    elif "://" in uri:
+        raise ValueError(f"unsupported storage URI scheme: {uri!r} (use s3://, file:// or a path)")
+    return Path(uri).expanduser().absolute()
+
+
+def _current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_current_umask()  # what open() would have given; mkstemp creates 0600
+
+
+class LocalStorage(Storage):
+    """Objects as files under a root folder. Keys never resolve outside it, even through symlinks."""
+
+    def __init__(self, root: str | Path) -> None:
+        root_path = Path(root).expanduser().absolute()
+        root_path.mkdir(parents=True, exist_ok=True)
+        self.root = root_path.resolve()
+        self.root_uri = str(root_path)
+
+    def _path(self, key: str) -> Path:
+        check_key(key)
+        path = self.root.joinpath(*key.split("/"))
+        resolved = path.resolve()
+        if not resolved.is_relative_to(self.root):
+            raise UnsafeKeyError(f"storage key {key!r} resolves to {resolved}, outside the root {self.root}")
+        return path
+
+    def put_bytes(self, key: str, data: bytes, content_type: str | None = None) -> str:
+        path = self._path(key)
+        self._atomic_write(key, path, lambda f: f.write(data))
+        return self.uri_for(key)
+
+    def get_bytes(self, key: str) -> bytes:
+        path = self._path(key)
+        try:
+            return path.read_bytes()
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
+            raise StorageNotFound(f"no object at {self.uri_for(key)}") from exc
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def list(self, prefix: str = "") -> list[str]:
+        _check_prefix(prefix)
+        folder = prefix.rpartition("/")[0]
+        base = self._path(folder) if folder else self.root
+        keys = []
+        for dirpath, _dirs, files in os.walk(base):
+            for name in files:
+                if name.startswith(_TMP_PREFIX):
+                    continue
+                full = Path(dirpath, name)
+                key = full.relative_to(self.root).as_posix()
+                if key.startswith(prefix) and full.resolve().is_relative_to(self.root):
+                    keys.append(key)
+        return sorted(keys)
+
+    def delete(self, key: str) -> None:
+        path = self._path(key)
+        path.unlink(missing_ok=True)
+
+    def uri_for(self, key: str) -> str:
+        check_key(key)
+        return str(Path(self.root_uri, *key.split("/")))
+
+    def put_file(self, key: str, path: str | Path, content_type: str | None = None) -> str:
+        target = self._path(key)
+        with open(path, "rb") as src:
+            self._atomic_write(key, target, lambda f: shutil.copyfileobj(src, f, 1 << 20))
+        return self.uri_for(key)
+
+    def get_file(self, key: str, path: str | Path) -> Path:
+        source = self._path(key)
+        dest = Path(path)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            src = open(source, "rb")  # noqa: SIM115 - closed below, before the replace
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
+            raise StorageNotFound(f"no object at {self.uri_for(key)}") from exc
+        with src:
+            _write_atomically(dest, lambda f: shutil.copyfileobj(src, f, 1 << 20))
+        return dest
+
+    def _atomic_write(self, key: str, path: Path, write: Any) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._path(key)  # re-check: a symlinked folder may have been created meanwhile
+        _write_atomically(path, write)
+
+
+def _write_atomically(path: Path, write: Any) -> None:
+    """Write via a temp file in the same folder, fsync, then rename over `path`."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_TMP_PREFIX)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, _FILE_MODE)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# --- S3 -----------------------------------------------------------------------------------------------
+
+# Error codes that mean "try again later" rather than "your request is wrong".
+_TRANSIENT_CODES = {
+    "SlowDown",
+    "Throttling",
+    "ThrottlingException",
+    "RequestTimeout",
+    "RequestTimeoutException",
+    "InternalError",
+    "ServiceUnavailable",
+    "RequestLimitExceeded",
+    "TooManyRequestsException",
+}
+_NOT_FOUND_CODES = {"NoSuchKey", "404", "NotFound"}
+
+_clients: dict[tuple[Any, ...], Any] = {}
+_clients_lock = threading.Lock()
+
+
+def _reset_clients_after_fork() -> None:
+    # A forked child (Celery prefork) must not share the parent's connection pools or a held lock.
+    global _clients_lock
+    _clients.clear()
+    _clients_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_reset_clients_after_fork)
+
+
+def _s3_client(endpoint_url: str | None, max_attempts: int) -> Any:
+    """A shared boto3 S3 client per (process, endpoint, attempts); clients are thread-safe, sessions not."""
+    key = (os.getpid(), endpoint_url, max_attempts)
+    with _clients_lock:
+        client = _clients.get(key)
+        if client is None:
+            import boto3
+            from botocore.config import Config
+
+            config = Config(
+                retries={"max_attempts": max_attempts, "mode": "standard"},
+                connect_timeout=5,
+                read_timeout=60,
+                max_pool_connections=32,
+            )
+            client = boto3.session.Session().client("s3", endpoint_url=endpoint_url, config=config)
+            _clients[key] = client
+        return client
+
+
+class S3Storage(Storage):
+    """Objects under `s3://bucket/prefix/`."""
+
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str = "",
+        *,
+        endpoint_url: str | None = None,
+        max_attempts: int | None = None,
+    ) -> None:
+        if prefix:
+            check_key(prefix.rstrip("/"))
+            prefix = prefix.rstrip("/") + "/"
+        self.bucket = bucket
+        self.prefix = prefix
+        self.root_uri = f"s3://{bucket}/{prefix}"
+        self.client = _s3_client(
+            endpoint_url or aws_endpoint_url(),
+            max_attempts if max_attempts is not None else s3_max_attempts(),
+        )
+
+    def _key(self, key: str) -> str:
+        return self.prefix + check_key(key)
+
+    def put_bytes(self, key: str, data: bytes, content_type: str | None = None) -> str:
+        s3_key = self._key(key)
+        with self._errors(key):
+            self.client.put_object(
+                Bucket=self.bucket, Key=s3_key, Body=data, ContentType=content_type or _guess_type(key)
+            )
+        return self.uri_for(key)
+
+    def get_bytes(self, key: str) -> bytes:
+        from botocore.exceptions import HTTPClientError, IncompleteReadError
+
+        s3_key = self._key(key)
+        # botocore retries the request, not the body stream: a connection dropped mid-body is retried here.
+        for attempt in range(3):
+            with self._errors(key):
+                response = self.client.get_object(Bucket=self.bucket, Key=s3_key)
+                try:
+                    return response["Body"].read()
+                except (HTTPClientError, IncompleteReadError):  # read timeout, connection closed mid-body
+                    if attempt == 2:
+                        raise
+        raise AssertionError("unreachable")
+
+    def exists(self, key: str) -> bool:
+        s3_key = self._key(key)
+        try:
+            with self._errors(key):
+                self.client.head_object(Bucket=self.bucket, Key=s3_key)
+        except StorageNotFound:
+            return False
+        return True
+
+    def list(self, prefix: str = "") -> list[str]:
+        _check_prefix(prefix)
+        paginator = self.client.get_paginator("list_objects_v2")
+        keys = []
+        with self._errors(prefix or "."):
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + prefix):
+                keys.extend(obj["Key"][len(self.prefix) :] for obj in page.get("Contents", ()))
+        return sorted(k for k in keys if k and not k.endswith("/"))  # skip "folder" marker objects
+
+    def delete(self, key: str) -> None:
+        s3_key = self._key(key)
+        with self._errors(key):
+            self.client.delete_object(Bucket=self.bucket, Key=s3_key)
+
+    def uri_for(self, key: str) -> str:
+        return f"s3://{self.bucket}/{self._key(key)}"
+
+    def put_file(self, key: str, path: str | Path, content_type: str | None = None) -> str:
+        s3_key = self._key(key)
+        with self._errors(key):
+            self.client.upload_file(
+                str(path), self.bucket, s3_key, ExtraArgs={"ContentType": content_type or _guess_type(key)}
+            )
+        return self.uri_for(key)
+
+    def get_file(self, key: str, path: str | Path) -> Path:
+        s3_key = self._key(key)
+        dest = Path(path)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=_TMP_PREFIX)
+        os.close(fd)
+        try:
+            with self._errors(key):
+                self.client.download_file(self.bucket, s3_key, tmp)
+            os.chmod(tmp, _FILE_MODE)
+            os.replace(tmp, dest)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return dest
+
+    def _errors(self, key: str) -> _S3Errors:
+        return _S3Errors(self, key)
+
+
+class _S3Errors:
+    """Context manager translating botocore/boto3 exceptions into Storage errors that name the URI."""
+
+    def __init__(self, storage: S3Storage, key: str) -> None:
+        self.storage = storage
+        self.key = key
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        if exc is None or isinstance(exc, StorageError) or not isinstance(exc, Exception):
+            return
+        from boto3.exceptions import S3TransferFailedError, S3UploadFailedError
+        from botocore.exceptions import (
+            BotoCoreError,
+            ClientError,
+            ConnectionError,
+            HTTPClientError,
+            IncompleteReadError,
+        )
+
+        uri = f"s3://{self.storage.bucket}/{self.storage.prefix}{self.key}"
+        if isinstance(exc, ClientError):
+            error = exc.response.get("Error", {})
+            code = str(error.get("Code", ""))
+            status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+            if code in _NOT_FOUND_CODES:
+                raise StorageNotFound(f"no object at {uri}") from exc
+            if code == "NoSuchBucket":
+                raise StorageError(
+                    f"bucket {self.storage.bucket!r} does not exist (accessing {uri})"
+                ) from exc
+            if code in _TRANSIENT_CODES or status >= 500 or status == 429:
+                raise StorageUnavailable(
+                    f"S3 unavailable for {uri}: {code or status} (retries exhausted)"
+                ) from exc
+            raise StorageError(f"S3 error for {uri}: {code or status}: {error.get('Message', '')}") from exc
+        if isinstance(exc, ConnectionError | HTTPClientError | IncompleteReadError):
+            raise StorageUnavailable(f"cannot reach S3 for {uri}: {exc} (retries exhausted)") from exc
+        if isinstance(exc, S3UploadFailedError | S3TransferFailedError):
+            # boto3's transfer manager flattens the cause into the message.
+            if "404" in str(exc) or "NoSuchKey" in str(exc) or "Not Found" in str(exc):
+                raise StorageNotFound(f"no object at {uri}") from exc
+            raise StorageError(f"S3 transfer failed for {uri}: {exc}") from exc
+        if isinstance(exc, BotoCoreError):
+            raise StorageError(f"S3 error for {uri}: {exc}") from exc
+
+
+def _guess_type(key: str) -> str:
+    return mimetypes.guess_type(key)[0] or "application/octet-stream"

@@ -1,0 +1,396 @@
+"""Schema and migrations on SQLite and PostgreSQL: constraints, views, read-only role."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, date, datetime, timedelta
+
+import pytest
+import sqlalchemy as sa
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.orm import Session
+
+from common.db import (
+    READONLY_ROLE,
+    Base,
+    Job,
+    JobKind,
+    JobStatus,
+    ModelStatus,
+    ModelVersion,
+    Product,
+    Result,
+    ResultStatus,
+    activate_model_version,
+    anomaly_history,
+    get_engine,
+    job_summary,
+    record_results,
+    session_scope,
+)
+from common.migrate import (
+    create_readonly_login,
+    current_revision,
+    downgrade,
+    head_revision,
+    readonly_url,
+    upgrade,
+)
+
+TABLES = {"products", "model_versions", "jobs", "results"}
+VIEWS = {"anomaly_history", "job_summary"}
+
+
+@pytest.fixture(scope="module")
+def migrated_pg_url(pg_url: str) -> str:
+    upgrade(pg_url)
+    return pg_url
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.integration)])
+def db_url(request: pytest.FixtureRequest) -> Iterator[str]:
+    """A migrated, empty database on each backend."""
+    if request.param == "sqlite":
+        url = request.getfixturevalue("sqlite_url")
+        upgrade(url)
+        yield url
+        return
+    yield request.getfixturevalue("clean_pg_url")
+
+
+@pytest.fixture
+def clean_pg_url(migrated_pg_url: str) -> Iterator[str]:
+    """The module's migrated PostgreSQL database, emptied after the test."""
+    yield migrated_pg_url
+    with get_engine(migrated_pg_url).begin() as connection:
+        connection.execute(
+            sa.text("TRUNCATE results, jobs, model_versions, products RESTART IDENTITY CASCADE")
+        )
+
+
+def _product(session: Session, name: str | None = None) -> Product:
+    product = Product(
+        name=name or f"bottle-{uuid.uuid4().hex[:6]}",
+        train_uri="s3://bucket/train/bottle/",
+        archive_uri_template="s3://bucket/archive/{date}/bottle/",
+        fit_config={"backbone": "wide_resnet50_2", "image_size": 256, "coreset_ratio": 0.1},
+    )
+    session.add(product)
+    session.flush()
+    return product
+
+
+def _version(session: Session, product: Product, version: int, **kw: object) -> ModelVersion:
+    values: dict[str, object] = {"status": ModelStatus.READY, "image_threshold": 0.5, "pixel_threshold": 0.4}
+    values.update(kw)
+    mv = ModelVersion(product=product, version=version, artifact_uri=f"s3://b/models/{version}", **values)
+    session.add(mv)
+    session.flush()
+    return mv
+
+
+def _job(session: Session, product: Product, mv: ModelVersion | None = None, **kw: object) -> Job:
+    job = Job(kind=JobKind.SCORE, product=product, model_version=mv, images_uri="s3://b/archive/", **kw)
+    session.add(job)
+    session.flush()
+    return job
+
+
+def _result_row(job: Job, mv: ModelVersion, uri: str, **kw: object) -> dict[str, object]:
+    row: dict[str, object] = {
+        "job_id": job.id,
+        "model_version_id": mv.id,
+        "product_id": mv.product_id,
+        "image_uri": uri,
+        "captured_date": date(2026, 11, 27),
+        "status": "ok",
+        "score": 0.7,
+        "threshold": 0.5,
+        "is_anomalous": True,
+        "mask_uri": None,
+        "error": None,
+    }
+    row.update(kw)
+    return row
+
+
+# --- migrations ---------------------------------------------------------------------------------------------
+
+
+def test_upgrade_sqlite_creates_schema_and_is_idempotent(sqlite_url: str) -> None:
+    assert current_revision(sqlite_url) is None
+    upgrade(sqlite_url)
+    upgrade(sqlite_url)  # already at head: no-op
+    assert current_revision(sqlite_url) == head_revision()
+    inspector = sa.inspect(get_engine(sqlite_url))
+    assert set(inspector.get_table_names()) >= TABLES
+    assert set(inspector.get_view_names()) >= VIEWS
+    with get_engine(sqlite_url).connect() as connection:
+        assert connection.execute(sa.text("PRAGMA journal_mode")).scalar() == "wal"
+        assert connection.execute(sa.text("PRAGMA foreign_keys")).scalar() == 1
+
+
+def test_models_match_migration(db_url: str) -> None:
+    """The ORM models and the migration describe the same schema (no autogenerate diff)."""
+    with get_engine(db_url).connect() as connection:
+        context = MigrationContext.configure(connection, opts={"compare_type": True})
+        diff = compare_metadata(context, Base.metadata)
+    assert diff == []
+
+
+def test_downgrade_and_upgrade_again(db_url: str) -> None:
+    downgrade(db_url, "base")
+    inspector = sa.inspect(get_engine(db_url))
+    assert not (TABLES | VIEWS) & set(inspector.get_table_names() + inspector.get_view_names())
+    upgrade(db_url)  # on PostgreSQL the read-only role already exists now: must not fail
+    assert current_revision(db_url) == head_revision()
+
+
+# --- constraints ---------------------------------------------------------------------------------------------
+
+
+def test_results_unique_per_image_and_model(db_url: str) -> None:
+    with session_scope(db_url) as session:
+        product = _product(session)
+        mv = _version(session, product, 1)
+        job = _job(session, product, mv)
+        ids = (job.id, mv.id, product.id)
+    with session_scope(db_url) as session:
+        session.add(
+            Result(
+                job_id=ids[0],
+                model_version_id=ids[1],
+                product_id=ids[2],
+                image_uri="s3://b/x 1.png",
+                status="ok",
+                score=0.1,
+                threshold=0.5,
+                is_anomalous=False,
+            )
+        )
+    with pytest.raises(IntegrityError), session_scope(db_url) as session:
+        session.add(
+            Result(
+                job_id=ids[0],
+                model_version_id=ids[1],
+                product_id=ids[2],
+                image_uri="s3://b/x 1.png",
+                status="ok",
+                score=0.2,
+                threshold=0.5,
+                is_anomalous=False,
+            )
+        )
+    with session_scope(db_url) as session:
+        assert session.scalar(sa.select(sa.func.count()).select_from(Result)) == 1
+
+
+def test_record_results_is_exactly_once(db_url: str) -> None:
+    with session_scope(db_url) as session:
+        product = _product(session)
+        mv = _version(session, product, 1)
+        job = _job(session, product, mv)
+        rows = [
+            _result_row(job, mv, "s3://b/a.png", score=0.9),
+            _result_row(
+                job, mv, "s3://b/b.png", status="failed", score=None, is_anomalous=None, error="corrupt"
+            ),
+        ]
+        assert record_results(session, rows) == 2
+    with session_scope(db_url) as session:
+        # A retried chunk: the ok result is kept as it was, the failed one is replaced by the new outcome.
+        retry = [
+            _result_row(job, mv, "s3://b/a.png", score=0.1, is_anomalous=False),
+            _result_row(job, mv, "s3://b/b.png", score=0.2, is_anomalous=False),
+        ]
+        record_results(session, retry)
+        assert record_results(session, []) == 0
+    with session_scope(db_url) as session:
+        got = {r.image_uri: (r.status, r.score, r.error) for r in session.scalars(sa.select(Result))}
+    assert got == {"s3://b/a.png": ("ok", 0.9, None), "s3://b/b.png": ("ok", 0.2, None)}
+
+
+def test_one_active_version_per_product(db_url: str) -> None:
+    with session_scope(db_url) as session:
+        product = _product(session)
+        other = _product(session)
+        v1 = _version(session, product, 1, is_active=True)
+        _version(session, other, 1, is_active=True)  # another product may have its own active version
+        _version(session, product, 2)
+        product_id = product.id
+    with pytest.raises(IntegrityError), session_scope(db_url) as session:
+        session.add(ModelVersion(product_id=product_id, version=3, status="ready", is_active=True))
+    with (
+        pytest.raises(IntegrityError),
+        session_scope(db_url) as session,
+    ):  # version numbers unique per product
+        session.add(ModelVersion(product_id=product_id, version=1, status="ready"))
+    with (
+        pytest.raises(IntegrityError),
+        session_scope(db_url) as session,
+    ):  # only a ready version may be active
+        session.add(ModelVersion(product_id=product_id, version=4, status="training", is_active=True))
+    with session_scope(db_url) as session:
+        v2 = session.scalars(sa.select(ModelVersion).filter_by(product_id=product_id, version=2)).one()
+        activate_model_version(session, v2)
+    with session_scope(db_url) as session:
+        active = session.scalars(
+            sa.select(ModelVersion.version).filter_by(product_id=product_id, is_active=True)
+        )
+        assert active.all() == [2]
+        assert session.get(ModelVersion, v1.id).is_active is False
+
+
+def test_idempotency_key_unique_and_checks(db_url: str) -> None:
+    with session_scope(db_url) as session:
+        product = _product(session)
+        mv = _version(session, product, 1)
+        key = f"nightly:{product.name}:2026-11-27:{mv.version}"
+        _job(session, product, mv, idempotency_key=key, run_date=date(2026, 11, 27))
+        _job(session, product, mv)  # NULL keys never collide
+        _job(session, product, mv)
+        product_id, mv_id = product.id, mv.id
+    with pytest.raises(IntegrityError), session_scope(db_url) as session:
+        session.add(Job(kind="score", product_id=product_id, model_version_id=mv_id, idempotency_key=key))
+    with pytest.raises(IntegrityError), session_scope(db_url) as session:
+        session.add(Job(kind="train", product_id=product_id))
+    with pytest.raises(IntegrityError), session_scope(db_url) as session:
+        session.add(Job(kind="fit", product_id=product_id, status="done"))
+    with pytest.raises(IntegrityError), session_scope(db_url) as session:
+        session.add(Job(kind="fit", product_id=product_id + 1000))  # foreign keys enforced (SQLite too)
+
+
+def test_timestamps_are_utc_aware(db_url: str) -> None:
+    with session_scope(db_url) as session:
+        job = _job(session, _product(session))
+        job.started_at = datetime(2026, 11, 27, 3, 0, tzinfo=UTC) + timedelta(microseconds=5)
+        job_id = job.id
+    with session_scope(db_url) as session:
+        job = session.get(Job, job_id)
+        assert job.created_at.tzinfo is not None and job.started_at == datetime(2026, 11, 27, 3, 0, 0, 5, UTC)
+        with pytest.raises(Exception, match="naive"):
+            job.finished_at = datetime(2026, 11, 27)
+            session.flush()
+        session.rollback()
+
+
+# --- views ----------------------------------------------------------------------------------------------------
+
+
+def test_views_return_rows(db_url: str) -> None:
+    start = datetime(2026, 11, 27, 2, 0, tzinfo=UTC)
+    with session_scope(db_url) as session:
+        product = _product(session, name="bottle")
+        mv = _version(session, product, 3)
+        job = _job(
+            session,
+            product,
+            mv,
+            status=JobStatus.SUCCEEDED,
+            total=3,
+            done=3,
+            failed=1,
+            run_date=date(2026, 11, 27),
+            created_at=start,
+            started_at=start + timedelta(seconds=30),
+            finished_at=start + timedelta(seconds=90),
+            enqueued_by="scheduler",
+        )
+        record_results(
+            session,
+            [
+                _result_row(job, mv, "s3://b/a.png", is_anomalous=True, mask_uri="s3://b/masks/a.png"),
+                _result_row(job, mv, "s3://b/b.png", is_anomalous=False, score=0.1),
+                _result_row(
+                    job,
+                    mv,
+                    "s3://b/c.png",
+                    status=ResultStatus.FAILED,
+                    score=None,
+                    is_anomalous=None,
+                    error="not an image",
+                ),
+            ],
+        )
+        job_id = job.id
+    with get_engine(db_url).connect() as connection:
+        history = connection.execute(sa.select(anomaly_history).order_by(anomaly_history.c.image_uri)).all()
+        summary = connection.execute(sa.select(job_summary)).one()
+    assert [(r.image_uri, r.verdict, r.model_version, r.product) for r in history] == [
+        ("s3://b/a.png", "anomalous", 3, "bottle"),
+        ("s3://b/b.png", "ok", 3, "bottle"),
+        ("s3://b/c.png", "failed", 3, "bottle"),
+    ]
+    assert history[0].mask_uri == "s3://b/masks/a.png" and history[2].error == "not an image"
+    assert history[0].captured_date == date(2026, 11, 27) and history[0].job_id == job_id
+    assert (summary.job_id, summary.kind, summary.product, summary.status) == (
+        job_id,
+        "score",
+        "bottle",
+        "succeeded",
+    )
+    assert (summary.total, summary.done, summary.failed, summary.model_version) == (3, 3, 1, 3)
+    assert summary.queued_seconds == pytest.approx(30, abs=0.01)
+    assert summary.run_seconds == pytest.approx(60, abs=0.01)
+
+
+# --- PostgreSQL read-only role ------------------------------------------------------------------------------
+
+
+@pytest.mark.integration
+def test_readonly_login_reads_views_only(clean_pg_url: str) -> None:
+    migrated_pg_url = clean_pg_url
+    with session_scope(migrated_pg_url) as session:
+        product = _product(session)
+        mv = _version(session, product, 1)
+        job = _job(session, product, mv)
+        record_results(session, [_result_row(job, mv, "s3://b/ro.png")])
+        ids = (job.id, mv.id, product.id)
+    password = f"ro-{uuid.uuid4().hex}'%:@"  # quoting-hostile characters on purpose
+    create_readonly_login(migrated_pg_url, password)
+    engine = sa.create_engine(readonly_url(migrated_pg_url, password))
+    try:
+        with engine.connect() as connection:
+            assert connection.execute(sa.text("SELECT current_user")).scalar() == READONLY_ROLE
+            rows = connection.execute(sa.text("SELECT image_uri, verdict FROM anomaly_history")).all()
+            assert ("s3://b/ro.png", "anomalous") in rows
+            connection.execute(sa.text("SELECT count(*) FROM job_summary")).scalar()
+        insert = (
+            "INSERT INTO results (job_id, model_version_id, product_id, image_uri, status) "
+            "VALUES (:job, :mv, :product, 's3://b/evil.png', 'ok')"
+        )
+        for statement in (
+            insert,
+            "SELECT * FROM results",
+            "UPDATE jobs SET status = 'failed'",
+            "CREATE TABLE sneaky (id int)",
+        ):
+            with engine.connect() as connection, pytest.raises(DBAPIError, match="permission denied"):
+                connection.execute(sa.text(statement), {"job": ids[0], "mv": ids[1], "product": ids[2]})
+    finally:
+        engine.dispose()
+    with pytest.raises(ValueError):
+        create_readonly_login(migrated_pg_url, "")
+
+
+def test_readonly_login_is_postgres_only(sqlite_url: str) -> None:
+    with pytest.raises(NotImplementedError):
+        create_readonly_login(sqlite_url, "pw")
+
+
+def test_json_columns_round_trip_and_none_is_sql_null(db_url: str) -> None:
+    with session_scope(db_url) as session:
+        product = _product(session)
+        mv = _version(session, product, 1, validation=None, config={"backbone": "x", "layers": [2, 3]})
+        mv_id = mv.id
+    with session_scope(db_url) as session:
+        assert session.get(ModelVersion, mv_id).config == {"backbone": "x", "layers": [2, 3]}
+        null_validation = sa.select(ModelVersion.id).where(
+            ModelVersion.validation.is_(None), ModelVersion.product_id == product.id
+        )
+        assert session.scalar(null_validation) == mv_id
+        fit = session.scalar(sa.select(Product.fit_config).where(Product.id == product.id))
+        assert fit["coreset_ratio"] == 0.1

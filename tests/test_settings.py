@@ -1,0 +1,117 @@
+"""Settings: defaults, parsing and validation of TOTALRECALL_* variables, secret redaction."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from common.settings import Settings, SettingsError, get_settings, redact_url, reset_settings_cache
+
+
+def test_defaults_derive_from_home(tmp_path: Path) -> None:
+    s = Settings.from_env({"TOTALRECALL_HOME": str(tmp_path / "home")})
+    home = tmp_path / "home"
+    assert s.home == home
+    assert s.database_url == f"sqlite:///{home}/totalrecall.db"
+    assert s.storage_url == str(home / "storage")
+    assert s.cache_dir == home / "cache"
+    assert s.broker_url is None and s.tasks_in_process
+    assert (s.chunk_size, s.model_cache_mb, s.nightly_at) == (64, 2048, "02:00")
+    assert s.readonly_password is None and s.aws_endpoint_url is None
+
+
+def test_default_home_is_absolute(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.chdir(tmp_path)
+    s = Settings.from_env({})
+    assert s.home == tmp_path / "totalrecall-data"
+    assert s.database_url == f"sqlite:///{tmp_path}/totalrecall-data/totalrecall.db"
+
+
+def test_explicit_values_and_empty_means_unset(tmp_path: Path) -> None:
+    s = Settings.from_env(
+        {
+            "TOTALRECALL_HOME": str(tmp_path),
+            "TOTALRECALL_DATABASE_URL": "postgresql+psycopg2://u:p@db:5432/tr",
+            "TOTALRECALL_BROKER_URL": "",  # empty: in-process
+            "TOTALRECALL_STORAGE_URL": "s3://bucket/prefix",
+            "TOTALRECALL_CHUNK_SIZE": "16",
+            "TOTALRECALL_CACHE_DIR": str(tmp_path / "c"),
+            "TOTALRECALL_MODEL_CACHE_MB": "512",
+            "TOTALRECALL_NIGHTLY_AT": "7:05",
+            "TOTALRECALL_READONLY_PASSWORD": "ro-secret",
+            "AWS_ENDPOINT_URL": "http://127.0.0.1:50009",
+            "TOTALRECALL_S3_MAX_ATTEMPTS": "3",
+        }
+    )
+    assert s.database_url == "postgresql+psycopg2://u:p@db:5432/tr"
+    assert s.broker_url is None
+    assert s.storage_url == "s3://bucket/prefix"
+    assert (s.chunk_size, s.model_cache_mb, s.s3_max_attempts) == (16, 512, 3)
+    assert s.cache_dir == tmp_path / "c"
+    assert s.nightly_at == "07:05" and s.nightly_time == (7, 5)
+    assert s.readonly_password == "ro-secret"
+    assert s.aws_endpoint_url == "http://127.0.0.1:50009"
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("TOTALRECALL_CHUNK_SIZE", "abc"),
+        ("TOTALRECALL_CHUNK_SIZE", "0"),
+        ("TOTALRECALL_MODEL_CACHE_MB", "-5"),
+        ("TOTALRECALL_NIGHTLY_AT", "24:00"),
+        ("TOTALRECALL_NIGHTLY_AT", "2am"),
+        ("TOTALRECALL_NIGHTLY_AT", "02:60"),
+    ],
+)
+def test_invalid_values_name_the_variable(name: str, value: str) -> None:
+    with pytest.raises(SettingsError, match=name):
+        Settings.from_env({name: value})
+
+
+def test_settings_are_frozen() -> None:
+    s = Settings.from_env({})
+    with pytest.raises(AttributeError):
+        s.chunk_size = 1  # type: ignore[misc]
+
+
+def test_get_settings_is_cached_until_reset(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TOTALRECALL_CHUNK_SIZE", "8")
+    first = get_settings()
+    monkeypatch.setenv("TOTALRECALL_CHUNK_SIZE", "9")
+    assert get_settings() is first and first.chunk_size == 8
+    reset_settings_cache()
+    assert get_settings().chunk_size == 9
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("postgresql+psycopg2://tr:s3cr3t@db:5432/tr", "postgresql+psycopg2://tr:***@db:5432/tr"),
+        ("redis://:s3cr3t@localhost:6379/0", "redis://:***@localhost:6379/0"),
+        ("redis://localhost:6379/0", "redis://localhost:6379/0"),
+        ("postgresql://tr@db/tr", "postgresql://tr@db/tr"),
+        ("postgresql://tr:p%40ss@db/tr", "postgresql://tr:***@db/tr"),
+        ("postgresql://tr:p@ss@db/tr", "postgresql://tr:***@db/tr"),  # unescaped '@' still hidden
+        ("postgresql://db/tr?user=tr&password=s3cr3t", "postgresql://db/tr?user=tr&password=***"),
+        ("/data/storage", "/data/storage"),
+        ("s3://bucket/prefix", "s3://bucket/prefix"),
+    ],
+)
+def test_redact_url(url: str, expected: str) -> None:
+    assert redact_url(url) == expected
+
+
+def test_repr_and_redacted_hide_secrets() -> None:
+    s = Settings.from_env(
+        {
+            "TOTALRECALL_DATABASE_URL": "postgresql://tr:db-secret@db/tr",
+            "TOTALRECALL_BROKER_URL": "redis://:broker-secret@redis:6379/0",
+            "TOTALRECALL_READONLY_PASSWORD": "ro-secret",
+        }
+    )
+    shown = repr(s) + str(s) + repr(s.redacted())
+    for secret in ("db-secret", "broker-secret", "ro-secret"):
+        assert secret not in shown
+    assert "postgresql://tr:***@db/tr" in shown

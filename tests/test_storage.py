@@ -1,0 +1,188 @@
+"""Storage: the same behaviour on a local folder and on S3 (moto), plus local path-escape refusal."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from common.storage import (
+    LocalStorage,
+    S3Storage,
+    Storage,
+    StorageError,
+    StorageNotFound,
+    StorageUnavailable,
+    UnsafeKeyError,
+    open_storage,
+    read_uri,
+    split_uri,
+)
+
+
+@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.integration)])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Storage:
+    """An empty storage with a prefix, on each back end."""
+    if request.param == "local":
+        return open_storage(tmp_path / "store root")
+    bucket_uri = request.getfixturevalue("s3_bucket")
+    return open_storage(bucket_uri + "some/prefix")
+
+
+def test_round_trip(store: Storage) -> None:
+    uri = store.put_bytes("a/b/c.bin", b"\x00\x01payload")
+    assert store.get_bytes("a/b/c.bin") == b"\x00\x01payload"
+    assert uri == store.uri_for("a/b/c.bin")
+    assert store.exists("a/b/c.bin")
+    store.put_bytes("a/b/c.bin", b"replaced")
+    assert store.get_bytes("a/b/c.bin") == b"replaced"
+    store.delete("a/b/c.bin")
+    assert not store.exists("a/b/c.bin")
+    store.delete("a/b/c.bin")  # idempotent
+
+
+def test_list_is_recursive_sorted_and_prefix_filtered(store: Storage) -> None:
+    for key in ["x/2026-11-27/b.png", "x/2026-11-27/a.png", "x/2026-11-28/sub/c.png", "y/d.png", "top.txt"]:
+        store.put_bytes(key, b"1")
+    assert store.list() == [
+        "top.txt",
+        "x/2026-11-27/a.png",
+        "x/2026-11-27/b.png",
+        "x/2026-11-28/sub/c.png",
+        "y/d.png",
+    ]
+    assert store.list("x/2026-11-27/") == ["x/2026-11-27/a.png", "x/2026-11-27/b.png"]
+    assert store.list("x/2026-11") == ["x/2026-11-27/a.png", "x/2026-11-27/b.png", "x/2026-11-28/sub/c.png"]
+    assert store.list("nothing/") == []
+
+
+def test_unicode_and_space_keys(store: Storage) -> None:
+    key = "archive/2026-11-27/img 1 – Prüfteil 検査.png"
+    uri = store.put_bytes(key, b"png-bytes", content_type="image/png")
+    assert store.list("archive/") == [key]
+    assert store.get_bytes(key) == b"png-bytes"
+    assert read_uri(uri) == b"png-bytes"
+    root, split_key = split_uri(uri)
+    assert open_storage(root).get_bytes(split_key) == b"png-bytes"
+
+
+def test_missing_object_raises_not_found_with_uri(store: Storage, tmp_path: Path) -> None:
+    with pytest.raises(StorageNotFound) as info:
+        store.get_bytes("no/such file.png")
+    assert isinstance(info.value, KeyError)
+    assert store.uri_for("no/such file.png") in str(info.value)
+    assert not store.exists("no/such file.png")
+    with pytest.raises(StorageNotFound):
+        store.get_file("no/such file.png", tmp_path / "dl" / "unused")
+    assert list((tmp_path / "dl").iterdir()) == []
+
+
+def test_put_and_get_file(store: Storage, tmp_path: Path) -> None:
+    source = tmp_path / "artifact.bin"
+    payload = os.urandom(3 * 1024 * 1024 + 17)
+    source.write_bytes(payload)
+    store.put_file("models/v1/model.bin", source)
+    dest = store.get_file("models/v1/model.bin", tmp_path / "download" / "model.bin")
+    assert dest.read_bytes() == payload
+    assert not [p for p in dest.parent.iterdir() if p.name != "model.bin"]  # no temp files left behind
+
+
+@pytest.mark.parametrize("key", ["", "/abs/key", "a/../b", "../up", "a//b", "./a", "a/", "nul\x00byte"])
+def test_malformed_keys_refused(store: Storage, key: str) -> None:
+    with pytest.raises(UnsafeKeyError):
+        store.put_bytes(key, b"x")
+    with pytest.raises(UnsafeKeyError):
+        store.get_bytes(key)
+
+
+def test_local_refuses_symlink_out(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.txt").write_bytes(b"secret")
+    store = LocalStorage(tmp_path / "root")
+    os.symlink(outside, tmp_path / "root" / "link")
+    os.symlink(outside / "secret.txt", tmp_path / "root" / "file-link")
+    for key in ["link/secret.txt", "file-link", "link/new.txt"]:
+        with pytest.raises(UnsafeKeyError, match="outside the root"):
+            store.get_bytes(key)
+    with pytest.raises(UnsafeKeyError):
+        store.put_bytes("link/new.txt", b"x")
+    with pytest.raises(UnsafeKeyError):
+        store.list("link/")
+    assert not (outside / "new.txt").exists()
+    assert store.list() == []  # escaping links are not listed
+
+
+def test_local_symlink_inside_root_is_fine(tmp_path: Path) -> None:
+    store = LocalStorage(tmp_path)
+    store.put_bytes("real/a.txt", b"a")
+    os.symlink(tmp_path / "real", tmp_path / "alias")
+    assert store.get_bytes("alias/a.txt") == b"a"
+
+
+def test_local_write_is_atomic_and_leaves_no_temp(tmp_path: Path) -> None:
+    store = LocalStorage(tmp_path)
+    store.put_bytes("d/f.txt", b"old")
+
+    class Boom(Exception):
+        pass
+
+    def failing_write(f: object) -> None:
+        raise Boom
+
+    with pytest.raises(Boom):
+        store._atomic_write("d/f.txt", tmp_path / "d" / "f.txt", failing_write)
+    assert store.get_bytes("d/f.txt") == b"old"
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["f.txt"]
+    assert oct((tmp_path / "d" / "f.txt").stat().st_mode & 0o777) != oct(0o600)
+
+
+def test_local_uris(tmp_path: Path) -> None:
+    store = open_storage(f"file://{tmp_path}/with%20space")
+    uri = store.put_bytes("k 1.txt", b"v")
+    assert uri == str(tmp_path / "with space" / "k 1.txt")
+    assert split_uri(uri) == ("/", f"{str(tmp_path)[1:]}/with space/k 1.txt")
+    assert read_uri(uri) == b"v"
+    assert read_uri(Path(uri).as_uri()) == b"v"  # percent-encoded file:// URI
+    with pytest.raises(StorageNotFound, match="nope"):
+        read_uri(tmp_path / "nope.png")
+
+
+def test_split_s3_uri() -> None:
+    assert split_uri("s3://bucket/archive/2026-11-27/img 1.png") == (
+        "s3://bucket/",
+        "archive/2026-11-27/img 1.png",
+    )
+    with pytest.raises(UnsafeKeyError):
+        split_uri("s3://bucket/")
+    with pytest.raises(ValueError):
+        open_storage("s3:///no-bucket")
+    with pytest.raises(ValueError):
+        open_storage("gs://bucket/x")
+
+
+@pytest.mark.integration
+def test_s3_prefix_and_uri(s3_bucket: str) -> None:
+    store = open_storage(s3_bucket + "pre/fix/")
+    assert isinstance(store, S3Storage)
+    uri = store.put_bytes("k.png", b"v")
+    assert uri == f"{s3_bucket}pre/fix/k.png"
+    assert open_storage(s3_bucket).list() == ["pre/fix/k.png"]
+
+
+@pytest.mark.integration
+def test_s3_missing_bucket_is_a_clear_error(s3_env: str) -> None:
+    store = open_storage("s3://tr-test-bucket-that-does-not-exist/")
+    with pytest.raises(StorageError, match="does not exist"):
+        store.get_bytes("k")
+
+
+def test_s3_unreachable_endpoint_is_unavailable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Connection errors are retried, then reported as StorageUnavailable (a port nobody listens on)."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    store = open_storage("s3://bucket/", endpoint_url="http://127.0.0.1:9", max_attempts=2)
+    with pytest.raises(StorageUnavailable, match="s3://bucket/k"):
+        store.get_bytes("k")
