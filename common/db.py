@@ -46,6 +46,7 @@ from sqlalchemy import (
     event,
     false,
     func,
+    select,
     text,
     update,
 )
@@ -407,6 +408,21 @@ def record_results(session: Session, rows: Sequence[dict[str, Any]]) -> int:
         where=Result.status == ResultStatus.FAILED.value,
     )
     return session.execute(stmt).rowcount
+
+
+def images_with_results(session: Session, model_version_id: int, image_uris: Sequence[str],
+                        ok_only: bool = False) -> set[str]:
+    """Those of `image_uris` that already have a result (or only an `ok` one) for the model version."""
+    found: set[str] = set()
+    for start in range(0, len(image_uris), 500):  # bounded IN lists
+        query = select(Result.image_uri).where(
+            Result.model_version_id == model_version_id,
+            Result.image_uri.in_(image_uris[start : start + 500]),
+        )
+        if ok_only:
+            query = query.where(Result.status == ResultStatus.OK.value)
+        found.update(session.scalars(query))
+    return found
 
 
 def activate_model_version(session: Session, version: ModelVersion) -> None:

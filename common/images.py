@@ -47,9 +47,11 @@ def decode_image(source: bytes | str | Path, max_side: int = MAX_SIDE) -> np.nda
             rgb = _to_rgb(img)
     except ImageDecodeError:
         raise
+    except Image.DecompressionBombError as exc:
+        raise ImageDecodeError(f"refused without decoding: {exc}") from exc
     except UnidentifiedImageError as exc:
         raise ImageDecodeError("not a recognised image format") from exc
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+    except (OSError, SyntaxError, ValueError) as exc:
         raise ImageDecodeError(f"corrupt or truncated image: {exc}") from exc
     if min(rgb.size) < 8:
         raise ImageDecodeError(f"image is {rgb.size[0]}x{rgb.size[1]} pixels, too small to inspect")
@@ -78,3 +80,10 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 def list_image_files(folder: str | Path) -> list[Path]:
     """Image files directly in `folder`, sorted by name."""
     return sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    """PNG encoding of an (H, W) or (H, W, 3) uint8 array."""
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()

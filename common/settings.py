@@ -25,10 +25,18 @@ DEFAULT_CHUNK_SIZE = 64
 DEFAULT_MODEL_CACHE_MB = 2048
 DEFAULT_NIGHTLY_AT = "02:00"
 DEFAULT_S3_MAX_ATTEMPTS = 6
+DEFAULT_DOWNLOAD_THREADS = 8
+# Celery time limits (soft, hard) in seconds; the soft one lets a task mark its job failed cleanly.
+DEFAULT_SCORE_TIME_LIMITS = (15 * 60, 20 * 60)
+DEFAULT_FIT_TIME_LIMITS = (2 * 3600, int(2.5 * 3600))
+# Redis redelivers a task whose worker died (unacknowledged) after this many seconds. It must exceed the
+# longest task (the fit hard limit), or a long fit would be handed to a second worker while still running.
+DEFAULT_VISIBILITY_TIMEOUT = 3 * 3600
 
 REDACTED = "***"
 # Query parameters whose values are secrets (e.g. `?password=` accepted by libpq and redis-py).
 _SECRET_QUERY_KEYS = re.compile(r"pass|secret|token|key|credential", re.IGNORECASE)
+_URL_PASSWORD = re.compile(r"(\b[a-zA-Z][\w+.-]*://[^\s:/@]*:)[^\s@/]*@")
 _HH_MM = re.compile(r"^([01]?\d|2[0-3]):([0-5]\d)$")
 
 
@@ -51,6 +59,10 @@ class Settings:
     readonly_password: str | None = field(default=None, repr=False)
     aws_endpoint_url: str | None = None
     s3_max_attempts: int = DEFAULT_S3_MAX_ATTEMPTS
+    download_threads: int = DEFAULT_DOWNLOAD_THREADS  # concurrent image downloads per scoring task
+    score_time_limits: tuple[int, int] = DEFAULT_SCORE_TIME_LIMITS  # (soft, hard) seconds per chunk
+    fit_time_limits: tuple[int, int] = DEFAULT_FIT_TIME_LIMITS  # (soft, hard) seconds per fit
+    visibility_timeout: int = DEFAULT_VISIBILITY_TIMEOUT
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -68,6 +80,10 @@ class Settings:
             readonly_password=_get(env, "READONLY_PASSWORD"),
             aws_endpoint_url=aws_endpoint_url(env),
             s3_max_attempts=s3_max_attempts(env),
+            download_threads=_positive_int(env, "DOWNLOAD_THREADS", DEFAULT_DOWNLOAD_THREADS),
+            score_time_limits=_time_limits(env, "SCORE", DEFAULT_SCORE_TIME_LIMITS),
+            fit_time_limits=_time_limits(env, "FIT", DEFAULT_FIT_TIME_LIMITS),
+            visibility_timeout=_positive_int(env, "VISIBILITY_TIMEOUT", DEFAULT_VISIBILITY_TIMEOUT),
         )
 
     @property
@@ -95,6 +111,10 @@ class Settings:
             "readonly_password": REDACTED if self.readonly_password else "(unset)",
             "aws_endpoint_url": redact_url(self.aws_endpoint_url) if self.aws_endpoint_url else "(default)",
             "s3_max_attempts": str(self.s3_max_attempts),
+            "download_threads": str(self.download_threads),
+            "score_time_limits": "{}/{} s".format(*self.score_time_limits),
+            "fit_time_limits": "{}/{} s".format(*self.fit_time_limits),
+            "visibility_timeout": f"{self.visibility_timeout} s",
         }
 
     def __repr__(self) -> str:
@@ -147,6 +167,11 @@ def redact_url(url: str) -> str:
     return urlunsplit(parts._replace(query=urlencode(query, safe="*")))
 
 
+def redact_text(text: str) -> str:
+    """`text` (e.g. an exception message) with the password of every URL in it replaced by `***`."""
+    return _URL_PASSWORD.sub(rf"\1{REDACTED}@", text)
+
+
 def _get(env: Mapping[str, str], name: str) -> str | None:
     value = env.get(PREFIX + name, "").strip()
     return value or None
@@ -171,3 +196,13 @@ def _hh_mm(env: Mapping[str, str], name: str, default: str) -> str:
     if not match:
         raise SettingsError(f"{PREFIX}{name} must be a time of day as HH:MM (24h), got {raw!r}")
     return f"{int(match.group(1)):02d}:{match.group(2)}"
+
+
+def _time_limits(env: Mapping[str, str], task: str, default: tuple[int, int]) -> tuple[int, int]:
+    """(soft, hard) from `TOTALRECALL_<TASK>_SOFT_TIME_LIMIT` and `TOTALRECALL_<TASK>_TIME_LIMIT`."""
+    soft = _positive_int(env, f"{task}_SOFT_TIME_LIMIT", default[0])
+    hard = _positive_int(env, f"{task}_TIME_LIMIT", max(default[1], soft + 60))
+    if soft >= hard:
+        raise SettingsError(f"{PREFIX}{task}_SOFT_TIME_LIMIT ({soft}) must be below "
+                            f"{PREFIX}{task}_TIME_LIMIT ({hard})")
+    return soft, hard

@@ -128,6 +128,28 @@ def read_uri(uri: str | Path) -> bytes:
     return open_storage(root).get_bytes(key)
 
 
+def absolute_uri(uri: str | Path) -> str:
+    """`uri` in the form stored in the database: S3 URIs unchanged, local paths absolute."""
+    text = str(uri)
+    return text if text.startswith("s3://") else str(_local_path(text))
+
+
+def list_uris(prefix_uri: str | Path, suffixes: tuple[str, ...] | None = None) -> list[str]:
+    """Full URIs of the objects under a folder-like URI (`s3://bucket/archive/2026-11-27/`, a folder), sorted.
+
+    `suffixes` keeps only names ending in one of them (case-insensitive), e.g. `common.images.IMAGE_SUFFIXES`.
+    A local folder that does not exist lists as empty (and is not created).
+    """
+    text = str(prefix_uri)
+    if not text.startswith("s3://") and not _local_path(text).is_dir():
+        return []
+    storage = open_storage(text)
+    keys = storage.list()
+    if suffixes is not None:
+        keys = [k for k in keys if k.lower().endswith(suffixes)]
+    return [storage.uri_for(key) for key in keys]
+
+
 def check_key(key: str) -> str:
     """`key` if it is a valid relative object key, else `UnsafeKeyError`."""
     if not isinstance(key, str) or not key:

@@ -6,11 +6,10 @@ a stain (bright blob) at a random place. Everything is deterministic for a seed 
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
-from PIL import Image
 from scipy import ndimage
+
+from common.images import png_bytes
 
 
 def nominal_image(seed: int, size: int = 192) -> np.ndarray:
@@ -52,12 +51,6 @@ def plant_defect(image: np.ndarray, seed: int, kind: str | None = None,
     out = image.astype(np.float32)
     out[mask] += delta
     return np.clip(out, 0, 255).astype(np.uint8), mask
-
-
-def png_bytes(image: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def mask_png_bytes(mask: np.ndarray) -> bytes:

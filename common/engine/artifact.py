@@ -89,6 +89,13 @@ def load_artifact(folder: str | Path, expected_sha256: str | None = None) -> Mod
         meta = json.loads(data)
     except json.JSONDecodeError as exc:
         raise ArtifactError(f"{meta_path} is not valid JSON: {exc}") from exc
+    try:
+        return _state_from(meta, bank_path)
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise ArtifactError(f"{meta_path} lacks or mistypes a field ({exc.__class__.__name__}: {exc})") from exc
+
+
+def _state_from(meta: dict[str, Any], bank_path: Path) -> ModelState:
     if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
         raise ArtifactError(f"unsupported artifact format {meta.get('format')!r} "
                             f"v{meta.get('format_version')}; this code reads {FORMAT} v{FORMAT_VERSION}")

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from common.engine.metrics import PixelMetrics, f1_max
+from common.engine.metrics import PixelMetrics, f1_max, score_from_code, score_to_code
 
 RULE = "max(max(s), mean(s) + 3 std(s)) over held-out nominal images"
 
@@ -34,7 +34,16 @@ def holdout_split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.nd
 
 def f1_thresholds(image_scores: Sequence[float], labels: Sequence[int],
                   pixels: PixelMetrics) -> tuple[float, float]:
-    """F1-optimal image and pixel thresholds from labelled validation images."""
-    _, image_thr = f1_max(np.asarray(image_scores), np.asarray(labels))
-    _, pixel_thr = pixels.pixel_f1_max()
+    """F1-optimal image and pixel thresholds from labelled validation images.
+
+    Verdicts are `score > threshold`; f1_max's threshold t means `score >= t`, so the threshold is
+    placed halfway between t and the next lower observed value (pixel: the next lower float16 bin).
+    """
+    scores = np.asarray(image_scores, dtype=np.float64)
+    _, t = f1_max(scores, np.asarray(labels))
+    below = scores[scores < t]
+    image_thr = (t + below.max()) / 2 if below.size else float(np.nextafter(t, -np.inf))
+    _, pt = pixels.pixel_f1_max()
+    code = int(score_to_code(np.array([pt]))[0])
+    pixel_thr = (pt + score_from_code(code - 1)) / 2 if code > 0 else float(np.nextafter(pt, -np.inf))
     return float(image_thr), float(pixel_thr)

@@ -35,6 +35,9 @@ class PatchCoreConfig:
             raise ValueError("holdout_fraction must be in [0, 1)")
         if self.image_size < 32 or (self.center_crop is not None and self.center_crop > self.image_size):
             raise ValueError("image_size must be >= 32 and center_crop <= image_size")
+        if self.center_crop is not None and self.resize != "square":
+            raise ValueError("center_crop needs resize='square' (the paper's 256 -> 224 protocol); "
+                             "keep_aspect keeps the whole field of view")
         if self.layers is not None:
             object.__setattr__(self, "layers", tuple(self.layers))
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numba
 import numpy as np
 import torch
 
@@ -48,6 +49,7 @@ def greedy_coreset(features: np.ndarray | torch.Tensor, ratio: float, projection
     n = len(features)
     k = coreset_size(n, ratio)
     projected = random_projection(features, projection_dim, seed)
+    projected -= projected.mean(dim=0)  # distances unchanged; float32 |x|^2 - 2xc + |c|^2 more exact
     start = int(torch.randint(n, (1,), generator=torch.Generator().manual_seed(seed)).item())
     if projected.is_cuda:
         return _greedy_dense(projected, k, start, progress).cpu().numpy()
@@ -72,40 +74,101 @@ def _greedy_dense(x: torch.Tensor, k: int, start: int, progress: ProgressFn | No
 
 
 def _greedy_pruned(x: np.ndarray, k: int, start: int, progress: ProgressFn | None) -> np.ndarray:
-    n = len(x)
-    sq = np.einsum("ij,ij->i", x, x)
-    centers = np.empty((k, x.shape[1]), dtype=np.float32)
-    center_sq = np.empty(k, dtype=np.float32)
-    radius = np.zeros(k, dtype=np.float32)  # covering radius of each centre's cluster
-    assign = np.zeros(n, dtype=np.int64)  # nearest centre of each point
-    mind = _dist(x, sq, x[start], sq[start])  # distance of each point to its nearest centre
-    radius[0] = mind.max()
+    n, dim = x.shape
+    # Rotate onto the principal axes: distances are unchanged, but the leading coordinates now carry
+    # most of each distance, so a partial sum over them is a tight lower bound that rules out most
+    # points after a few coordinates (exact partial-distance search).
+    centred = x - x.mean(axis=0, dtype=np.float64).astype(np.float32)
+    _, vecs = np.linalg.eigh(centred.T.astype(np.float64) @ centred)
+    y = np.ascontiguousarray(centred @ vecs[:, ::-1].astype(np.float32))
+    del centred
+    threads = max(1, numba.get_num_threads())
+    best_val = np.empty(threads, dtype=np.float32)
+    best_idx = np.empty(threads, dtype=np.int64)
+    mind2 = np.full(n, np.inf, dtype=np.float32)  # squared distance of each point to its nearest centre
+    assign = np.zeros(n, dtype=np.int64)  # that centre
+    radius2 = np.zeros(k, dtype=np.float32)  # squared covering radius of each centre's cluster (upper bound)
+    near = np.ones(k, dtype=np.bool_)
     selected = np.empty(k, dtype=np.int64)
-    selected[0] = start
-    centers[0], center_sq[0] = x[start], sq[start]
-    for i in range(1, k):
-        new = int(np.argmax(mind))
+    new = start
+    for i in range(k):
         selected[i] = new
-        centers[i], center_sq[i] = x[new], sq[new]
-        dcc = _dist(centers[:i], center_sq[:i], centers[i], center_sq[i])
-        near = dcc < 2.0 * radius[:i] * (1 + 1e-5) + 1e-6  # clusters c may take points from
-        idx = np.flatnonzero(near[assign])
-        d = _dist(x[idx], sq[idx], centers[i], center_sq[i])
-        moved = d < mind[idx]
-        taken = idx[moved]
-        mind[taken] = d[moved]
-        assign[taken] = i
-        # exact radii of the touched clusters (others are unchanged)
-        radius[:i][near] = 0.0
-        np.maximum.at(radius, assign[idx], mind[idx])
-        if progress is not None and i % 1024 == 0:
+        if i > 0:
+            _near_clusters(y, selected[:i], radius2[:i], y[new], near[:i])
+        radius2[i] = _assign_step(y, y[new], i, near, assign, mind2, best_val, best_idx)
+        if i % 256 == 255:
+            _exact_radii(assign, mind2, radius2[: i + 1])
+        new = int(best_idx[int(np.argmax(best_val))])
+        if progress is not None and (i + 1) % 1024 == 0:
             progress(1024)
     return selected
 
 
-def _dist(points: np.ndarray, points_sq: np.ndarray, c: np.ndarray, c_sq: float) -> np.ndarray:
-    d2 = points_sq - 2.0 * (points @ c) + c_sq
-    return np.sqrt(np.maximum(d2, 0.0, out=d2), out=d2)
+@numba.njit(cache=True, parallel=True)
+def _near_clusters(y, centers, radius2, c, near):  # pragma: no cover - compiled
+    """near[j] = the new centre c may take points from cluster j: d(c, c_j) < 2 r_j (triangle
+    inequality), tested on a partial sum of squares first (a lower bound of the distance)."""
+    dim = y.shape[1]
+    for j in numba.prange(len(centers)):
+        limit = 4.0 * radius2[j] * (1.0 + 1e-4) + 1e-6
+        s = 0.0
+        cj = centers[j]
+        inside = True
+        for d in range(dim):
+            diff = y[cj, d] - c[d]
+            s += diff * diff
+            if s >= limit:
+                inside = False
+                break
+        near[j] = inside
+
+
+@numba.njit(cache=True, parallel=True)
+def _assign_step(y, c, label, near, assign, mind2, best_val, best_idx):  # pragma: no cover - compiled
+    """Move every point closer to c than to its centre into c's cluster; per-thread argmax of mind2.
+    Returns the squared radius of c's new cluster."""
+    n, dim = y.shape
+    chunks = len(best_val)
+    size = (n + chunks - 1) // chunks
+    new_r2 = np.zeros(chunks, dtype=np.float32)
+    for t in numba.prange(chunks):
+        lo = t * size
+        hi = min(n, lo + size)
+        bv = np.float32(-1.0)
+        bi = lo
+        r2 = np.float32(0.0)
+        for p in range(lo, hi):
+            m = mind2[p]
+            if near[assign[p]]:
+                s = np.float32(0.0)
+                d = 0
+                while d < dim:
+                    diff = y[p, d] - c[d]
+                    s += diff * diff
+                    d += 1
+                    if d % 8 == 0 and s >= m:
+                        break
+                if s < m:
+                    m = s
+                    mind2[p] = s
+                    assign[p] = label
+                    if s > r2:
+                        r2 = s
+            if m > bv:
+                bv = m
+                bi = p
+        best_val[t] = bv
+        best_idx[t] = bi
+        new_r2[t] = r2
+    return new_r2.max()
+
+
+@numba.njit(cache=True)
+def _exact_radii(assign, mind2, radius2):  # pragma: no cover - compiled
+    radius2[:] = 0.0
+    for p in range(len(assign)):
+        if mind2[p] > radius2[assign[p]]:
+            radius2[assign[p]] = mind2[p]
 
 
 def covering_radius(features: np.ndarray | torch.Tensor, selected: np.ndarray,

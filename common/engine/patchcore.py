@@ -30,7 +30,7 @@ class ImageResult:
     score: float | None = None
     is_anomalous: bool | None = None
     anomaly_map: np.ndarray | None = None  # (H, W) float32 over `box` of the original image
-    mask: np.ndarray | None = None  # (H, W) bool, anomaly_map >= pixel threshold
+    mask: np.ndarray | None = None  # (H, W) bool, anomaly_map > pixel threshold
     max_location: tuple[int, int] | None = None  # (y, x) of the map's maximum, original pixels
     defect_fraction: float | None = None
     box: tuple[int, int, int, int] | None = None  # top, left, height, width the map covers
@@ -108,23 +108,21 @@ class PatchCore:
         self.set_bank(feats[selected])
         n_patches = len(feats)
         del feats
-        in_sample = len(hold_ids) == 0
-        held = [images[i] for i in (bank_ids if in_sample else hold_ids)]
-        results = self.predict(held, progress=progress, desc="calibrate")
+        results = self.predict([images[i] for i in hold_ids], progress=progress, desc="calibrate")
         good = [r for r in results if r.ok]
-        if not good:
-            raise ValueError("no held-out image could be scored for calibration")
+        in_sample = not good  # one training image, or every held-out image failed to decode
+        if in_sample:
+            good = [r for r in self.predict([images[i] for i in bank_ids]) if r.ok]
         self.image_threshold = calibration.nominal_threshold([r.score for r in good])
         self.pixel_threshold = calibration.nominal_threshold([float(r.anomaly_map.max()) for r in good])
         t3 = time.perf_counter()
         self.stats = {
             "train_images": len(bank_ids) - len(failures),
             "holdout_images": 0 if in_sample else len(good),
-            "calibration": "in-sample (only one training image)" if in_sample else calibration.RULE,
+            "calibration": "in-sample (no usable held-out image)" if in_sample else calibration.RULE,
             "holdout_scores": [round(float(r.score), 6) for r in good],
             "failed_images": [{"position": int(bank_ids[f.position]), "error": f.error} for f in failures]
-            + [{"position": int(hold_ids[i]), "error": r.error} for i, r in enumerate(results)
-               if not r.ok and not in_sample],
+            + [{"position": int(hold_ids[i]), "error": r.error} for i, r in enumerate(results) if not r.ok],
             "patch_features": int(n_patches),
             "bank_size": int(len(selected)),
             "feature_dim": int(self.features.dim),
@@ -190,10 +188,10 @@ class PatchCore:
         for i, geo in enumerate(batch.geometries):
             top, left, bh, bw = geo.box
             amap = to_image_resolution(smoothed[i], (bh, bw))
-            mask = amap >= self.pixel_threshold
+            mask = amap > self.pixel_threshold
             y, x = np.unravel_index(int(np.argmax(amap)), amap.shape)
             out.append(ImageResult(
-                score=float(scores[i]), is_anomalous=bool(scores[i] >= self.image_threshold),
+                score=float(scores[i]), is_anomalous=bool(scores[i] > self.image_threshold),
                 anomaly_map=amap, mask=mask, max_location=(int(y) + top, int(x) + left),
                 defect_fraction=float(mask.mean()), box=geo.box, image_hw=geo.orig_hw,
             ))

@@ -53,22 +53,24 @@ def gaussian_kernel(sigma: float) -> torch.Tensor:
 
 
 def smooth_maps(patch_scores: torch.Tensor, input_hw: tuple[int, int], sigma: float) -> torch.Tensor:
-    """(B, h, w) patch scores -> (B, H_in, W_in): bilinear upsampling, then a Gaussian blur with
-    reflect padding (as scipy's gaussian_filter), sigma in model-input pixels (the paper's sigma=4)."""
-    maps = F.interpolate(patch_scores[:, None], size=input_hw, mode="bilinear", align_corners=False)
+    """(B, h, w) patch scores -> (B, H_in, W_in): bilinear upsampling, then a separable Gaussian blur
+    with scipy.ndimage.gaussian_filter's default border (mode "reflect": d c b a | a b c d | d c b a),
+    sigma in model-input pixels (the paper's sigma = 4)."""
+    maps = F.interpolate(patch_scores[:, None], size=input_hw, mode="bilinear", align_corners=False)[:, 0]
     if sigma <= 0:
-        return maps[:, 0]
+        return maps
     k = gaussian_kernel(sigma).to(maps.device)
     r = len(k) // 2
-    for dim in (2, 3):  # separable: rows, then columns
-        pad = (0, 0, r, r) if dim == 2 else (r, r, 0, 0)
-        if maps.shape[dim] <= r:  # reflect padding needs the side longer than the radius
-            maps = F.pad(maps, pad, mode="replicate")
-        else:
-            maps = F.pad(maps, pad, mode="reflect")
-        weight = k.reshape(1, 1, -1, 1) if dim == 2 else k.reshape(1, 1, 1, -1)
-        maps = F.conv2d(maps, weight)
-    return maps[:, 0]
+    rows = maps.index_select(1, _reflect_index(maps.shape[1], r, maps.device))
+    maps = F.conv2d(rows[:, None], k.reshape(1, 1, -1, 1))[:, 0]
+    cols = maps.index_select(2, _reflect_index(maps.shape[2], r, maps.device))
+    return F.conv2d(cols[:, None], k.reshape(1, 1, 1, -1))[:, 0]
+
+
+def _reflect_index(n: int, r: int, device: torch.device) -> torch.Tensor:
+    """Source index of each position of a side of length n padded by r on both ends (scipy reflect)."""
+    i = torch.arange(-r, n + r, device=device) % (2 * n)
+    return torch.where(i >= n, 2 * n - 1 - i, i)
 
 
 def to_image_resolution(smoothed: torch.Tensor, box_hw: tuple[int, int]) -> np.ndarray:

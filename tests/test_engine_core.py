@@ -1,0 +1,351 @@
+"""Engine building blocks checked against hand computations and brute force: Eq. 7, coreset, kNN,
+anomaly-map smoothing and preprocessing geometry."""
+
+from __future__ import annotations
+
+import math
+import resource
+import tracemalloc
+
+import numpy as np
+import pytest
+import scipy.ndimage as ndi
+import torch
+from scipy.spatial.distance import cdist
+
+from common.engine.config import PatchCoreConfig
+from common.engine.coreset import (
+    _greedy_dense,
+    _greedy_pruned,
+    coreset_size,
+    greedy_coreset,
+)
+from common.engine.knn import NearestNeighbors
+from common.engine.preprocessing import GRID, geometry, to_input
+from common.engine.scoring import image_scores, reweighted_image_score, smooth_maps
+
+# ------------------------------------------------------------------------------------------- Eq. 7
+BANK = np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [5.0, 5.0]], dtype=np.float32)
+
+
+def test_eq7_by_hand() -> None:
+    t = np.array([-1.0, 0.0], dtype=np.float32)
+    # nearest bank point m* = (0, 0) at distance 1; its b=3 nearest bank points are itself, (1, 0)
+    # and (0, 1); their distances to t are 1, 2 and sqrt(2)
+    expected_w = 1.0 - math.exp(1.0) / (math.exp(1.0) + math.exp(2.0) + math.exp(math.sqrt(2.0)))
+    s_star = 1.0
+    got = reweighted_image_score(t, 0, np.array([0, 1, 2]), BANK, s_star)
+    assert got == pytest.approx(expected_w * s_star, rel=1e-6)
+
+    # the same through the batch path with a real index: one image with two patches, t the worst one
+    index = NearestNeighbors(BANK, use_gpu=False)
+    feats = np.stack([np.array([0.9, 0.1], np.float32), t])[None]  # (1, 2, 2)
+    dist, ids = index.search(feats[0], 1)
+    dist, ids = dist.reshape(1, 2), ids.reshape(1, 2)
+    assert ids[0, 1] == 0 and dist[0, 1] == pytest.approx(1.0)
+    scores = image_scores(feats, dist, ids, index, num_neighbors=3)
+    assert scores.shape == (1,)
+    assert scores[0] == pytest.approx(expected_w * 1.0, rel=1e-5)
+
+    # b = 0: the reweighting is off, the image score is the largest patch distance
+    raw = image_scores(feats, dist, ids, index, num_neighbors=0)
+    assert raw[0] == pytest.approx(1.0)
+    assert reweighted_image_score(t, 0, np.array([], dtype=np.int64), BANK, 1.0) == 1.0
+
+
+def test_eq7_b_larger_than_bank_uses_whole_bank() -> None:
+    t = np.array([-1.0, 0.0], dtype=np.float32)
+    index = NearestNeighbors(BANK, use_gpu=False)
+    dist, ids = index.search(t[None], 1)
+    d = [1.0, 2.0, math.sqrt(2.0), math.sqrt(36.0 + 25.0)]
+    expected = 1.0 - math.exp(d[0]) / sum(math.exp(v) for v in d)
+    got = image_scores(t[None, None], dist.reshape(1, 1), ids.reshape(1, 1), index, num_neighbors=9)
+    assert got[0] == pytest.approx(expected, rel=1e-5)
+
+
+def test_eq7_direction_sparse_neighbourhood_keeps_more_of_the_score() -> None:
+    """What Eq. 7 does: w = 1 - exp(d*) / sum_j exp(d_j) over the b bank neighbours of m* (m* included).
+    Since m* is the test patch's nearest bank point, every d_j >= d*, so 1 - 1/b <= w < 1:
+    - m* in a dense cluster (neighbours about as far from the test patch as m*): w ~ 1 - 1/b;
+    - m* isolated (neighbours much farther from the test patch): w ~ 1.
+    So a test patch whose nearest bank point is a rare (sparse) nominal feature scores higher."""
+    b = 4
+    t = np.array([-1.0, 0.0], dtype=np.float32)
+    eps = 0.01
+    dense = np.array([[0, 0], [eps, 0], [0, eps], [eps, eps], [20, 20]], dtype=np.float32)
+    sparse = np.array([[0, 0], [3, 0], [0, 3], [0, -3], [20, 20]], dtype=np.float32)
+    scores = {}
+    for name, bank in (("dense", dense), ("sparse", sparse)):
+        index = NearestNeighbors(bank, use_gpu=False)
+        dist, ids = index.search(t[None], 1)
+        assert ids[0, 0] == 0 and dist[0, 0] == pytest.approx(1.0)
+        scores[name] = image_scores(t[None, None], dist.reshape(1, 1), ids.reshape(1, 1), index, b)[0]
+    assert scores["dense"] == pytest.approx(1.0 - 1.0 / b, abs=0.01)
+    # sparse: neighbours at distance 4, sqrt(10), sqrt(10) from t
+    e = math.exp
+    assert scores["sparse"] == pytest.approx(1 - e(1) / (e(1) + e(4) + 2 * e(math.sqrt(10))), rel=1e-5)
+    assert scores["sparse"] > 0.97
+    assert scores["sparse"] > scores["dense"]
+
+
+def test_eq7_weight_bounds_on_random_data() -> None:
+    rng = np.random.default_rng(3)
+    bank = rng.standard_normal((200, 8)).astype(np.float32)
+    tests = rng.standard_normal((50, 8)).astype(np.float32) * 1.5
+    index = NearestNeighbors(bank, use_gpu=False)
+    b = 5
+    for t in tests:
+        dist, ids = index.search(t[None], 1)
+        s = image_scores(t[None, None], dist.reshape(1, 1), ids.reshape(1, 1), index, b)[0]
+        w = s / dist[0, 0]
+        assert 1.0 - 1.0 / b - 1e-5 <= w < 1.0
+
+
+def test_config_rejects_b_equal_one() -> None:
+    with pytest.raises(ValueError):
+        PatchCoreConfig(num_neighbors=1)
+
+
+# ------------------------------------------------------------------------------------------ coreset
+def _farthest_first_reference(x: np.ndarray, k: int, start: int) -> np.ndarray:
+    """Textbook greedy k-center in float64 (the paper's Algorithm 1 without projection)."""
+    x = x.astype(np.float64)
+    selected = [start]
+    mind = np.linalg.norm(x - x[start], axis=1)
+    for _ in range(1, k):
+        nxt = int(np.argmax(mind))
+        selected.append(nxt)
+        mind = np.minimum(mind, np.linalg.norm(x - x[nxt], axis=1))
+    return np.array(selected)
+
+
+def _clustered(n: int, clusters: int, d: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centres = rng.uniform(-10, 10, size=(clusters, d))
+    labels = rng.integers(clusters, size=n)
+    return (centres[labels] + 0.1 * rng.standard_normal((n, d))).astype(np.float32)
+
+
+def _radius(x: np.ndarray, selected: np.ndarray) -> float:
+    return float(cdist(x, x[selected]).min(axis=1).max())
+
+
+def test_coreset_deterministic_for_a_seed() -> None:
+    x = np.random.default_rng(0).standard_normal((3000, 64)).astype(np.float32)
+    a = greedy_coreset(x, 0.05, projection_dim=16, seed=0)
+    b = greedy_coreset(x, 0.05, projection_dim=16, seed=0)
+    c = greedy_coreset(x, 0.05, projection_dim=16, seed=1)
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, c)
+    assert len(np.unique(a)) == len(a) == 150
+
+
+@pytest.mark.parametrize(("n", "ratio"), [(1000, 0.1), (999, 0.1), (1234, 0.25), (50, 1.0), (10, 0.001)])
+def test_coreset_size(n: int, ratio: float) -> None:
+    x = np.random.default_rng(n).standard_normal((n, 8)).astype(np.float32)
+    selected = greedy_coreset(x, ratio, projection_dim=128, seed=0)
+    expected = max(1, round(n * ratio))
+    assert coreset_size(n, ratio) == expected
+    assert len(selected) == expected
+    assert len(np.unique(selected)) == expected
+    assert selected.min() >= 0 and selected.max() < n
+
+
+def test_greedy_coreset_covers_better_than_random() -> None:
+    x = _clustered(2000, 20, 8, seed=5)
+    selected = greedy_coreset(x, 0.01, projection_dim=128, seed=0)  # 8-d: no projection
+    assert len(selected) == 20
+    greedy_r = _radius(x, selected)
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        random_r = _radius(x, rng.choice(len(x), len(selected), replace=False))
+        assert greedy_r < random_r
+    # greedy k-center is a 2-approximation: with 20 tight clusters the optimum is about a cluster's
+    # radius, far below the distance between clusters
+    assert greedy_r < 2.0
+
+
+def test_greedy_matches_textbook_farthest_first() -> None:
+    x = np.random.default_rng(11).standard_normal((2000, 12)).astype(np.float32)
+    selected = greedy_coreset(x, 0.1, projection_dim=128, seed=4)  # 12-d: no projection
+    reference = _farthest_first_reference(x, len(selected), int(selected[0]))
+    assert np.array_equal(selected[:150], reference[:150])
+
+
+def test_pruned_and_dense_select_the_same_sequence() -> None:
+    x = np.random.default_rng(2).standard_normal((6000, 16)).astype(np.float32)
+    k, start = 300, 17
+    pruned = _greedy_pruned(x, k, start, None)
+    dense = _greedy_dense(torch.from_numpy(x), k, start, None).numpy()
+    assert len(pruned) == len(dense) == k
+    assert pruned[0] == dense[0] == start
+    assert np.array_equal(pruned[:200], dense[:200])
+
+
+def _assert_farthest_first(x: np.ndarray, selected: np.ndarray, rel_tol: float) -> None:
+    """Every selection is (up to float32 rounding) the point farthest from those selected before it."""
+    x64 = x.astype(np.float64)
+    mind = np.linalg.norm(x64 - x64[selected[0]], axis=1)
+    for i in range(1, len(selected)):
+        assert mind[selected[i]] >= mind.max() * (1.0 - rel_tol), f"step {i}: not the farthest point"
+        mind = np.minimum(mind, np.linalg.norm(x64 - x64[selected[i]], axis=1))
+
+
+def test_pruned_and_dense_are_farthest_first_on_clustered_data() -> None:
+    # clusters far from the origin: the pruning skips most clusters at each step, and float32
+    # |x|^2 - 2 x.c + |c|^2 distances create near-ties, so the two loops may part ways late;
+    # each must still pick a farthest point at every step
+    x = _clustered(6000, 30, 16, seed=8)
+    pruned = _greedy_pruned(x, 200, 0, None)
+    dense = _greedy_dense(torch.from_numpy(x), 200, 0, None).numpy()
+    assert np.array_equal(pruned[:30], dense[:30])  # one centre per cluster first: no near-ties there
+    _assert_farthest_first(x, pruned, rel_tol=1e-3)
+    _assert_farthest_first(x, dense, rel_tol=1e-3)
+    assert len(np.unique(pruned)) == 200
+
+
+def test_coreset_memory_is_bounded() -> None:
+    n, d = 200_000, 16
+    x = np.random.default_rng(0).standard_normal((n, d)).astype(np.float32)
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB, the process's peak so far
+    tracemalloc.start()
+    try:
+        selected = greedy_coreset(x, 0.001, projection_dim=128, seed=0)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(selected) == 200
+    # N x N float32 would be 160 GB, even N x k float32 160 MB; O(N * d) is a few tens of MB
+    assert peak < 100 * 2**20, peak
+    assert peak < n * n * 4 / 1000
+    # torch allocations are not traced: the process peak must not grow by much either
+    assert (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024 < 300
+
+
+# ---------------------------------------------------------------------------------------------- kNN
+def test_knn_returns_true_l2_distances() -> None:
+    rng = np.random.default_rng(1)
+    bank = rng.standard_normal((500, 32)).astype(np.float32)
+    queries = rng.standard_normal((300, 32)).astype(np.float32)
+    index = NearestNeighbors(bank, use_gpu=False, batch=64)  # several batches
+    assert len(index) == 500
+    dist, ids = index.search(queries, k=5)
+    brute = np.sqrt(((queries[:, None, :].astype(np.float64) - bank[None].astype(np.float64)) ** 2).sum(-1))
+    order = np.argsort(brute, axis=1)[:, :5]
+    assert np.array_equal(ids, order)
+    np.testing.assert_allclose(dist, np.take_along_axis(brute, order, axis=1), rtol=1e-4, atol=1e-4)
+
+
+def test_knn_distance_is_not_squared() -> None:
+    index = NearestNeighbors(np.zeros((1, 2), np.float32), use_gpu=False)
+    dist, ids = index.search(np.array([[3.0, 4.0]], np.float32), 1)
+    assert dist[0, 0] == pytest.approx(5.0)
+    assert ids[0, 0] == 0
+
+
+# ---------------------------------------------------------------------------------------- smoothing
+def test_smooth_single_peak_stays_in_place_and_conserves_mass() -> None:
+    patch = torch.zeros(1, 8, 8)
+    patch[0, 3, 5] = 1.0
+    out = smooth_maps(patch, (64, 64), sigma=4.0)[0].numpy()
+    assert out.shape == (64, 64)
+    # patch (3, 5) covers input pixels 24..31 x 40..47; its centre is at 27.5, 43.5
+    y, x = np.unravel_index(np.argmax(out), out.shape)
+    assert y in (27, 28) and x in (43, 44)
+    # bilinear upsampling by 8 spreads the unit peak over a tent of total mass 8 x 8; the blur keeps it
+    assert out.sum() == pytest.approx(64.0, rel=1e-4)
+    assert out.max() < 1.0  # it was smoothed
+    # symmetric around the peak centre
+    np.testing.assert_allclose(out[27 - 10: 28 + 11, 43], out[27 - 10: 28 + 11, 43][::-1], atol=1e-6)
+
+
+def test_smooth_interior_equals_scipy_gaussian() -> None:
+    rng = np.random.default_rng(0)
+    patch = torch.from_numpy(rng.random((2, 12, 10)).astype(np.float32))
+    sigma = 4.0
+    out = smooth_maps(patch, (96, 80), sigma).numpy()
+    up = torch.nn.functional.interpolate(patch[:, None], size=(96, 80), mode="bilinear",
+                                         align_corners=False)[:, 0].numpy().astype(np.float64)
+    r = int(4 * sigma + 0.5)
+    for i in range(2):
+        ref = ndi.gaussian_filter(up[i], sigma)
+        # away from the borders the padding mode does not matter
+        np.testing.assert_allclose(out[i, r:-r, r:-r], ref[r:-r, r:-r], rtol=1e-5, atol=1e-6)
+
+
+def test_smooth_sigma_zero_is_plain_bilinear_upsampling() -> None:
+    a, b = 1.0, 3.0
+    patch = torch.tensor([[[a, b], [a, b]]])  # (1, 2, 2): a column ramp
+    out = smooth_maps(patch, (4, 4), sigma=0.0)[0].numpy()
+    # align_corners=False, scale 2: output columns sample source x = -0.25 (clamped), 0.25, 0.75, 1.25
+    expected_row = [a, 0.75 * a + 0.25 * b, 0.25 * a + 0.75 * b, b]
+    for row in out:
+        np.testing.assert_allclose(row, expected_row, rtol=1e-6)
+
+
+def test_smooth_tiny_map_does_not_fail() -> None:
+    out = smooth_maps(torch.ones(1, 2, 2), (16, 16), sigma=4.0)  # side 16 <= kernel radius 16
+    assert out.shape == (1, 16, 16)
+    np.testing.assert_allclose(out.numpy(), 1.0, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------ preprocessing
+MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+
+
+def _image(h: int, w: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+
+
+@pytest.mark.parametrize(("h", "w"), [(300, 500), (500, 300), (96, 96), (37, 1000), (1000, 37), (17, 17)])
+def test_keep_aspect_keeps_field_of_view_and_aspect(h: int, w: int) -> None:
+    cfg = PatchCoreConfig(image_size=96)
+    x, geo = to_input(_image(h, w), cfg, MEAN, STD)
+    assert geo.box == (0, 0, h, w)  # the whole image is seen
+    assert geo.orig_hw == (h, w)
+    rh, rw = x.shape[1:]
+    assert (rh, rw) == geo.input_hw
+    assert rh % GRID == 0 and rw % GRID == 0 and rh >= GRID and rw >= GRID
+    s = 96 / math.sqrt(h * w)  # input area image_size**2
+    # each side is the exactly-scaled side rounded to a multiple of 16 (or the 16 minimum)
+    assert abs(rh - max(GRID, h * s)) <= GRID / 2
+    assert abs(rw - max(GRID, w * s)) <= GRID / 2
+
+
+def test_keep_aspect_example_by_hand() -> None:
+    # 300 x 500 at image_size 96: scale 96 / sqrt(150000) = 0.2479 -> 74.4 x 123.9 -> 80 x 128
+    x, _ = to_input(_image(300, 500), PatchCoreConfig(image_size=96), MEAN, STD)
+    assert tuple(x.shape) == (3, 80, 128)
+
+
+def test_square_resize() -> None:
+    cfg = PatchCoreConfig(image_size=96, resize="square")
+    x, geo = to_input(_image(300, 500), cfg, MEAN, STD)
+    assert tuple(x.shape) == (3, 96, 96)
+    assert geo.box == (0, 0, 300, 500)
+
+
+def test_center_crop_box_is_in_the_middle() -> None:
+    h, w = 300, 500
+    image = _image(h, w)
+    cfg = PatchCoreConfig(image_size=96, resize="square", center_crop=64)
+    x, geo = to_input(image, cfg, MEAN, STD)
+    assert tuple(x.shape) == (3, 64, 64)
+    top, left, bh, bw = geo.box
+    # the crop is 64/96 of each side, centred
+    assert bh == pytest.approx(h * 64 / 96, abs=1) and bw == pytest.approx(w * 64 / 96, abs=1)
+    assert top + bh / 2 == pytest.approx(h / 2, abs=1)
+    assert left + bw / 2 == pytest.approx(w / 2, abs=1)
+    # and the tensor is the middle of the uncropped square input
+    full, _ = to_input(image, PatchCoreConfig(image_size=96, resize="square"), MEAN, STD)
+    assert torch.equal(x, full[:, 16:80, 16:80])
+
+
+def test_normalisation_and_input_checks() -> None:
+    white = np.full((40, 60, 3), 255, np.uint8)
+    x, _ = to_input(white, PatchCoreConfig(image_size=64), MEAN, STD)
+    np.testing.assert_allclose(x.numpy(), 1.0, atol=1e-5)  # (1 - 0.5) / 0.5
+    with pytest.raises(ValueError):
+        to_input(np.zeros((40, 60), np.uint8), PatchCoreConfig(image_size=64), MEAN, STD)
+    with pytest.raises(ValueError):
+        to_input(np.zeros((40, 60, 3), np.float32), PatchCoreConfig(image_size=64), MEAN, STD)

@@ -1,0 +1,517 @@
+"""PatchCore end to end on synthetic textures with planted defects: detection and localisation, image
+decoding of every mode, bad inputs, artifacts, threshold calibration, few-shot and the CLI."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+import resource
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from common.engine import calibration, mvtec
+from common.engine.artifact import ArtifactError, load_artifact
+from common.engine.config import PatchCoreConfig
+from common.engine.evaluate import evaluate
+from common.engine.metrics import f1_max
+from common.engine.patchcore import PatchCore
+from common.images import decode_image
+from tests.synthetic import (
+    blob_mask,
+    jpeg_bytes,
+    make_mvtec,
+    one_bit_png,
+    plant,
+    png_bytes,
+    scratch_mask,
+    texture,
+)
+
+CFG = PatchCoreConfig(image_size=96, coreset_ratio=0.25, batch_size=4)
+N_TRAIN = 10
+SEGMENTS = [((30, 20), (40, 90), 255), ((90, 30), (60, 100), 0), ((20, 100), (100, 110), 255)]
+
+
+@pytest.fixture(scope="module")
+def train() -> list[np.ndarray]:
+    rng = np.random.default_rng(0)
+    return [texture(rng) for _ in range(N_TRAIN)]
+
+
+@pytest.fixture(scope="module")
+def model(train) -> PatchCore:
+    m = PatchCore(CFG)
+    m.fit(train)
+    return m
+
+
+@pytest.fixture(scope="module")
+def scenes() -> dict:
+    rng = np.random.default_rng(1)
+    nominal = [texture(rng) for _ in range(5)]
+    defects, masks = [], []
+    for a, b, value in SEGMENTS:
+        mask = scratch_mask(128, 128, a, b)
+        defects.append(plant(texture(rng), mask, value))
+        masks.append(mask)
+    return {"nominal": nominal, "defects": defects, "masks": masks}
+
+
+def _distance_to(mask: np.ndarray, yx: tuple[int, int]) -> float:
+    ys, xs = np.nonzero(mask)
+    return float(np.min(np.hypot(ys - yx[0], xs - yx[1])))
+
+
+# -------------------------------------------------------------------------------- detection
+def test_defects_score_above_nominal_and_are_localised(model, scenes) -> None:
+    nominal = model.predict(scenes["nominal"])
+    defects = model.predict(scenes["defects"])
+    assert all(r.ok for r in nominal + defects)
+    worst_nominal = max(r.score for r in nominal)
+    for r, mask in zip(defects, scenes["masks"], strict=True):
+        assert r.score > worst_nominal
+        assert r.is_anomalous is True
+        assert r.anomaly_map.shape == (128, 128) and r.mask.shape == (128, 128)
+        assert r.box == (0, 0, 128, 128) and r.image_hw == (128, 128)
+        assert _distance_to(mask, r.max_location) <= 6.0
+        assert r.anomaly_map[r.max_location] == r.anomaly_map.max()
+        assert (r.mask & mask).any()
+        # the map is higher on the defect than on the rest of the image
+        assert r.anomaly_map[mask].mean() > np.percentile(r.anomaly_map[~mask], 90)
+        assert r.defect_fraction == pytest.approx(r.mask.mean())
+
+
+def test_border_defect_keep_aspect_vs_center_crop(model, train) -> None:
+    rng = np.random.default_rng(7)
+    mask = blob_mask(128, 128, (64, 4), 5)  # touches the left border, columns 0..9
+    image = plant(texture(rng), mask, 255)
+    nominal = [texture(rng) for _ in range(3)]
+
+    results = model.predict([image, *nominal])
+    assert results[0].score > max(r.score for r in results[1:])
+    assert _distance_to(mask, results[0].max_location) <= 6.0
+
+    cropped = PatchCore(PatchCoreConfig(image_size=96, resize="square", center_crop=64, coreset_ratio=0.25,
+                                        batch_size=4))
+    cropped.fit(train)
+    r = cropped.predict([image])[0]
+    # resized to 96 x 96, centre 64 x 64 crop at 16: in original pixels 16 * 128 / 96 = 21.3, 85.3 wide
+    assert r.box == (21, 21, 85, 85)
+    top, left, h, w = r.box
+    ys, xs = np.nonzero(mask)
+    assert xs.max() < left  # the defect is outside what the model sees
+    assert r.anomaly_map.shape == (h, w)
+    assert top <= r.max_location[0] < top + h and left <= r.max_location[1] < left + w
+
+
+def test_center_crop_needs_square_resize() -> None:
+    # keep_aspect + center_crop could crop outside a wide image; the combination is refused up front
+    with pytest.raises(ValueError, match="center_crop needs resize='square'"):
+        PatchCoreConfig(image_size=96, center_crop=96)
+
+
+def test_failed_training_image_is_reported(train) -> None:
+    images = list(train)
+    bank_ids, held_ids = calibration.holdout_split(len(images), CFG.holdout_fraction, CFG.seed)
+    bad = int(bank_ids[2])
+    images[bad] = b"not an image"
+    m = PatchCore(CFG)
+    stats = m.fit(images)
+    assert stats["train_images"] == len(bank_ids) - 1
+    assert [f["position"] for f in stats["failed_images"]] == [bad]
+    assert "not a recognised image" in stats["failed_images"][0]["error"]
+    assert stats["patch_features"] == (len(bank_ids) - 1) * 12 * 12
+
+
+# ------------------------------------------------------------------------------ image modes
+def _exif_rotated_jpeg(rgb: np.ndarray) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    return jpeg_bytes(Image.fromarray(rgb), exif=exif.tobytes())
+
+
+def test_decode_modes() -> None:
+    rng = np.random.default_rng(2)
+    rgb = texture(rng, 64, 96)
+    gray = rgb[..., 0]
+
+    d = decode_image(png_bytes(gray))
+    assert d.shape == (64, 96, 3) and d.dtype == np.uint8
+    assert all(np.array_equal(d[..., c], gray) for c in range(3))
+
+    assert np.array_equal(decode_image(png_bytes(rgb)), rgb)
+
+    alpha = np.full((64, 96), 255, np.uint8)
+    alpha[:, :48] = 0  # left half fully transparent: composited onto black
+    d = decode_image(png_bytes(np.dstack([rgb, alpha])))
+    assert np.array_equal(d[:, 48:], rgb[:, 48:]) and not d[:, :48].any()
+
+    sixteen = gray.astype(np.uint16) * 257  # 16-bit value 257 * v is 8-bit v
+    img16 = Image.fromarray(sixteen)
+    assert img16.mode.startswith("I;16")
+    buf = io.BytesIO()
+    img16.save(buf, "PNG")
+    d = decode_image(buf.getvalue())
+    assert d.shape == (64, 96, 3) and np.array_equal(d[..., 1], gray)
+
+    palette = Image.fromarray(rgb).convert("P")
+    buf = io.BytesIO()
+    palette.save(buf, "PNG")
+    assert np.array_equal(decode_image(buf.getvalue()), np.asarray(palette.convert("RGB")))
+
+    d = decode_image(jpeg_bytes(Image.fromarray(rgb).convert("CMYK")))
+    assert d.shape == (64, 96, 3)
+    assert np.abs(d.astype(int) - rgb).mean() < 8  # lossy, but the colours survive
+
+    marked = rgb.copy()
+    marked[:16, :16] = 255  # top-left of the stored image
+    d = decode_image(_exif_rotated_jpeg(marked))
+    assert d.shape == (96, 64, 3)  # rotated: stored 64 x 96 is shown 96 high, 64 wide
+    # rotating 90 degrees clockwise moves the stored top-left corner to the top-right
+    assert d[:16, -16:].mean() > 240 and d[:16, :16].mean() < 240
+
+
+def test_every_mode_scores_with_the_images_own_size(model, tmp_path) -> None:
+    rng = np.random.default_rng(3)
+    rgb = texture(rng, 128, 128)
+    wide = texture(rng, 96, 200)
+    tall = texture(rng, 100, 140)
+
+    rgba = png_bytes(np.dstack([rgb, np.full((128, 128), 255, np.uint8)]))
+    buf16 = io.BytesIO()
+    Image.fromarray(rgb[..., 0].astype(np.uint16) * 257).save(buf16, "PNG")
+    buf_p = io.BytesIO()
+    Image.fromarray(rgb).convert("P").save(buf_p, "PNG")
+    path = tmp_path / "wide.png"
+    Image.fromarray(wide).save(path)
+    sources = {
+        "L": (png_bytes(rgb[..., 0]), (128, 128)),
+        "RGB": (png_bytes(rgb), (128, 128)),
+        "RGBA": (rgba, (128, 128)),
+        "I;16": (buf16.getvalue(), (128, 128)),
+        "P": (buf_p.getvalue(), (128, 128)),
+        "CMYK jpeg": (jpeg_bytes(Image.fromarray(rgb).convert("CMYK")), (128, 128)),
+        "EXIF 6 jpeg": (_exif_rotated_jpeg(tall), (140, 100)),
+        "non-square path": (path, (96, 200)),
+        "non-square str": (str(path), (96, 200)),
+        "callable": (lambda: wide, (96, 200)),
+        "array": (tall, (100, 140)),
+    }
+    results = model.predict([s for s, _ in sources.values()])
+    for (name, (_, hw)), r in zip(sources.items(), results, strict=True):
+        assert r.ok, (name, r.error)
+        assert r.anomaly_map.shape == hw, name
+        assert r.mask.shape == hw, name
+        assert r.image_hw == hw and r.box == (0, 0, *hw), name
+        assert np.isfinite(r.score), name
+        assert 0 <= r.max_location[0] < hw[0] and 0 <= r.max_location[1] < hw[1], name
+
+
+# -------------------------------------------------------------------------------- bad input
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_bad_inputs_fail_alone(model, scenes) -> None:
+    good = png_bytes(scenes["nominal"][0])
+    good2 = png_bytes(scenes["defects"][0])
+    bomb = one_bit_png(50_000, 50_000)  # 2.5 gigapixels in ~300 KB
+    assert len(bomb) < 1_000_000
+    big = one_bit_png(12_000, 10_000)  # 120 megapixels: above the engine's limit, below PIL's
+    bad = {
+        "empty": b"",
+        "text": b"this is not an image\n" * 10,
+        "truncated": good[: len(good) // 2],
+        "bomb": bomb,
+        "big": big,
+        "tiny": png_bytes(np.zeros((1, 1, 3), np.uint8)),
+        "gray array": np.zeros((64, 64), np.uint8),
+    }
+    sources = [good, *bad.values(), good2]
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.perf_counter()
+    results = model.predict(sources)
+    elapsed = time.perf_counter() - t0
+    rss_growth_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024
+    assert results[0].ok and results[-1].ok
+    assert results[-1].is_anomalous and results[-1].score > results[0].score
+    alone = model.predict([good, good2])
+    assert results[0].score == pytest.approx(alone[0].score, rel=1e-4)
+    assert results[-1].score == pytest.approx(alone[1].score, rel=1e-4)
+    for (name, _), r in zip(bad.items(), results[1:-1], strict=True):
+        assert not r.ok, name
+        assert r.error and r.score is None and r.anomaly_map is None, name
+    errors = dict(zip(bad, (r.error for r in results[1:-1]), strict=True))
+    assert "empty" in errors["empty"]
+    assert "not a recognised image" in errors["text"]
+    assert re.search(r"2,?500,?000,?000", errors["bomb"])
+    assert "refused without decoding" in errors["big"]
+    assert "too small" in errors["tiny"]
+    # nothing was decoded: a 2.5-gigapixel image would take gigabytes and seconds
+    assert rss_growth_mb < 400
+    assert elapsed < 20
+
+
+# --------------------------------------------------------------------------------- artifact
+def test_artifact_round_trip_is_bit_identical(model, scenes, tmp_path) -> None:
+    images = scenes["nominal"][:2] + scenes["defects"][:2]
+    before = model.predict(images)
+    sha = model.save(tmp_path / "art")
+    assert sha == hashlib.sha256((tmp_path / "art" / "model.json").read_bytes()).hexdigest()
+    loaded = PatchCore.load(tmp_path / "art", expected_sha256=sha)
+    assert np.array_equal(loaded.index.bank, model.index.bank)
+    assert loaded.image_threshold == model.image_threshold
+    assert loaded.pixel_threshold == model.pixel_threshold
+    assert loaded.config == model.config
+    after = loaded.predict(images)
+    for a, b in zip(before, after, strict=True):
+        assert a.score == b.score
+        assert np.array_equal(a.anomaly_map, b.anomaly_map)
+        assert np.array_equal(a.mask, b.mask)
+        assert a.is_anomalous == b.is_anomalous and a.max_location == b.max_location
+
+
+def test_artifact_has_no_pickle(model, tmp_path) -> None:
+    folder = tmp_path / "art"
+    model.save(folder)
+    assert sorted(p.name for p in folder.iterdir()) == ["bank.safetensors", "model.json"]
+    raw = (folder / "bank.safetensors").read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8: 8 + n])
+    m, d = model.index.bank.shape
+    assert header["bank"]["dtype"] == "F32" and header["bank"]["shape"] == [m, d]
+    assert len(raw) == 8 + n + m * d * 4
+    assert np.array_equal(np.frombuffer(raw[8 + n:], dtype="<f4").reshape(m, d), model.index.bank)
+    meta = json.loads((folder / "model.json").read_text())
+    assert meta["config"] == model.config.to_dict()
+    assert not raw.startswith(b"\x80") and not (folder / "model.json").read_bytes().startswith(b"\x80")
+
+
+def test_artifact_corruption_is_detected(model, tmp_path) -> None:
+    folder = tmp_path / "art"
+    sha = model.save(folder)
+    bank = folder / "bank.safetensors"
+    raw = bytearray(bank.read_bytes())
+    raw[-5] ^= 0x01  # one bit of one float
+    bank.write_bytes(bytes(raw))
+    with pytest.raises(ArtifactError, match="sha256"):
+        load_artifact(folder)
+
+    folder2 = tmp_path / "art2"
+    sha = model.save(folder2)
+    meta_path = folder2 / "model.json"
+    meta = json.loads(meta_path.read_text())
+    meta["image_threshold"] = meta["image_threshold"] * 0.5
+    meta_path.write_text(json.dumps(meta, indent=2, sort_keys=True))
+    with pytest.raises(ArtifactError, match="sha256"):
+        PatchCore.load(folder2, expected_sha256=sha)
+
+
+def test_artifact_unknown_config_key(model, tmp_path) -> None:
+    folder = tmp_path / "art"
+    model.save(folder)
+    meta_path = folder / "model.json"
+    meta = json.loads(meta_path.read_text())
+    meta["config"]["future_setting"] = 3
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(ArtifactError, match="future_setting"):
+        load_artifact(folder)
+
+
+def test_artifact_missing_key_is_an_artifact_error(model, tmp_path) -> None:
+    folder = tmp_path / "art"
+    model.save(folder)
+    meta_path = folder / "model.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["bank_sha256"]
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(ArtifactError):
+        load_artifact(folder)
+
+
+def test_artifact_incomplete(model, tmp_path) -> None:
+    folder = tmp_path / "art"
+    model.save(folder)
+    (folder / "bank.safetensors").unlink()
+    with pytest.raises(ArtifactError):
+        load_artifact(folder)
+
+
+# ------------------------------------------------------------------------------ calibration
+@pytest.mark.parametrize("fraction", [0.05, 0.1, 0.25, 0.5, 0.9])
+def test_holdout_split(fraction: float) -> None:
+    for n in range(1, 40):
+        bank, held = calibration.holdout_split(n, fraction, seed=0)
+        expected = 0 if n == 1 else min(n - 1, max(1, round(n * fraction)))
+        assert len(held) == expected
+        assert len(bank) >= 1  # never all held out
+        assert sorted(np.concatenate([bank, held]).tolist()) == list(range(n))
+        assert list(bank) == sorted(bank) and list(held) == sorted(held)
+    assert len(calibration.holdout_split(10, 0.0, 0)[1]) == 0
+
+
+def test_fit_thresholds_cover_held_out_images(model, train, tmp_path) -> None:
+    _, held_ids = calibration.holdout_split(N_TRAIN, CFG.holdout_fraction, CFG.seed)
+    assert len(held_ids) == 1 == model.stats["holdout_images"]
+    assert model.stats["train_images"] == N_TRAIN - 1
+    assert model.stats["patch_features"] == (N_TRAIN - 1) * 12 * 12  # 96 x 96 input, stride 8
+    assert model.stats["bank_size"] == round(model.stats["patch_features"] * 0.25)
+    held = model.predict([train[i] for i in held_ids])
+    scores = np.array([r.score for r in held])
+    maxima = np.array([r.anomaly_map.max() for r in held])
+    assert np.isfinite(model.image_threshold) and np.isfinite(model.pixel_threshold)
+    assert np.all(scores <= model.image_threshold)
+    assert np.all(maxima <= model.pixel_threshold)
+    assert model.image_threshold == pytest.approx(max(scores.max(), scores.mean() + 3 * scores.std()), rel=1e-6)
+    model.save(tmp_path / "art")
+    meta = json.loads((tmp_path / "art" / "model.json").read_text())
+    assert meta["image_threshold"] == model.image_threshold
+    assert meta["pixel_threshold"] == model.pixel_threshold
+    assert meta["stats"]["holdout_scores"] == pytest.approx(scores.tolist(), rel=1e-5)
+
+
+def test_nominal_threshold_rule() -> None:
+    s = [1.0, 2.0, 3.0]
+    assert calibration.nominal_threshold(s) == pytest.approx(2.0 + 3 * np.sqrt(2.0 / 3.0))
+    assert calibration.nominal_threshold([5.0]) == 5.0
+    assert calibration.nominal_threshold([0.0] * 50 + [10.0]) == 10.0  # max wins over mean + 3 std
+    with pytest.raises(ValueError):
+        calibration.nominal_threshold([])
+
+
+def test_held_out_nominal_image_is_not_flagged(model, train) -> None:
+    _, held_ids = calibration.holdout_split(N_TRAIN, CFG.holdout_fraction, CFG.seed)
+    for r in model.predict([train[i] for i in held_ids]):
+        assert r.is_anomalous is False
+        assert not r.mask.any()
+
+
+def _best_f1_threshold(scores: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    """Brute force: F1 of `score >= t` at every distinct score; highest t among the best."""
+    best = (-1.0, -np.inf)
+    for t in np.unique(scores):
+        pred = scores >= t
+        tp = np.sum(pred & (labels == 1))
+        fp = np.sum(pred & (labels == 0))
+        fn = np.sum(~pred & (labels == 1))
+        f1 = 2 * tp / (2 * tp + fp + fn)
+        if f1 > best[0] or (f1 == best[0] and t > best[1]):
+            best = (f1, t)
+    return best
+
+
+def test_calibrate_with_labels_is_f1_optimal(train, scenes) -> None:
+    m = PatchCore(CFG)
+    m.fit(train)
+    images = scenes["nominal"][:4] + scenes["defects"]
+    masks = [None] * 4 + scenes["masks"]
+    labels = [0] * 4 + [1] * len(scenes["defects"])
+    image_thr, pixel_thr = m.calibrate_with_labels(images, masks, labels)
+    assert (image_thr, pixel_thr) == (m.image_threshold, m.pixel_threshold)
+    assert m.stats["calibration"].startswith("F1-optimal")
+
+    results = m.predict(images)
+    scores = np.array([r.score for r in results])
+    y = np.array(labels)
+    f1, t = _best_f1_threshold(scores, y)
+    assert f1 == 1.0  # easy data: separable
+    # verdicts are score > threshold: the threshold separates the best-F1 split
+    assert scores[scores < t].max() < image_thr < t
+    assert f1_max(scores, y) == pytest.approx((f1, t), rel=1e-6)
+    assert [r.is_anomalous for r in results] == [bool(v) for v in y]
+
+    # pixel threshold: best pixel F1 over float16-quantised map values, by brute force
+    values = np.concatenate([r.anomaly_map.ravel() for r in results]).astype(np.float16).astype(np.float64)
+    truth = np.concatenate([(np.zeros((128, 128), bool) if mk is None else mk).ravel() for mk in masks])
+    order = np.argsort(-values, kind="stable")
+    v, tr = values[order], truth[order]
+    tp = np.cumsum(tr)
+    fp = np.cumsum(~tr)
+    last = np.append(v[1:] != v[:-1], True)
+    f1s = 2 * tp[last] / (tp[last] + fp[last] + truth.sum())
+    pred = np.concatenate([r.anomaly_map.ravel() for r in results]) > pixel_thr
+    assert np.array_equal(pred, np.concatenate([r.mask.ravel() for r in results]))
+    f1_at = 2 * np.sum(pred & truth) / (pred.sum() + truth.sum())
+    assert f1_at == pytest.approx(f1s.max(), rel=1e-9)
+
+
+# -------------------------------------------------------------------------- few-shot and CLI
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> dict:
+    return make_mvtec(tmp_path_factory.mktemp("mvtec"))
+
+
+def test_mvtec_listing(dataset) -> None:
+    items = mvtec.test_images(dataset["root"], dataset["category"])
+    assert len(items) == dataset["n_good"] + dataset["n_defect"]
+    assert any(p.path.suffix == ".jpg" for p in items)
+    no_mask = [p for p in items if p.label == 1 and p.mask_path is None]
+    assert [p.path.name for p in no_mask] == ["003.png"]
+    assert not mvtec.load_mask(no_mask[0], (128, 128)).any()
+
+
+def test_fit_on_one_image_calibrates_in_sample(train, scenes) -> None:
+    m = PatchCore(CFG)
+    stats = m.fit(train[:1])
+    assert stats["train_images"] == 1 and stats["holdout_images"] == 0
+    assert stats["calibration"].startswith("in-sample")
+    assert np.isfinite(m.image_threshold)
+    nominal = m.predict(scenes["nominal"])
+    defects = m.predict(scenes["defects"])
+    assert min(r.score for r in defects) > max(r.score for r in nominal)
+    assert all(r.is_anomalous for r in defects)
+
+
+@pytest.mark.parametrize("shots", [1, 3])
+def test_evaluate_few_shot(dataset, shots: int) -> None:
+    report = evaluate(dataset["root"], dataset["category"], CFG, shots=shots, progress=False)
+    assert report["shots"] == shots
+    expected_hold = 0 if shots == 1 else 1
+    assert report["holdout_images"] == expected_hold
+    assert report["train_images"] == shots - expected_hold
+    assert report["test_images"] == dataset["n_good"] + dataset["n_defect"]
+    assert report["failed_images"] == []
+    assert report["image_auroc"] == 1.0
+
+
+def test_evaluate_rejects_bad_shots(dataset) -> None:
+    with pytest.raises(ValueError, match="shots"):
+        evaluate(dataset["root"], dataset["category"], CFG, shots=0, progress=False)
+    with pytest.raises(ValueError, match="shots"):
+        evaluate(dataset["root"], dataset["category"], CFG, shots=dataset["n_train"] + 1, progress=False)
+
+
+def test_cli_evaluate(dataset, tmp_path) -> None:
+    out = tmp_path / "report" / "r.json"
+    cmd = [sys.executable, "-m", "totalrecall.cli", "evaluate", "--data", str(dataset["root"]),
+           "--category", dataset["category"], "--image-size", "96", "--coreset-ratio", "0.25",
+           "--batch-size", "4", "--quiet", "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[1])
+    assert proc.returncode == 0, proc.stderr
+    assert "image AUROC" in proc.stdout
+    report = json.loads(out.read_text())
+    for key in ("image_auroc", "pixel_auroc", "aupro", "fit_seconds", "coreset_seconds",
+                "score_ms_per_image", "peak_rss_mb"):
+        assert key in report, key
+        assert isinstance(report[key], float | int), key
+    assert report["image_auroc"] == 1.0
+    assert 0.5 < report["pixel_auroc"] <= 1.0
+    assert 0.0 < report["aupro"] <= 1.0
+    assert report["test_images"] == dataset["n_good"] + dataset["n_defect"]
+    assert report["train_images"] + report["holdout_images"] == dataset["n_train"]
+    assert report["failed_images"] == []
+    assert report["config"]["image_size"] == 96 and report["config"]["coreset_ratio"] == 0.25
+
+
+def test_cli_error_exit_code(tmp_path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "totalrecall.cli", "evaluate", "--data", str(tmp_path),
+                           "--category", "missing", "--quiet"], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).parents[1])
+    assert proc.returncode == 2
+    assert "error:" in proc.stderr
