@@ -21,7 +21,7 @@ from common.engine.coreset import (
     greedy_coreset,
 )
 from common.engine.knn import NearestNeighbors
-from common.engine.preprocessing import GRID, geometry, to_input
+from common.engine.preprocessing import GRID, to_input
 from common.engine.scoring import image_scores, reweighted_image_score, smooth_maps
 
 # ------------------------------------------------------------------------------------------- Eq. 7
