@@ -6,7 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from common.settings import Settings, SettingsError, get_settings, redact_url, reset_settings_cache
+from common.settings import (
+    Settings,
+    SettingsError,
+    get_settings,
+    redact_text,
+    redact_url,
+    reset_settings_cache,
+)
 
 
 def test_defaults_derive_from_home(tmp_path: Path) -> None:
@@ -115,3 +122,25 @@ def test_repr_and_redacted_hide_secrets() -> None:
     for secret in ("db-secret", "broker-secret", "ro-secret"):
         assert secret not in shown
     assert "postgresql://tr:***@db/tr" in shown
+
+
+def test_worker_settings_defaults_and_overrides() -> None:
+    s = Settings.from_env({})
+    assert s.score_time_limits == (900, 1200) and s.fit_time_limits == (7200, 9000)
+    assert s.visibility_timeout == 10800 > s.fit_time_limits[1] and s.download_threads == 8
+    s = Settings.from_env({"TOTALRECALL_FIT_SOFT_TIME_LIMIT": "20000", "TOTALRECALL_VISIBILITY_TIMEOUT": "60",
+                           "TOTALRECALL_DOWNLOAD_THREADS": "2"})
+    assert s.fit_time_limits == (20000, 20060) and s.visibility_timeout == 60 and s.download_threads == 2
+
+
+def test_soft_time_limit_must_be_below_the_hard_one() -> None:
+    with pytest.raises(SettingsError, match="TOTALRECALL_SCORE_SOFT_TIME_LIMIT"):
+        Settings.from_env({"TOTALRECALL_SCORE_SOFT_TIME_LIMIT": "60", "TOTALRECALL_SCORE_TIME_LIMIT": "60"})
+
+
+def test_redact_text_hides_passwords_of_urls_in_messages() -> None:
+    message = ('(psycopg2.OperationalError) connection to postgresql://tr:s3cr3t@db:5432/tr failed; '
+               'broker redis://:pw@redis:6379/0; image s3://bucket/a:b/c.png')
+    redacted = redact_text(message)
+    assert "s3cr3t" not in redacted and ":pw@" not in redacted
+    assert "postgresql://tr:***@db:5432/tr" in redacted and "s3://bucket/a:b/c.png" in redacted

@@ -15,6 +15,8 @@ from common.storage import (
     StorageNotFound,
     StorageUnavailable,
     UnsafeKeyError,
+    absolute_uri,
+    list_uris,
     open_storage,
     read_uri,
     split_uri,
@@ -186,3 +188,23 @@ def test_s3_unreachable_endpoint_is_unavailable(monkeypatch: pytest.MonkeyPatch)
     store = open_storage("s3://bucket/", endpoint_url="http://127.0.0.1:9", max_attempts=2)
     with pytest.raises(StorageUnavailable, match="s3://bucket/k"):
         store.get_bytes("k")
+
+
+def test_list_uris_gives_full_uris_filtered_by_suffix(store: Storage) -> None:
+    for key in ["d/a.PNG", "d/sub/b.jpg", "d/notes.txt", "e/c.png"]:
+        store.put_bytes(key, b"1")
+    folder = store.uri_for("d")
+    assert list_uris(folder) == [store.uri_for(k) for k in ["d/a.PNG", "d/notes.txt", "d/sub/b.jpg"]]
+    assert list_uris(folder + "/", (".png", ".jpg")) == [store.uri_for("d/a.PNG"), store.uri_for("d/sub/b.jpg")]
+    assert read_uri(list_uris(folder)[0]) == b"1"
+    assert list_uris(store.uri_for("nothing")) == []
+
+
+def test_list_uris_does_not_create_a_missing_local_folder(tmp_path: Path) -> None:
+    assert list_uris(tmp_path / "missing") == [] and not (tmp_path / "missing").exists()
+
+
+def test_absolute_uri(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert absolute_uri("in/{date}/x") == str(tmp_path / "in" / "{date}" / "x")
+    assert absolute_uri("s3://bucket/a/{date}/") == "s3://bucket/a/{date}/"

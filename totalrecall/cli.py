@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from datetime import date
 from pathlib import Path
 
 from common.engine.config import PatchCoreConfig
@@ -51,6 +52,210 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_db_upgrade(a: argparse.Namespace) -> int:
+    from common.migrate import current_revision, upgrade
+    from common.settings import get_settings, redact_url
+
+    upgrade()
+    print(f"database {redact_url(get_settings().database_url)} is at revision {current_revision()}")
+    return 0
+
+
+def cmd_product_add(a: argparse.Namespace) -> int:
+    from scheduler.products import add_product
+
+    if a.weights:
+        raise ValueError("--weights is not stored with a product: workers use the backbone's packaged weights")
+    add_product(a.name, a.train, a.archive, config_from_args(a))
+    print(f"product {a.name!r} registered; fit it with `totalrecall fit {a.name}`")
+    return 0
+
+
+def cmd_product_list(a: argparse.Namespace) -> int:
+    from scheduler.products import list_products
+    from totalrecall.jobs_view import format_table
+
+    rows = [[p.name, p.active_version and f"v{p.active_version}", p.fit_config.get("backbone"),
+             p.fit_config.get("image_size"), p.train_uri, p.archive_uri_template] for p in list_products()]
+    print(format_table(["product", "active model", "backbone", "size", "train", "archive"], rows)
+          if rows else "no products registered (see `totalrecall product add`)")
+    return 0
+
+
+def cmd_fit(a: argparse.Namespace) -> int:
+    from scheduler.adhoc import enqueue_fits
+
+    if bool(a.names) == a.all:
+        raise ValueError("name the products to fit, or pass --all")
+    scheduled = enqueue_fits(None if a.all else a.names)
+    for s in scheduled:
+        print(f"fit job {s.job_id} for {s.product!r} enqueued")
+    return _maybe_wait(a, [s.job_id for s in scheduled])
+
+
+def cmd_score(a: argparse.Namespace) -> int:
+    from scheduler.adhoc import score_images
+
+    s = score_images(a.name, a.images)
+    print(f"score job {s.job_id} for {s.product!r}: {s.total} image(s) enqueued, {s.skipped} already scored"
+          + (f" ({s.message})" if s.message else ""))
+    return _maybe_wait(a, [s.job_id])
+
+
+def cmd_nightly(a: argparse.Namespace) -> int:
+    from scheduler.nightly import schedule_nightly
+
+    run = schedule_nightly(a.date, enqueued_by="cli")
+    print(f"nightly inspection for {run.day.isoformat()}:")
+    for s in run.jobs:
+        if not s.created:
+            print(f"  {s.product}: {s.message}")
+        else:
+            print(f"  {s.product}: job {s.job_id}, {s.total} image(s) enqueued, {s.skipped} already scored"
+                  + (f" ({s.message})" if s.message else ""))
+    for name in run.without_model:
+        print(f"  {name}: skipped, no active model")
+    for name, error in run.errors.items():
+        print(f"  {name}: not scheduled: {error}", file=sys.stderr)
+    if not run.jobs and not run.without_model and not run.errors:
+        print("  no products registered")
+    status = _maybe_wait(a, [s.job_id for s in run.jobs])
+    return 1 if run.errors else status
+
+
+def cmd_jobs(a: argparse.Namespace) -> int:
+    from totalrecall.jobs_view import format_failures, format_jobs, load_jobs
+
+    views = load_jobs([a.job_id] if a.job_id is not None else None, limit=a.limit)
+    if a.job_id is not None and not views:
+        raise LookupError(f"no job {a.job_id}")
+    print(format_jobs(views) if views else "no jobs yet")
+    if a.job_id is not None:
+        print(format_failures(a.job_id))
+    return 0
+
+
+def _maybe_wait(a: argparse.Namespace, job_ids: list[int]) -> int:
+    """With --wait: follow the jobs to the end; exit status 1 only if a job failed."""
+    from totalrecall.jobs_view import format_failures, format_jobs, wait_for_jobs
+
+    if not a.wait or not job_ids:
+        return 0
+    views = wait_for_jobs(job_ids)
+    print(format_jobs(views))
+    for v in views:
+        if v.failed:
+            print(format_failures(v.id, limit=20))
+    failed = [v.id for v in views if v.status == "failed"]
+    if failed:
+        print(f"failed job(s): {', '.join(map(str, failed))}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _require_broker() -> None:
+    from common.settings import get_settings
+
+    if get_settings().tasks_in_process:
+        raise ValueError("TOTALRECALL_BROKER_URL is not set: tasks run in-process, there is nothing to "
+                         "serve (set it to a Redis URL to run workers)")
+
+
+def cmd_worker(a: argparse.Namespace) -> int:
+    _require_broker()
+    from workers.app import app
+
+    argv = ["worker", "-Q", a.queues, "-P", "prefork", "--loglevel", a.loglevel]
+    if a.concurrency:
+        argv += ["--concurrency", str(a.concurrency)]
+    app.worker_main(argv)
+    return 0
+
+
+def cmd_beat(a: argparse.Namespace) -> int:
+    _require_broker()
+    from common.settings import get_settings
+    from workers.app import app
+
+    home = get_settings().home
+    home.mkdir(parents=True, exist_ok=True)
+    app.start(["beat", "--schedule", str(home / "celerybeat-schedule"), "--loglevel", a.loglevel])
+    return 0
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    from totalrecall.demo import run_demo
+
+    return run_demo(a.home, a.images)
+
+
+def _iso_date(text: str) -> date:
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a date (YYYY-MM-DD): {text!r}") from None
+
+
+def _add_operations(sub: argparse._SubParsersAction) -> None:
+    db = sub.add_parser("db", help="database schema")
+    db_sub = db.add_subparsers(dest="db_command", required=True)
+    db_sub.add_parser("upgrade", help="create or migrate the schema (idempotent)").set_defaults(
+        handler=cmd_db_upgrade)
+
+    product = sub.add_parser("product", help="register and list product lines")
+    product_sub = product.add_subparsers(dest="product_command", required=True)
+    add = product_sub.add_parser("add", help="register a product")
+    add.add_argument("name")
+    add.add_argument("--train", required=True, help="folder URI of nominal training images")
+    add.add_argument("--archive", required=True,
+                     help="folder URI template of the daily archive, with {date} (YYYY-MM-DD)")
+    add_model_options(add)
+    add.set_defaults(handler=cmd_product_add)
+    product_sub.add_parser("list", help="registered products").set_defaults(handler=cmd_product_list)
+
+    fit = sub.add_parser("fit", help="fit products (one job each, queue 'fit')")
+    fit.add_argument("names", nargs="*", metavar="NAME")
+    fit.add_argument("--all", action="store_true", help="every registered product")
+    _add_wait(fit)
+    fit.set_defaults(handler=cmd_fit)
+
+    score = sub.add_parser("score", help="score a folder of images with a product's active model")
+    score.add_argument("name")
+    score.add_argument("--images", required=True, help="folder URI (s3://bucket/prefix/ or a path)")
+    _add_wait(score)
+    score.set_defaults(handler=cmd_score)
+
+    nightly = sub.add_parser("nightly", help="schedule the nightly inspection now")
+    nightly.add_argument("--date", type=_iso_date, default=None, help="YYYY-MM-DD (default: yesterday, UTC)")
+    _add_wait(nightly)
+    nightly.set_defaults(handler=cmd_nightly)
+
+    jobs = sub.add_parser("jobs", help="recent jobs, or one job with its failed images")
+    jobs.add_argument("job_id", nargs="?", type=int, metavar="JOB_ID")
+    jobs.add_argument("--limit", type=int, default=20)
+    jobs.set_defaults(handler=cmd_jobs)
+
+    worker = sub.add_parser("worker", help="run a Celery worker (needs TOTALRECALL_BROKER_URL)")
+    worker.add_argument("--queues", default="fit,score", help="comma-separated: fit, score")
+    worker.add_argument("--concurrency", type=int, default=None, help="processes (default: CPU count)")
+    worker.add_argument("--loglevel", default="INFO")
+    worker.set_defaults(handler=cmd_worker)
+
+    beat = sub.add_parser("beat", help="run the scheduler that starts the nightly inspection")
+    beat.add_argument("--loglevel", default="INFO")
+    beat.set_defaults(handler=cmd_beat)
+
+    demo = sub.add_parser("demo", help="end-to-end demo on generated images, no services needed")
+    demo.add_argument("--home", default=None, help="data folder (default: TOTALRECALL_HOME or "
+                      "./totalrecall-data)")
+    demo.add_argument("--images", type=int, default=40, help="archive images to inspect")
+    demo.set_defaults(handler=cmd_demo)
+
+
+def _add_wait(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--wait", action="store_true",
+                   help="follow the job(s) to the end; exit 1 if one failed")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="totalrecall", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -64,16 +269,34 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--quiet", action="store_true", help="no progress bars")
     add_model_options(ev)
     ev.set_defaults(handler=cmd_evaluate)
+    _add_operations(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from common.settings import redact_text
+    from common.storage import StorageError
+
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (ValueError, FileNotFoundError, RuntimeError, LookupError, StorageError) as exc:
+        print(f"error: {redact_text(str(exc))}", file=sys.stderr)
         return 2
+    except SQLAlchemyError as exc:
+        print(f"error: database: {_database_hint(exc)}", file=sys.stderr)
+        return 2
+
+
+def _database_hint(exc: Exception) -> str:
+    from common.settings import redact_text
+
+    message = redact_text(str(getattr(exc, "orig", None) or exc)).strip().splitlines()[0]
+    if "no such table" in message or "does not exist" in message:
+        message += " (run `totalrecall db upgrade`)"
+    return message
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ def evaluate(data: str | Path, category: str, config: PatchCoreConfig, shots: in
     fit = model.fit(train, progress=progress)
 
     pixels = PixelMetrics()
-    scores, labels, failures = [], [], []
+    scores, labels, types, failures = [], [], [], []
     # Scoring time covers decode to mask; time spent on the metrics below is excluded.
     metric_seconds = 0.0
     t0 = time.perf_counter()
@@ -48,6 +48,7 @@ def evaluate(data: str | Path, category: str, config: PatchCoreConfig, shots: in
             continue
         scores.append(r.score)
         labels.append(item.label)
+        types.append(item.defect_type)
         top, left, h, w = r.box
         pixels.update(r.anomaly_map, mvtec.load_mask(item, r.image_hw)[top: top + h, left: left + w])
         metric_seconds += time.perf_counter() - t_metric
@@ -66,6 +67,7 @@ def evaluate(data: str | Path, category: str, config: PatchCoreConfig, shots: in
         "failed_images": failures,
         "image_auroc": image_auroc(np.array(scores), np.array(labels)),
         "pixel_auroc": pixels.pixel_auroc(),
+        "image_auroc_per_type": _per_type_auroc(np.array(scores), np.array(types)),
         "aupro": pixels.aupro(0.3),
         "image_f1_max": image_f1,
         "pixel_f1_max": pixel_f1,
@@ -84,6 +86,14 @@ def evaluate(data: str | Path, category: str, config: PatchCoreConfig, shots: in
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "device": str(model.device),
     }
+
+
+def _per_type_auroc(scores: np.ndarray, types: np.ndarray) -> dict[str, float]:
+    """Image AUROC of each defect type against the nominal test images."""
+    good = scores[types == "good"]
+    return {t: image_auroc(np.concatenate([good, scores[types == t]]),
+                           np.r_[np.zeros(len(good)), np.ones(int((types == t).sum()))])
+            for t in sorted(set(types) - {"good"})}
 
 
 def format_table(report: dict[str, Any]) -> str:

@@ -1,0 +1,84 @@
+"""Job rows and their tasks: a job row is committed first, then its tasks are sent (ids only, no bytes).
+
+In-process mode (no broker) runs each task inline when it is sent, so the caller returns after the work.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import date
+
+from kombu.exceptions import OperationalError as BrokerError
+from sqlalchemy import update
+
+from common.db import Job, JobKind, JobStatus, Product, session_scope, utcnow
+from common.settings import get_settings, redact_text
+from scheduler.products import SchedulingError
+from workers.tasks import fit_product, score_chunk
+
+
+@dataclass(frozen=True)
+class ScheduledJob:
+    """What scheduling did for one product."""
+
+    product: str
+    job_id: int
+    created: bool  # False: the job existed already (same nightly run) and nothing was enqueued
+    total: int  # images (score) or training images (fit) the job covers; 0 for fits until they run
+    skipped: int = 0  # images left out because they already have a result for the model version
+    message: str = ""
+
+
+def nightly_key(product: str, day: date, version: int) -> str:
+    """The idempotency key of a nightly run: one job per (product, date, model version)."""
+    return f"nightly:{product}:{day.isoformat()}:v{version}"
+
+
+def chunked(items: Sequence[str], size: int) -> list[list[str]]:
+    return [list(items[i : i + size]) for i in range(0, len(items), size)]
+
+
+def new_score_job(product_id: int, version_id: int, images_uri: str, total: int, *,
+                  run_date: date | None = None, enqueued_by: str, key: str | None = None) -> Job:
+    """An uncommitted score job; with no images it is created succeeded, saying so in `error`."""
+    job = Job(kind=JobKind.SCORE.value, product_id=product_id, model_version_id=version_id,
+              images_uri=images_uri, run_date=run_date, total=total, enqueued_by=enqueued_by,
+              idempotency_key=key)
+    if total == 0:
+        now = utcnow()
+        job.status, job.created_at, job.started_at, job.finished_at = JobStatus.SUCCEEDED.value, now, now, now
+        job.error = f"no new images to score under {images_uri}"
+    return job
+
+
+def new_fit_job(product: Product, enqueued_by: str) -> Job:
+    return Job(kind=JobKind.FIT.value, product_id=product.id, images_uri=product.train_uri,
+               enqueued_by=enqueued_by)
+
+
+def enqueue_score(job_id: int, image_uris: Sequence[str], chunk_size: int | None = None) -> int:
+    """Send the job's images as `score_chunk` tasks (queue `score`); returns the number of chunks."""
+    chunks = chunked(image_uris, chunk_size or get_settings().chunk_size)
+    _send(job_id, lambda: [score_chunk.delay(job_id, chunk) for chunk in chunks])
+    return len(chunks)
+
+
+def enqueue_fit(job_id: int) -> None:
+    """Send a `fit_product` task (queue `fit`)."""
+    _send(job_id, lambda: fit_product.delay(job_id))
+
+
+def _send(job_id: int, send: Callable[[], object]) -> None:
+    """Run `send`; if the broker cannot be reached, fail the job and free its idempotency key.
+
+    Freeing the key lets the next scheduler run create a fresh job instead of finding this one.
+    """
+    try:
+        send()
+    except BrokerError as exc:
+        message = redact_text(f"could not enqueue: {exc}")
+        with session_scope() as session:
+            session.execute(update(Job).where(Job.id == job_id).values(
+                status=JobStatus.FAILED.value, error=message, idempotency_key=None, finished_at=utcnow()))
+        raise SchedulingError(f"job {job_id}: {message}") from exc

@@ -1,0 +1,104 @@
+"""The nightly inspection: score yesterday's archive of every product with an active model.
+
+One job per (product, date, model version), guarded by the unique `jobs.idempotency_key`: a second run for
+the same date (or two schedulers racing) finds the existing job and enqueues nothing. Images that already
+have a result for the model version are left out. Chunks are enqueued product by product, so a worker
+takes consecutive chunks of one product and loads few models.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+
+from common.db import Job, Product, images_with_results, session_scope
+from common.images import IMAGE_SUFFIXES
+from common.settings import redact_text
+from common.storage import StorageError, list_uris
+from scheduler.jobs import ScheduledJob, enqueue_score, new_score_job, nightly_key
+from scheduler.products import SchedulingError, active_version
+
+
+@dataclass(frozen=True)
+class _Target:
+    product: str
+    product_id: int
+    version_id: int
+    version: int
+    archive_uri: str
+
+
+@dataclass
+class NightlyRun:
+    day: date
+    jobs: list[ScheduledJob] = field(default_factory=list)
+    without_model: list[str] = field(default_factory=list)  # products skipped: no active model
+    errors: dict[str, str] = field(default_factory=dict)  # product -> why it could not be scheduled
+
+
+def yesterday_utc() -> date:
+    return datetime.now(UTC).date() - timedelta(days=1)
+
+
+def schedule_nightly(day: date | None = None, enqueued_by: str = "nightly") -> NightlyRun:
+    """Create and enqueue the nightly jobs for `day` (default: yesterday, UTC).
+
+    A product whose archive cannot be listed (or whose tasks cannot be sent) is reported in `errors`.
+    """
+    run = NightlyRun(day or yesterday_utc())
+    for target in _targets(run):
+        try:
+            run.jobs.append(_schedule(target, run.day, enqueued_by))
+        except (StorageError, SchedulingError) as exc:  # e.g. a missing bucket: the other products go on
+            run.errors[target.product] = redact_text(str(exc))
+    return run
+
+
+def _targets(run: NightlyRun) -> list[_Target]:
+    targets = []
+    with session_scope() as session:
+        for product in session.scalars(select(Product).order_by(Product.name)):
+            version = active_version(session, product)
+            if version is None:
+                run.without_model.append(product.name)
+                continue
+            targets.append(_Target(product.name, product.id, version.id, version.version,
+                                   product.archive_uri(run.day)))
+    return targets
+
+
+def _schedule(target: _Target, day: date, enqueued_by: str) -> ScheduledJob:
+    key = nightly_key(target.product, day, target.version)
+    existing = _existing(key, target)
+    if existing is not None:
+        return existing
+    uris = list_uris(target.archive_uri, IMAGE_SUFFIXES)
+    try:
+        with session_scope() as session:
+            scored = images_with_results(session, target.version_id, uris)
+            todo = [u for u in uris if u not in scored]
+            job = new_score_job(target.product_id, target.version_id, target.archive_uri, len(todo),
+                                run_date=day, enqueued_by=enqueued_by, key=key)
+            session.add(job)
+            session.flush()
+            job_id, message = job.id, job.error or ""
+    except IntegrityError:  # another scheduler created this run's job between our check and insert
+        existing = _existing(key, target)
+        if existing is None:
+            raise
+        return existing
+    if todo:
+        enqueue_score(job_id, todo)
+    return ScheduledJob(target.product, job_id, True, len(todo), len(scored), message)
+
+
+def _existing(key: str, target: _Target) -> ScheduledJob | None:
+    with session_scope() as session:
+        job = session.scalars(select(Job).where(Job.idempotency_key == key)).one_or_none()
+        if job is None:
+            return None
+        return ScheduledJob(target.product, job.id, False, job.total,
+                            message=f"already scheduled as job {job.id} ({job.status}): nothing enqueued")

@@ -1,0 +1,82 @@
+"""Product registry: register product lines and look them up with clear errors."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from common.db import ModelVersion, Product, session_scope
+from common.engine.config import PatchCoreConfig
+from common.storage import absolute_uri
+
+# Product names become storage key segments (models/<name>/..., results/<name>/...).
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
+
+
+class SchedulingError(ValueError):
+    """A request that cannot be scheduled (unknown product, no active model ...); nothing was enqueued."""
+
+
+@dataclass(frozen=True)
+class ProductInfo:
+    name: str
+    train_uri: str
+    archive_uri_template: str
+    fit_config: dict[str, Any]
+    active_version: int | None
+
+
+def add_product(name: str, train_uri: str, archive_uri_template: str, config: PatchCoreConfig) -> int:
+    """Register a product; returns its id. The archive template must contain `{date}`."""
+    if not _NAME.match(name):
+        raise SchedulingError(f"invalid product name {name!r}: use letters, digits, '.', '_' and '-' "
+                              "(it becomes part of storage keys)")
+    if "{date}" not in archive_uri_template:
+        raise SchedulingError(f"archive template {archive_uri_template!r} must contain {{date}} "
+                              "(replaced by YYYY-MM-DD)")
+    try:
+        with session_scope() as session:
+            product = Product(name=name, train_uri=absolute_uri(train_uri),
+                              archive_uri_template=absolute_uri(archive_uri_template),
+                              fit_config=config.to_dict())
+            session.add(product)
+            session.flush()
+            return product.id
+    except IntegrityError:
+        raise SchedulingError(f"product {name!r} already exists") from None
+
+
+def get_product(session: Session, name: str) -> Product:
+    product = session.scalars(select(Product).where(Product.name == name)).one_or_none()
+    if product is None:
+        raise SchedulingError(f"unknown product {name!r} (see `totalrecall product list`)")
+    return product
+
+
+def active_version(session: Session, product: Product) -> ModelVersion | None:
+    return session.scalars(
+        select(ModelVersion).where(ModelVersion.product_id == product.id, ModelVersion.is_active)
+    ).one_or_none()
+
+
+def require_active_version(session: Session, product: Product) -> ModelVersion:
+    version = active_version(session, product)
+    if version is None:
+        raise SchedulingError(f"product {product.name!r} has no active model: "
+                              f"run `totalrecall fit {product.name}` first")
+    return version
+
+
+def list_products() -> list[ProductInfo]:
+    with session_scope() as session:
+        products = session.scalars(select(Product).order_by(Product.name)).all()
+        return [
+            ProductInfo(p.name, p.train_uri, p.archive_uri_template, p.fit_config,
+                        getattr(active_version(session, p), "version", None))
+            for p in products
+        ]

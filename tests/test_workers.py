@@ -1,0 +1,453 @@
+"""Workers and scheduler in-process: SQLite, a local storage folder, tasks run eagerly (no broker).
+
+One small product is fitted once per module; the tests then score, reschedule and break things around it.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from sqlalchemy import func, select
+
+from common.db import (
+    Job,
+    JobStatus,
+    ModelStatus,
+    ModelVersion,
+    Product,
+    Result,
+    ResultStatus,
+    dispose_engines,
+    session_scope,
+)
+from common.engine.artifact import BANK_FILE, META_FILE, ArtifactError, sha256_file
+from common.engine.config import PatchCoreConfig
+from common.engine.patchcore import ImageResult, PatchCore
+from common.migrate import upgrade
+from common.settings import Settings, get_settings, reset_settings_cache
+from common.storage import Storage, StorageUnavailable, open_storage
+from common.synthetic import nominal_image, plant_defect, png_bytes
+from scheduler.adhoc import enqueue_fits, score_images
+from scheduler.jobs import new_score_job, nightly_key
+from scheduler.nightly import schedule_nightly
+from scheduler.products import SchedulingError, add_product
+from workers.app import FIT_QUEUE, SCORE_QUEUE, app, celery_config, configure
+from workers.fitting import check_validation
+from workers.model_cache import ModelCache, get_model_cache, reset_model_cache
+from workers.outputs import heatmap_png, mask_png, output_keys, relative_image_key, safe_key
+from workers.tasks import nightly_inspection, score_chunk
+
+SIZE = 96
+CONFIG = PatchCoreConfig(image_size=SIZE, coreset_ratio=0.1, holdout_fraction=0.25)
+PRODUCT = "part"
+
+
+@dataclass(frozen=True)
+class Embedded:
+    home: Path
+    store: Storage
+
+    def archive_uri(self, day: date) -> str:
+        return self.store.uri_for(f"archive/{day.isoformat()}/{PRODUCT}")
+
+
+@pytest.fixture(scope="module")
+def embedded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Embedded]:
+    """The embedded default in a temporary home, with product `part` fitted (model v1 active)."""
+    home = tmp_path_factory.mktemp("home")
+    with pytest.MonkeyPatch.context() as mp:
+        for name in [n for n in os.environ if n.startswith("TOTALRECALL_")]:
+            mp.delenv(name)
+        mp.setenv("TOTALRECALL_HOME", str(home))
+        mp.setenv("TOTALRECALL_CHUNK_SIZE", "4")
+        _apply_environment()
+        upgrade()
+        store = open_storage(get_settings().storage_url)
+        for i in range(16):
+            store.put_bytes(f"train/{PRODUCT}/n{i:02d}.png", png_bytes(nominal_image(i, SIZE)))
+        add_product(PRODUCT, store.uri_for(f"train/{PRODUCT}"),
+                    store.uri_for(f"archive/{{date}}/{PRODUCT}"), CONFIG)
+        enqueue_fits([PRODUCT])
+        yield Embedded(home, store)
+        dispose_engines()
+    _apply_environment()
+
+
+def _apply_environment() -> None:
+    reset_settings_cache()
+    configure(app)
+    reset_model_cache()
+
+
+def _write_archive(env: Embedded, day: date, n: int = 8, corrupt: bool = True) -> dict[str, bool]:
+    """n images (every 4th with a planted defect), a corrupt PNG and a non-image file; {uri: defective}."""
+    folder = f"archive/{day.isoformat()}/{PRODUCT}"
+    truth = {}
+    for i in range(n):
+        image = nominal_image(day.toordinal() + i, SIZE)
+        if i % 4 == 1:
+            image, _ = plant_defect(image, i)
+        truth[env.store.put_bytes(f"{folder}/sub dir/img {i}.png", png_bytes(image))] = i % 4 == 1
+    if corrupt:
+        env.store.put_bytes(f"{folder}/corrupt.png", b"\x89PNG\r\n\x1a\n truncated")
+    env.store.put_bytes(f"{folder}/notes.txt", b"not an image")
+    return truth
+
+
+def _results(job_id: int | None = None, version_id: int | None = None) -> list[Result]:
+    with session_scope() as session:
+        query = select(Result).order_by(Result.image_uri)
+        if job_id is not None:
+            query = query.where(Result.job_id == job_id)
+        if version_id is not None:
+            query = query.where(Result.model_version_id == version_id)
+        return list(session.scalars(query))
+
+
+def _job(job_id: int) -> Job:
+    with session_scope() as session:
+        return session.get(Job, job_id)
+
+
+def _job_count() -> int:
+    with session_scope() as session:
+        return session.scalar(select(func.count()).select_from(Job))
+
+
+def _active_version() -> ModelVersion:
+    with session_scope() as session:
+        return session.scalars(select(ModelVersion).where(ModelVersion.is_active)).one()
+
+
+# --- fit -------------------------------------------------------------------------------------------------
+
+
+def test_fit_publishes_an_active_verified_version(embedded: Embedded) -> None:
+    version = _active_version()
+    assert (version.version, version.status, version.is_active) == (1, ModelStatus.READY.value, True)
+    folder = f"models/{PRODUCT}/1"
+    assert version.artifact_uri == embedded.store.uri_for(folder)
+    assert embedded.store.exists(f"{folder}/{BANK_FILE}")
+    assert sha256_file(Path(embedded.store.uri_for(f"{folder}/{META_FILE}"))) == version.sha256
+    assert version.train_image_count == 12 and version.config["image_size"] == SIZE
+    assert len(version.validation["holdout_scores"]) == 4
+    assert version.validation["activation"]["passed"] is True
+    assert version.image_threshold > 0 and version.pixel_threshold > 0
+    with session_scope() as session:
+        job = session.scalars(select(Job).where(Job.model_version_id == version.id, Job.kind == "fit")).one()
+    assert (job.status, job.done, job.failed, job.total, job.error) == ("succeeded", 16, 0, 16, None)
+
+
+def test_failed_fit_leaves_a_failed_inactive_version(embedded: Embedded) -> None:
+    add_product("empty", embedded.store.uri_for("train/empty"), embedded.store.uri_for("a/{date}/e"), CONFIG)
+    with pytest.raises(RuntimeError, match="no training images under"):
+        enqueue_fits(["empty"])  # in-process: the task runs (and fails) right here
+    with session_scope() as session:
+        job = session.scalars(select(Job).where(Job.kind == "fit").order_by(Job.id.desc())).first()
+        version = job.model_version
+        assert job.status == JobStatus.FAILED.value and "no training images" in job.error
+        assert job.finished_at is not None
+        assert (version.status, version.is_active) == (ModelStatus.FAILED.value, False)
+        assert "no training images" in version.error
+
+
+@pytest.mark.parametrize(
+    ("stats", "passed", "reason"),
+    [
+        ({"holdout_images": 4, "failed_images": []}, True, "4 held-out images scored"),
+        ({"holdout_images": 0, "failed_images": []}, False, "in-sample"),
+        ({"holdout_images": 4, "failed_images": [{}] * 3}, False, "3 of 20 training images failed"),
+        ({"holdout_images": 4, "failed_images": [{}] * 2}, True, "2 of 20 failed"),
+    ],
+)
+def test_activation_rule(stats: dict, passed: bool, reason: str) -> None:
+    model = PatchCore.__new__(PatchCore)  # only the thresholds are read
+    model.image_threshold, model.pixel_threshold = 1.0, 2.0
+    ok, text = check_validation(stats, model, 20)
+    assert ok is passed and reason in text
+
+
+# --- nightly and scoring -------------------------------------------------------------------------------------
+
+
+def test_nightly_records_each_image_once_with_outputs(embedded: Embedded) -> None:
+    day = date(2026, 3, 1)
+    truth = _write_archive(embedded, day)
+    cache = get_model_cache()
+    loads_before = cache.stats.loads
+    run = schedule_nightly(day)
+    (scheduled,) = run.jobs
+    assert scheduled.created and scheduled.total == 9 and run.without_model == ["empty"]
+    job = _job(scheduled.job_id)
+    assert (job.status, job.done, job.failed, job.total) == ("succeeded", 8, 1, 9)
+    assert job.idempotency_key == nightly_key(PRODUCT, day, 1) and job.run_date == day
+    rows = _results(scheduled.job_id)
+    assert len(rows) == 9 and len({r.image_uri for r in rows}) == 9
+    failed = [r for r in rows if r.status == ResultStatus.FAILED.value]
+    assert [r.image_uri.rsplit("/", 1)[1] for r in failed] == ["corrupt.png"]
+    assert failed[0].score is None and "ImageDecodeError" in failed[0].error
+    for row in rows:
+        if row.status == ResultStatus.OK.value:
+            assert row.captured_date == day and row.threshold == pytest.approx(_active_version().image_threshold)
+            mask = np.asarray(Image.open(row.mask_uri))
+            assert mask.shape == (SIZE, SIZE) and set(np.unique(mask)) <= {0, 255}
+            assert np.asarray(Image.open(row.heatmap_uri)).shape == (SIZE, SIZE)
+            assert f"/results/{PRODUCT}/1/{day.isoformat()}/sub_dir/" in row.mask_uri
+            assert truth[row.image_uri] is not None
+    assert cache.stats.loads - loads_before <= 1  # 3 chunks, one model load
+
+
+def test_second_nightly_for_the_same_date_adds_nothing(embedded: Embedded) -> None:
+    day = date(2026, 3, 1)
+    before, jobs_before = _results(), _job_count()
+    (scheduled,) = schedule_nightly(day).jobs
+    assert not scheduled.created and "nothing enqueued" in scheduled.message
+    assert _job_count() == jobs_before
+    assert [(r.id, r.created_at) for r in _results()] == [(r.id, r.created_at) for r in before]
+
+
+def test_redelivered_chunk_is_harmless(embedded: Embedded) -> None:
+    day = date(2026, 3, 1)
+    job_id = schedule_nightly(day).jobs[0].job_id
+    before = {r.image_uri: (r.id, r.created_at, r.score) for r in _results(job_id)}
+    score_chunk.apply(args=(job_id, sorted(before)))  # the same images again, as after a redelivery
+    after = {r.image_uri: (r.id, r.created_at, r.score) for r in _results(job_id)}
+    ok_uris = [u for u in before if not u.endswith("corrupt.png")]
+    assert {u: after[u] for u in ok_uris} == {u: before[u] for u in ok_uris}  # ok rows untouched
+    job = _job(job_id)
+    assert (job.status, job.done, job.failed, job.total) == ("succeeded", 8, 1, 9)
+
+
+def test_racing_schedulers_create_one_job(embedded: Embedded) -> None:
+    day = date(2026, 3, 2)
+    _write_archive(embedded, day, n=4, corrupt=False)
+    outcomes, errors = [], []
+
+    def run() -> None:
+        try:
+            outcomes.extend(schedule_nightly(day).jobs)
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert len({o.job_id for o in outcomes}) == 1 and sum(o.created for o in outcomes) == 1
+    with session_scope() as session:
+        assert session.scalar(select(func.count()).select_from(Job).where(Job.run_date == day)) == 1
+    assert len(_results(outcomes[0].job_id)) == 4
+
+
+def test_nightly_task_and_an_unlistable_archive(embedded: Embedded, monkeypatch: pytest.MonkeyPatch) -> None:
+    summary = nightly_inspection.apply(args=("2026-03-01",)).get()
+    assert summary["day"] == "2026-03-01" and summary["without_model"] == ["empty"]
+    assert [j["created"] for j in summary["jobs"]] == [False]
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # an archive nobody can list
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("TOTALRECALL_S3_MAX_ATTEMPTS", "1")
+    with session_scope() as session:
+        product = session.scalars(select(Product).where(Product.name == PRODUCT)).one()
+        template, product.archive_uri_template = product.archive_uri_template, "s3://bucket/{date}/"
+    try:
+        run = schedule_nightly(date(2026, 3, 3))
+    finally:
+        with session_scope() as session:
+            session.scalars(select(Product).where(Product.name == PRODUCT)).one().archive_uri_template = template
+    assert run.jobs == [] and "cannot reach S3" in run.errors[PRODUCT]
+
+
+def test_empty_archive_gives_a_succeeded_job_with_zero_images(embedded: Embedded) -> None:
+    (scheduled,) = schedule_nightly(date(2001, 1, 1)).jobs
+    job = _job(scheduled.job_id)
+    assert (job.status, job.total, job.done, job.failed) == ("succeeded", 0, 0, 0)
+    assert "no new images" in job.error and job.finished_at is not None
+
+
+def test_adhoc_scoring_skips_ok_images_and_retries_failed_ones(embedded: Embedded) -> None:
+    day = date(2026, 3, 1)
+    folder = embedded.archive_uri(day)
+    embedded.store.put_bytes(f"archive/{day.isoformat()}/{PRODUCT}/corrupt.png",
+                             png_bytes(nominal_image(99, SIZE)))  # repaired
+    scheduled = score_images(PRODUCT, folder)
+    assert (scheduled.total, scheduled.skipped) == (1, 8)
+    job = _job(scheduled.job_id)
+    assert (job.status, job.done, job.failed, job.total) == ("succeeded", 1, 0, 1)
+    (row,) = _results(scheduled.job_id)
+    assert row.image_uri.endswith("corrupt.png") and row.status == "ok" and row.captured_date is None
+    assert f"/job-{scheduled.job_id}/corrupt.png_mask.png" in row.mask_uri
+    again = score_images(PRODUCT, folder)
+    assert again.total == 0 and _job(again.job_id).status == "succeeded"
+
+
+def test_missing_image_is_a_failed_row_and_the_rest_goes_on(embedded: Embedded) -> None:
+    version = _active_version()
+    good = embedded.store.put_bytes("adhoc/good.png", png_bytes(nominal_image(7, SIZE)))
+    missing = embedded.store.uri_for("adhoc/missing.png")
+    with session_scope() as session:
+        job = new_score_job(version.product_id, version.id, embedded.store.uri_for("adhoc"), 2,
+                            enqueued_by="test")
+        session.add(job)
+        session.flush()
+        job_id = job.id
+    score_chunk.apply(args=(job_id, [missing, good]))
+    rows = {r.image_uri: r for r in _results(job_id)}
+    assert rows[good].status == "ok" and rows[missing].status == "failed"
+    assert rows[missing].error.startswith("StorageNotFound: no object at")
+    job = _job(job_id)
+    assert (job.status, job.done, job.failed) == ("succeeded", 1, 1)
+
+
+def test_unreachable_storage_fails_the_job_in_process(embedded: Embedded,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens on the discard port
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("TOTALRECALL_S3_MAX_ATTEMPTS", "1")
+    version = _active_version()
+    with session_scope() as session:
+        job = new_score_job(version.product_id, version.id, "s3://bucket/in", 1, enqueued_by="test")
+        session.add(job)
+        session.flush()
+        job_id = job.id
+    with pytest.raises(StorageUnavailable):
+        score_chunk.apply(args=(job_id, ["s3://bucket/in/a.png"]))  # in-process: no broker to retry on
+    job = _job(job_id)
+    assert job.status == "failed" and job.error.startswith("StorageUnavailable: cannot reach S3")
+    assert _results(job_id) == []
+
+
+def test_unknown_product_or_no_active_model_enqueues_nothing(embedded: Embedded) -> None:
+    jobs_before = _job_count()
+    with pytest.raises(SchedulingError, match="unknown product 'nope'"):
+        score_images("nope", embedded.store.uri_for("adhoc"))
+    add_product("idle", embedded.store.uri_for("train/idle"), embedded.store.uri_for("a/{date}/i"), CONFIG)
+    with pytest.raises(SchedulingError, match="'idle' has no active model"):
+        score_images("idle", embedded.store.uri_for("adhoc"))
+    with pytest.raises(SchedulingError, match="unknown product 'nope'"):
+        enqueue_fits([PRODUCT, "nope"])
+    assert _job_count() == jobs_before
+
+
+@pytest.mark.parametrize(
+    ("name", "template", "match"),
+    [("bad name", "/a/{date}", "invalid product name"), ("ok", "/a/b", "must contain {date}"),
+     (PRODUCT, "/a/{date}", "already exists")],
+)
+def test_product_registration_is_validated(embedded: Embedded, name: str, template: str, match: str) -> None:
+    with pytest.raises(SchedulingError, match=match):
+        add_product(name, "/train", template, CONFIG)
+
+
+# --- model cache ---------------------------------------------------------------------------------------------
+
+
+def _second_artifact(env: Embedded, tmp_path: Path) -> tuple[str, str]:
+    """A different (smaller-bank) artifact of the same product, published to storage: (sha256, uri)."""
+    version = _active_version()
+    model = PatchCore.load(Path(version.artifact_uri), version.sha256)
+    model.set_bank(model.index.bank[: len(model.index.bank) // 2].copy())
+    sha = model.save(tmp_path / "b")
+    for name in (BANK_FILE, META_FILE):
+        env.store.put_file(f"models/{PRODUCT}/half/{name}", tmp_path / "b" / name)
+    return sha, env.store.uri_for(f"models/{PRODUCT}/half")
+
+
+def test_model_cache_is_lru_bounded_by_bank_bytes_and_reuses_disk(embedded: Embedded, tmp_path: Path) -> None:
+    version = _active_version()
+    a = (version.sha256, version.artifact_uri)
+    b = _second_artifact(embedded, tmp_path)
+    bank_a = PatchCore.load(Path(version.artifact_uri), version.sha256).index.bank.nbytes
+    cache = ModelCache(tmp_path / "cache", max_bytes=bank_a)  # room for one model only
+    model_a = cache.get(*a)
+    assert cache.get(*a) is model_a
+    assert (cache.stats.loads, cache.stats.hits, cache.stats.downloads) == (1, 1, 1)
+    cache.get(*b)
+    assert cache.cached() == [b[0]] and cache.stats.evictions == 1 and cache.bytes_used <= bank_a
+    cache.get(*a)  # evicted from memory, still on disk: loaded again without a download
+    assert (cache.stats.loads, cache.stats.downloads) == (3, 2)
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == sorted([a[0], b[0]])
+
+
+def test_model_cache_refetches_a_damaged_disk_copy_and_rejects_a_wrong_hash(embedded: Embedded,
+                                                                            tmp_path: Path) -> None:
+    version = _active_version()
+    cache = ModelCache(tmp_path / "cache", max_bytes=1 << 30)
+    cache.get(version.sha256, version.artifact_uri)
+    bank = tmp_path / "cache" / version.sha256 / BANK_FILE
+    bank.write_bytes(bank.read_bytes()[:-8] + b"corrupt!")
+    cache.clear()
+    cache.get(version.sha256, version.artifact_uri)
+    assert cache.stats.downloads == 2
+    with pytest.raises(ArtifactError, match="sha256 mismatch"):
+        cache.get("0" * 64, version.artifact_uri)
+
+
+def test_model_cache_loads_once_under_concurrent_requests(embedded: Embedded, tmp_path: Path) -> None:
+    version = _active_version()
+    cache = ModelCache(tmp_path / "cache", max_bytes=1 << 30)
+    models = []
+    threads = [threading.Thread(target=lambda: models.append(cache.get(version.sha256, version.artifact_uri)))
+               for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len({id(m) for m in models}) == 1 and cache.stats.loads == 1 and cache.stats.hits == 3
+
+
+# --- outputs and configuration ----------------------------------------------------------------------------------
+
+
+def test_output_keys_are_safe_readable_and_unique() -> None:
+    assert relative_image_key("s3://b/arch/2026-01-01/p/x/a.png", "s3://b/arch/2026-01-01/p/") == "x/a.png"
+    assert relative_image_key("s3://b/elsewhere/a.png", "s3://b/arch/") == "elsewhere/a.png"
+    assert safe_key("x/a.png") == "x/a.png"
+    assert safe_key("x y/a.png").startswith("x_y/a.png~") and safe_key("x y/a.png") != safe_key("x_y/a.png")
+    assert safe_key("../a.png").startswith("_/a.png~")
+    mask, heatmap = output_keys("p", 3, "2026-01-01", "/data/in/a b.png", "/data/in")
+    assert mask.startswith("results/p/3/2026-01-01/a_b.png~") and mask.endswith("_mask.png")
+    assert heatmap == mask.replace("_mask.png", "_heatmap.png")
+
+
+def test_mask_and_heatmap_cover_the_original_image() -> None:
+    amap = np.full((4, 6), 1.0, dtype=np.float32)
+    amap[1, 2] = 4.0
+    result = ImageResult(score=1.0, anomaly_map=amap, mask=amap >= 2.0, box=(2, 1, 4, 6), image_hw=(8, 8))
+    mask = np.asarray(Image.open(io.BytesIO(mask_png(result))))
+    assert mask.shape == (8, 8) and mask[3, 3] == 255 and mask.sum() == 255
+    heat = np.asarray(Image.open(io.BytesIO(heatmap_png(result, pixel_threshold=2.0))))
+    assert heat.shape == (8, 8) and heat[2, 1] == 64 and heat[3, 3] == 255 and heat[0, 0] == 0
+
+
+def test_celery_configuration(tmp_path: Path) -> None:
+    embedded_conf = celery_config(Settings.from_env({"TOTALRECALL_HOME": str(tmp_path)}))
+    assert embedded_conf["task_always_eager"] and embedded_conf["task_eager_propagates"]
+    conf = celery_config(Settings.from_env({
+        "TOTALRECALL_BROKER_URL": "redis://localhost:6379/0", "TOTALRECALL_NIGHTLY_AT": "3:15",
+        "TOTALRECALL_VISIBILITY_TIMEOUT": "600", "TOTALRECALL_SCORE_SOFT_TIME_LIMIT": "60",
+        "TOTALRECALL_SCORE_TIME_LIMIT": "90"}))
+    assert not conf["task_always_eager"] and conf["broker_url"] == "redis://localhost:6379/0"
+    assert conf["task_acks_late"] and conf["task_reject_on_worker_lost"] and conf["task_ignore_result"]
+    assert conf["worker_prefetch_multiplier"] == 1 and conf["broker_connection_retry_on_startup"]
+    assert conf["accept_content"] == ["json"] and conf["task_serializer"] == "json"
+    assert conf["broker_transport_options"] == {"visibility_timeout": 600}
+    assert {q.name: q.routing_key for q in conf["task_queues"]} == {FIT_QUEUE: FIT_QUEUE, SCORE_QUEUE: SCORE_QUEUE}
+    assert conf["task_routes"]["workers.tasks.fit_product"]["queue"] == FIT_QUEUE
+    assert conf["task_annotations"]["workers.tasks.score_chunk"] == {"soft_time_limit": 60, "time_limit": 90}
+    schedule = conf["beat_schedule"]["nightly-inspection"]
+    assert schedule["task"] == "workers.tasks.nightly_inspection"
+    assert schedule["schedule"].hour == {3} and schedule["schedule"].minute == {15}

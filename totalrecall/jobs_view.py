@@ -1,0 +1,115 @@
+"""Reading jobs for people: the jobs table, a job's failures, and waiting for jobs with a progress bar."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import func, select
+from tqdm import tqdm
+
+from common.db import JobStatus, Result, ResultStatus, job_summary, session_scope
+
+FINISHED = (JobStatus.SUCCEEDED.value, JobStatus.FAILED.value)
+
+
+@dataclass(frozen=True)
+class JobView:
+    id: int
+    kind: str
+    product: str
+    status: str
+    done: int
+    failed: int
+    total: int
+    model_version: int | None
+    run_date: str | None
+    created_at: datetime | None
+    queued_seconds: float | None
+    run_seconds: float | None
+    error: str | None
+
+    @property
+    def finished(self) -> bool:
+        return self.status in FINISHED
+
+
+def load_jobs(job_ids: Sequence[int] | None = None, limit: int = 20) -> list[JobView]:
+    """The given jobs (in that order), or the `limit` most recent ones, newest first."""
+    query = select(job_summary)
+    if job_ids is not None:
+        query = query.where(job_summary.c.job_id.in_(list(job_ids)))
+    else:
+        query = query.order_by(job_summary.c.job_id.desc()).limit(limit)
+    with session_scope() as session:
+        views = [_view(row) for row in session.execute(query)]
+    if job_ids is not None:
+        order = {job_id: i for i, job_id in enumerate(job_ids)}
+        views.sort(key=lambda v: order[v.id])
+    return views
+
+
+def _view(row) -> JobView:
+    return JobView(row.job_id, row.kind, row.product, row.status, row.done, row.failed, row.total,
+                   row.model_version, row.run_date.isoformat() if row.run_date else None, row.created_at,
+                   row.queued_seconds, row.run_seconds, row.error)
+
+
+def load_failures(job_id: int, limit: int = 100) -> tuple[list[tuple[str, str]], int]:
+    """Up to `limit` (image URI, reason) of the job's failed images, and how many there are in all."""
+    where = (Result.job_id == job_id, Result.status == ResultStatus.FAILED.value)
+    with session_scope() as session:
+        count = session.scalar(select(func.count()).select_from(Result).where(*where))
+        rows = session.execute(select(Result.image_uri, Result.error).where(*where)
+                               .order_by(Result.image_uri).limit(limit)).all()
+    return [(uri, error or "") for uri, error in rows], int(count or 0)
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    cells = [[str(h) for h in headers]] + [["" if v is None else str(v) for v in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _seconds(value: float | None) -> str:
+    return "" if value is None else f"{value:.1f}s"
+
+
+def format_jobs(views: Sequence[JobView]) -> str:
+    headers = ["id", "kind", "product", "model", "date", "status", "done/failed/total", "created",
+               "queued", "ran", "note"]
+    rows = [[v.id, v.kind, v.product, v.model_version and f"v{v.model_version}", v.run_date, v.status,
+             f"{v.done}/{v.failed}/{v.total}", v.created_at and f"{v.created_at:%Y-%m-%d %H:%M:%S}",
+             _seconds(v.queued_seconds), _seconds(v.run_seconds), (v.error or "")[:120]]
+            for v in views]
+    return format_table(headers, rows)
+
+
+def format_failures(job_id: int, limit: int = 100) -> str:
+    failures, count = load_failures(job_id, limit)
+    if not count:
+        return f"job {job_id}: no failed images"
+    lines = [f"job {job_id}: {count} failed image(s)"]
+    lines += [f"  {uri}: {reason}" for uri, reason in failures]
+    if count > len(failures):
+        lines.append(f"  ... and {count - len(failures)} more")
+    return "\n".join(lines)
+
+
+def wait_for_jobs(job_ids: Sequence[int], poll_seconds: float = 1.0) -> list[JobView]:
+    """Poll the jobs table until every job has finished, showing a progress bar over their images."""
+    with tqdm(total=0, unit="img", desc="waiting", dynamic_ncols=True) as bar:
+        while True:
+            views = load_jobs(job_ids)
+            bar.total = sum(v.total for v in views)
+            bar.n = sum(v.done + v.failed for v in views)
+            running = [v for v in views if not v.finished]
+            bar.set_postfix_str(f"{len(views) - len(running)}/{len(views)} jobs finished", refresh=False)
+            bar.refresh()
+            if not running:
+                return views
+            time.sleep(poll_seconds)

@@ -1,0 +1,175 @@
+"""Fit a product's model on its training images and publish it as a new model version.
+
+Activation rule (`check_validation`): a fitted version becomes the product's active model only if its
+thresholds were calibrated on held-out images (at least one held-out image scored, so not in-sample) and
+at most `MAX_FAILED_FRACTION` of the training images failed to load. Otherwise it is kept `ready` but
+inactive, and the job says why. A failed fit leaves its version `failed`, never active.
+
+A redelivered fit task reuses the version row its first attempt created (the job points to it), so a
+worker dying mid-fit never leaves a second half-made version behind.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from tempfile import TemporaryDirectory
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from common.db import (
+    Job,
+    JobStatus,
+    ModelStatus,
+    ModelVersion,
+    activate_model_version,
+    session_scope,
+    utcnow,
+)
+from common.engine.artifact import BANK_FILE, META_FILE
+from common.engine.config import PatchCoreConfig
+from common.engine.patchcore import PatchCore
+from common.images import IMAGE_SUFFIXES
+from common.settings import get_settings
+from common.storage import list_uris, open_storage, read_uri
+from workers.job_state import lock_job
+
+MAX_FAILED_FRACTION = 0.10
+ACTIVATION_RULE = (f"active only if calibrated on >= 1 held-out image and <= {MAX_FAILED_FRACTION:.0%} "
+                   "of the training images failed")
+
+
+class FitError(RuntimeError):
+    """The product cannot be fitted as configured (e.g. no training images)."""
+
+
+@dataclass(frozen=True)
+class FitTarget:
+    job_id: int
+    product: str
+    train_uri: str
+    fit_config: dict[str, Any]
+    version_id: int
+    version: int
+
+
+@dataclass(frozen=True)
+class FitOutcome:
+    version: int
+    sha256: str
+    activated: bool
+    reason: str
+
+
+def fit_job(job_id: int) -> FitOutcome | None:
+    """Run the fit job; None if it had already finished (a redelivered task)."""
+    target = start_fit(job_id)
+    if target is None:
+        return None
+    uris = list_uris(target.train_uri, IMAGE_SUFFIXES)
+    if not uris:
+        raise FitError(f"no training images under {target.train_uri}")
+    model = PatchCore(PatchCoreConfig.from_dict(target.fit_config))
+    stats = model.fit([partial(read_uri, uri) for uri in uris])
+    with TemporaryDirectory(prefix="totalrecall-fit-") as tmp:
+        sha256 = model.save(tmp)
+        artifact_uri = upload_artifact(Path(tmp), target.product, target.version)
+    passed, reason = check_validation(stats, model, len(uris))
+    finish_fit(target, model, stats, sha256, artifact_uri, passed, reason, len(uris))
+    return FitOutcome(target.version, sha256, passed, reason)
+
+
+def start_fit(job_id: int) -> FitTarget | None:
+    """Mark the job running and create (or, on redelivery, reuse) its `training` model version."""
+    for attempt in range(3):
+        try:
+            with session_scope() as session:
+                job = lock_job(session, job_id)
+                if job.status in (JobStatus.SUCCEEDED.value, JobStatus.FAILED.value):
+                    return None
+                version = job.model_version
+                if version is None or version.status != ModelStatus.TRAINING.value:
+                    version = _new_version(session, job)
+                job.status, job.started_at = JobStatus.RUNNING.value, job.started_at or utcnow()
+                product = job.product
+                return FitTarget(job.id, product.name, product.train_uri, dict(product.fit_config),
+                                 version.id, version.version)
+        except IntegrityError:  # another fit of the product took the same version number: renumber
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _new_version(session: Session, job: Job) -> ModelVersion:
+    latest = session.scalar(select(func.max(ModelVersion.version))
+                            .where(ModelVersion.product_id == job.product_id))
+    version = ModelVersion(product_id=job.product_id, version=(latest or 0) + 1,
+                           config=dict(job.product.fit_config), status=ModelStatus.TRAINING.value)
+    session.add(version)
+    session.flush()
+    job.model_version_id = version.id
+    return version
+
+
+def upload_artifact(folder: Path, product: str, version: int) -> str:
+    """Upload the artifact under models/<product>/<version>/; returns that folder's URI.
+
+    The bank goes first and model.json last, so a model.json in storage means a complete artifact.
+    """
+    store = open_storage(get_settings().storage_url)
+    prefix = f"models/{product}/{version}/"
+    store.put_file(prefix + BANK_FILE, folder / BANK_FILE)
+    meta_uri = store.put_file(prefix + META_FILE, folder / META_FILE, "application/json")
+    return meta_uri.rsplit("/", 1)[0]
+
+
+def check_validation(stats: dict[str, Any], model: PatchCore, n_images: int) -> tuple[bool, str]:
+    """(passed, reason) of the activation rule (see the module docstring)."""
+    failed = len(stats.get("failed_images", []))
+    if stats.get("holdout_images", 0) < 1:
+        return False, "thresholds were calibrated in-sample (no held-out image scored)"
+    if failed > MAX_FAILED_FRACTION * n_images:
+        return False, f"{failed} of {n_images} training images failed (> {MAX_FAILED_FRACTION:.0%})"
+    if not (math.isfinite(model.image_threshold) and math.isfinite(model.pixel_threshold)):
+        return False, "calibration produced no finite thresholds"
+    return True, f"{stats['holdout_images']} held-out images scored, {failed} of {n_images} failed"
+
+
+def finish_fit(target: FitTarget, model: PatchCore, stats: dict[str, Any], sha256: str, artifact_uri: str,
+               passed: bool, reason: str, n_images: int) -> None:
+    """Record the ready version (activating it if it passed) and the job's outcome, in one transaction."""
+    with session_scope() as session:
+        job = lock_job(session, target.job_id)
+        version = session.get(ModelVersion, target.version_id)
+        version.status, version.error = ModelStatus.READY.value, None
+        version.sha256, version.artifact_uri = sha256, artifact_uri
+        version.config = model.config.to_dict()
+        version.image_threshold, version.pixel_threshold = model.image_threshold, model.pixel_threshold
+        version.train_image_count = int(stats["train_images"])
+        version.validation = {**stats, "activation": {"passed": passed, "rule": ACTIVATION_RULE,
+                                                      "reason": reason}}
+        session.flush()
+        if passed:
+            activate_model_version(session, version)
+        failed = len(stats.get("failed_images", []))
+        job.total, job.done, job.failed = n_images, n_images - failed, failed
+        job.status, job.finished_at = JobStatus.SUCCEEDED.value, utcnow()
+        job.error = None if passed else f"model version {version.version} is ready but not active: {reason}"
+
+
+def fail_fit(job_id: int, error: str) -> None:
+    """Mark the job failed and its unfinished model version failed (and so never active)."""
+    with session_scope() as session:
+        job = session.get(Job, job_id, with_for_update=True)
+        if job is None:
+            return
+        job.status, job.error, job.finished_at = JobStatus.FAILED.value, error, utcnow()
+        job.started_at = job.started_at or job.finished_at
+        version = job.model_version
+        if version is not None and version.status == ModelStatus.TRAINING.value:
+            version.status, version.error, version.is_active = ModelStatus.FAILED.value, error, False

@@ -1,0 +1,63 @@
+"""Job status transitions made by the workers.
+
+Progress counters are recounted from the results table, never incremented, so a redelivered or retried
+chunk cannot count twice. The job row is locked (`SELECT ... FOR UPDATE`) before counting: on PostgreSQL
+the count then runs after any concurrent chunk of the same job has committed and sees its rows.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from common.db import Job, JobStatus, Result, ResultStatus, session_scope, utcnow
+from common.settings import redact_text
+
+MAX_ERROR_CHARS = 2000
+
+
+def describe_error(exc: BaseException) -> str:
+    """A one-line, secret-free description of `exc` for the jobs table."""
+    text = f"{type(exc).__name__}: {exc}".strip()
+    return redact_text(text)[:MAX_ERROR_CHARS]
+
+
+def mark_running(job_id: int) -> None:
+    """queued -> running (first start time kept); other states are left alone."""
+    with session_scope() as session:
+        session.execute(
+            update(Job).where(Job.id == job_id, Job.status == JobStatus.QUEUED.value)
+            .values(status=JobStatus.RUNNING.value, started_at=utcnow())
+        )
+
+
+def mark_failed(job_id: int, error: str) -> None:
+    with session_scope() as session:
+        job = session.get(Job, job_id, with_for_update=True)
+        if job is None:
+            return
+        job.status, job.error, job.finished_at = JobStatus.FAILED.value, error, utcnow()
+        if job.started_at is None:
+            job.started_at = job.finished_at
+
+
+def lock_job(session: Session, job_id: int) -> Job:
+    job = session.get(Job, job_id, with_for_update=True)
+    if job is None:
+        raise LookupError(f"job {job_id} does not exist")
+    return job
+
+
+def refresh_counts(session: Session, job: Job) -> None:
+    """Recount done/failed from this job's result rows; the job succeeds once every image has a row.
+
+    Call with the job row locked (`lock_job`) in the transaction that wrote the rows.
+    """
+    ok = func.count().filter(Result.status == ResultStatus.OK.value)
+    failed = func.count().filter(Result.status == ResultStatus.FAILED.value)
+    job.done, job.failed = session.execute(select(ok, failed).where(Result.job_id == job.id)).one()
+    if job.done + job.failed >= job.total and job.status != JobStatus.SUCCEEDED.value:
+        if job.status == JobStatus.FAILED.value:  # a retry completed what an earlier attempt did not
+            job.error = None
+        job.status, job.finished_at = JobStatus.SUCCEEDED.value, utcnow()
+        job.started_at = job.started_at or job.finished_at

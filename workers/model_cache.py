@@ -1,0 +1,146 @@
+"""Fitted models kept by a worker process: in memory (LRU by bank size) and on local disk (by sha256).
+
+A nightly run scores many chunks of one product in a row; each worker process loads that product's model
+once. The disk copy (`<cache_dir>/<sha256>/`) survives restarts and is shared by the processes of one
+machine; it is written to a temporary folder and renamed into place, so a half-downloaded artifact is
+never read. Every load verifies the artifact against the sha256 recorded in the database.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+from common.engine.artifact import BANK_FILE, META_FILE, ArtifactError
+from common.engine.patchcore import PatchCore
+from common.settings import get_settings
+from common.storage import open_storage
+
+
+@dataclass
+class CacheStats:
+    hits: int = 0  # model found in memory
+    loads: int = 0  # model built from an artifact folder (after a miss)
+    downloads: int = 0  # artifact fetched from storage into the disk cache
+    evictions: int = 0
+
+
+class ModelCache:
+    """Process-local, thread-safe cache of `PatchCore` models keyed by artifact sha256."""
+
+    def __init__(self, cache_dir: str | Path, max_bytes: int, device: str | None = "auto") -> None:
+        self.cache_dir = Path(cache_dir)
+        self.max_bytes = max_bytes
+        self.device = device
+        self.stats = CacheStats()
+        self._models: OrderedDict[str, PatchCore] = OrderedDict()
+        self._lock = threading.Lock()  # guards _models, stats and _key_locks
+        self._key_locks: dict[str, threading.Lock] = {}
+
+    def get(self, sha256: str, artifact_uri: str) -> PatchCore:
+        """The model with this artifact hash, loading it (from disk, else from `artifact_uri`) if needed."""
+        with self._lock:
+            model = self._touch(sha256)
+            if model is not None:
+                return model
+            key_lock = self._key_locks.setdefault(sha256, threading.Lock())
+        with key_lock:  # one load per model, while other models stay available
+            with self._lock:
+                model = self._touch(sha256)
+                if model is not None:
+                    return model
+            model = self._load(sha256, artifact_uri)
+            with self._lock:
+                self.stats.loads += 1
+                self._models[sha256] = model
+                self._evict()
+            return model
+
+    @property
+    def bytes_used(self) -> int:
+        with self._lock:
+            return sum(_model_bytes(m) for m in self._models.values())
+
+    def cached(self) -> list[str]:
+        """sha256 of the models in memory, least recently used first."""
+        with self._lock:
+            return list(self._models)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._models.clear()
+
+    def _touch(self, sha256: str) -> PatchCore | None:
+        model = self._models.get(sha256)
+        if model is not None:
+            self._models.move_to_end(sha256)
+            self.stats.hits += 1
+        return model
+
+    def _evict(self) -> None:
+        """Drop least recently used models until within the bound (the newest always stays)."""
+        total = sum(_model_bytes(m) for m in self._models.values())
+        while total > self.max_bytes and len(self._models) > 1:
+            _, oldest = self._models.popitem(last=False)
+            total -= _model_bytes(oldest)
+            self.stats.evictions += 1
+
+    def _load(self, sha256: str, artifact_uri: str) -> PatchCore:
+        folder = self.cache_dir / sha256
+        if folder.is_dir():
+            try:
+                return PatchCore.load(folder, sha256, device=self.device)
+            except ArtifactError:
+                shutil.rmtree(folder, ignore_errors=True)  # damaged copy: fetch it again
+        self._download(artifact_uri, folder)
+        return PatchCore.load(folder, sha256, device=self.device)
+
+    def _download(self, artifact_uri: str, folder: Path) -> None:
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=self.cache_dir, prefix=f".{folder.name}-"))
+        try:
+            store = open_storage(artifact_uri)
+            for name in (BANK_FILE, META_FILE):
+                store.get_file(name, tmp / name)
+            try:
+                os.rename(tmp, folder)
+            except OSError:  # another process put it there first: theirs is as good as ours
+                if not folder.is_dir():
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        with self._lock:
+            self.stats.downloads += 1
+
+
+def _model_bytes(model: PatchCore) -> int:
+    return int(model.index.bank.nbytes) if model.index is not None else 0
+
+
+_cache: ModelCache | None = None
+_cache_lock = threading.Lock()
+
+
+def get_model_cache() -> ModelCache:
+    """The process's model cache, bounded and placed by the settings."""
+    global _cache
+    with _cache_lock:
+        if _cache is None:
+            settings = get_settings()
+            _cache = ModelCache(settings.cache_dir, settings.model_cache_mb * 2**20)
+        return _cache
+
+
+def reset_model_cache() -> None:
+    """Forget the process's cache (tests; a forked child must not reuse its parent's models)."""
+    global _cache, _cache_lock
+    _cache = None
+    _cache_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=reset_model_cache)

@@ -1,0 +1,74 @@
+"""What scoring writes per image besides its database row: a mask PNG and a heatmap PNG, and their keys.
+
+Layout: `results/<product>/<model version>/<captured date or job-<id>>/<image key>_{mask,heatmap}.png`,
+where the image key is the image's path below the job's images folder with each segment made safe (and a
+short hash of the original appended when that changed anything, so two images never share a file).
+Both PNGs have the size of the original (EXIF-rotated) image, so they overlay it directly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+
+import numpy as np
+
+from common.engine.patchcore import ImageResult
+from common.images import png_bytes
+from common.storage import split_uri
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+
+
+def relative_image_key(image_uri: str, images_uri: str | None) -> str:
+    """The image's path below `images_uri` (the folder the job listed), else its key in its store."""
+    if images_uri:
+        prefix = images_uri.rstrip("/") + "/"
+        if image_uri.startswith(prefix) and len(image_uri) > len(prefix):
+            return image_uri[len(prefix):]
+    return split_uri(image_uri)[1]
+
+
+def safe_key(key: str) -> str:
+    """`key` with characters outside [A-Za-z0-9._-] replaced in every segment; unique per input key."""
+    segments = [_UNSAFE.sub("_", s) or "_" for s in key.strip("/").split("/")]
+    segments = ["_" if s in (".", "..") else s for s in segments]
+    safe = "/".join(segments)
+    if safe != key:
+        safe += "~" + hashlib.sha1(key.encode()).hexdigest()[:8]
+    return safe
+
+
+def output_keys(product: str, version: int, folder: str, image_uri: str,
+                images_uri: str | None) -> tuple[str, str]:
+    """(mask key, heatmap key) for one image, relative to the storage root."""
+    base = f"results/{product}/{version}/{folder}/{safe_key(relative_image_key(image_uri, images_uri))}"
+    return f"{base}_mask.png", f"{base}_heatmap.png"
+
+
+def _full_size(values: np.ndarray, result: ImageResult) -> np.ndarray:
+    """`values` (over the result's box) placed on a zero canvas of the original image's size."""
+    if result.image_hw is None or result.box is None:
+        return values
+    canvas = np.zeros(result.image_hw, dtype=values.dtype)
+    top, left, height, width = result.box
+    canvas[top:top + height, left:left + width] = values
+    return canvas
+
+
+def mask_png(result: ImageResult) -> bytes:
+    """The defect mask as a PNG: 255 where the anomaly map reaches the pixel threshold, 0 elsewhere."""
+    return png_bytes(_full_size(result.mask.astype(np.uint8) * 255, result))
+
+
+def heatmap_png(result: ImageResult, pixel_threshold: float) -> bytes:
+    """The anomaly map as 8-bit grey: 128 at the pixel threshold, linear, clipped at 255.
+
+    Scaling by the model's threshold rather than by each map's maximum keeps heatmaps comparable across
+    images: a nominal image stays dark instead of having its noise stretched to full brightness.
+    """
+    amap = result.anomaly_map.astype(np.float32)
+    scale = pixel_threshold if math.isfinite(pixel_threshold) and pixel_threshold > 0 else float(amap.max())
+    grey = np.clip(amap * (128.0 / max(scale, 1e-12)), 0, 255).astype(np.uint8)
+    return png_bytes(_full_size(grey, result))
