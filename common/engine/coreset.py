@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 ProgressFn = Callable[[int], None]
+HEAD_DIMS = 16  # leading principal coordinates tested first by the CPU coreset
 
 
 def random_projection(features: np.ndarray | torch.Tensor, dim: int, seed: int,
@@ -82,20 +83,23 @@ def _greedy_pruned(x: np.ndarray, k: int, start: int, progress: ProgressFn | Non
     _, vecs = np.linalg.eigh(centred.T.astype(np.float64) @ centred)
     y = np.ascontiguousarray(centred @ vecs[:, ::-1].astype(np.float32))
     del centred
+    head = np.ascontiguousarray(y[:, :HEAD_DIMS])  # small enough to stay in cache across steps
     threads = max(1, numba.get_num_threads())
     best_val = np.empty(threads, dtype=np.float32)
     best_idx = np.empty(threads, dtype=np.int64)
     mind2 = np.full(n, np.inf, dtype=np.float32)  # squared distance of each point to its nearest centre
-    assign = np.zeros(n, dtype=np.int64)  # that centre
+    assign = np.zeros(n, dtype=np.int32)  # that centre
     radius2 = np.zeros(k, dtype=np.float32)  # squared covering radius of each centre's cluster (upper bound)
     near = np.ones(k, dtype=np.bool_)
     selected = np.empty(k, dtype=np.int64)
+    centers = np.empty((k, dim), dtype=np.float32)  # contiguous copies: streamed, not gathered
     new = start
     for i in range(k):
         selected[i] = new
+        centers[i] = y[new]
         if i > 0:
-            _near_clusters(y, selected[:i], radius2[:i], y[new], near[:i])
-        radius2[i] = _assign_step(y, y[new], i, near, assign, mind2, best_val, best_idx)
+            _near_clusters(centers[:i], radius2[:i], centers[i], near[:i])
+        radius2[i] = _assign_step(head, y, y[new], i, near, assign, mind2, best_val, best_idx)
         if i % 256 == 255:
             _exact_radii(assign, mind2, radius2[: i + 1])
         new = int(best_idx[int(np.argmax(best_val))])
@@ -104,30 +108,32 @@ def _greedy_pruned(x: np.ndarray, k: int, start: int, progress: ProgressFn | Non
     return selected
 
 
-@numba.njit(cache=True, parallel=True)
-def _near_clusters(y, centers, radius2, c, near):  # pragma: no cover - compiled
+@numba.njit(cache=True, parallel=True, fastmath=True)
+def _near_clusters(centers, radius2, c, near):  # pragma: no cover - compiled
     """near[j] = the new centre c may take points from cluster j: d(c, c_j) < 2 r_j (triangle
     inequality), tested on a partial sum of squares first (a lower bound of the distance)."""
-    dim = y.shape[1]
+    dim = centers.shape[1]
+    hd = min(dim, HEAD_DIMS)
     for j in numba.prange(len(centers)):
         limit = 4.0 * radius2[j] * (1.0 + 1e-4) + 1e-6
-        s = 0.0
-        cj = centers[j]
-        inside = True
-        for d in range(dim):
-            diff = y[cj, d] - c[d]
+        s = np.float32(0.0)
+        for d in range(hd):
+            diff = centers[j, d] - c[d]
             s += diff * diff
-            if s >= limit:
-                inside = False
-                break
-        near[j] = inside
+        d = hd
+        while d < dim and s < limit:
+            diff = centers[j, d] - c[d]
+            s += diff * diff
+            d += 1
+        near[j] = s < limit
 
 
-@numba.njit(cache=True, parallel=True)
-def _assign_step(y, c, label, near, assign, mind2, best_val, best_idx):  # pragma: no cover - compiled
+@numba.njit(cache=True, parallel=True, fastmath=True)
+def _assign_step(head, y, c, label, near, assign, mind2, best_val, best_idx):  # pragma: no cover
     """Move every point closer to c than to its centre into c's cluster; per-thread argmax of mind2.
     Returns the squared radius of c's new cluster."""
     n, dim = y.shape
+    hd = head.shape[1]
     chunks = len(best_val)
     size = (n + chunks - 1) // chunks
     new_r2 = np.zeros(chunks, dtype=np.float32)
@@ -139,15 +145,18 @@ def _assign_step(y, c, label, near, assign, mind2, best_val, best_idx):  # pragm
         r2 = np.float32(0.0)
         for p in range(lo, hi):
             m = mind2[p]
-            if near[assign[p]]:
-                s = np.float32(0.0)
-                d = 0
-                while d < dim:
-                    diff = y[p, d] - c[d]
-                    s += diff * diff
-                    d += 1
-                    if d % 8 == 0 and s >= m:
-                        break
+            s = np.float32(0.0)
+            for d in range(hd):  # branch-free, so it vectorises
+                diff = head[p, d] - c[d]
+                s += diff * diff
+            if s < m and near[assign[p]]:
+                d = hd
+                while d < dim and s < m:
+                    stop = min(dim, d + 16)
+                    while d < stop:
+                        diff = y[p, d] - c[d]
+                        s += diff * diff
+                        d += 1
                 if s < m:
                     m = s
                     mind2[p] = s
