@@ -9,6 +9,7 @@ from datetime import date
 from pathlib import Path
 
 from common.engine.config import PatchCoreConfig
+from totalrecall.report import add_report_command
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
@@ -270,6 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_options(ev)
     ev.set_defaults(handler=cmd_evaluate)
     _add_operations(sub)
+    add_report_command(sub)
     return parser
 
 
