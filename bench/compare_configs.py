@@ -26,6 +26,13 @@ CONFIGS: dict[str, list[str]] = {
     "lite0-b2b4-224-square": ["--resize", "square"],
     "lite0-paper-protocol": ["--image-size", "256", "--resize", "square", "--center-crop", "224"],
     "lite0-b2b4-224-noeq7": ["--num-neighbors", "0"],
+    "lite0-scale-0.5": ["--resize", "scale", "--scale", "0.5"],
+    "lite0-scale-0.35": ["--resize", "scale", "--scale", "0.35"],
+    "lite0-scale-0.7": ["--resize", "scale", "--scale", "0.7"],
+    "lite0-scale-1.0": ["--resize", "scale", "--scale", "1.0"],
+    "lite0-scale-0.5-b2b5": ["--resize", "scale", "--scale", "0.5", "--layers", "blocks.2,blocks.5"],
+    "lite0-scale-0.35-b2b5": ["--resize", "scale", "--scale", "0.35", "--layers", "blocks.2,blocks.5"],
+    "lite0-scale-0.25": ["--resize", "scale", "--scale", "0.25"],
 }
 DATASETS = {"bottle": ("mvtec_ad", "bottle"), "mtd": ("mtd", "magnetic_tile")}
 

@@ -20,7 +20,8 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layers", default=None, help="comma-separated stages (default: stride 8 and 16)")
     p.add_argument("--weights", default=None, help="local state-dict file for the backbone")
     p.add_argument("--image-size", type=int, default=d.image_size)
-    p.add_argument("--resize", choices=["keep_aspect", "square"], default=d.resize)
+    p.add_argument("--resize", choices=["keep_aspect", "square", "scale"], default=d.resize)
+    p.add_argument("--scale", type=float, default=d.scale, help="resize factor for --resize scale")
     p.add_argument("--center-crop", type=int, default=None, help="paper protocol: --image-size 256 "
                    "--resize square --center-crop 224")
     p.add_argument("--embed-dim", type=int, default=d.embed_dim)
@@ -35,7 +36,7 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
 def config_from_args(a: argparse.Namespace) -> PatchCoreConfig:
     return PatchCoreConfig(
         backbone=a.backbone, layers=tuple(a.layers.split(",")) if a.layers else None,
-        image_size=a.image_size, resize=a.resize, center_crop=a.center_crop, embed_dim=a.embed_dim,
+        image_size=a.image_size, resize=a.resize, scale=a.scale, center_crop=a.center_crop, embed_dim=a.embed_dim,
         coreset_ratio=a.coreset_ratio, projection_dim=a.projection_dim, num_neighbors=a.num_neighbors,
         holdout_fraction=a.holdout_fraction, batch_size=a.batch_size, seed=a.seed,
     )

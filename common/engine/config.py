@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-RESIZE_MODES = ("keep_aspect", "square")
+RESIZE_MODES = ("keep_aspect", "square", "scale")
 
 
 @dataclass(frozen=True)
@@ -14,6 +14,7 @@ class PatchCoreConfig:
     layers: tuple[str, ...] | None = None  # None: the backbone's stride-8 and stride-16 stages
     image_size: int = 224  # keep_aspect: input area is image_size**2; square: image_size x image_size
     resize: str = "keep_aspect"
+    scale: float = 0.5  # resize="scale": every image is resized by this factor (constant pixel size)
     center_crop: int | None = None  # paper protocol: image_size=256, resize="square", center_crop=224
     embed_dim: int = 1024  # fixed patch-feature dimension budget, split evenly between the layers
     projection_dim: int = 128  # random projection the coreset is computed on
@@ -27,6 +28,8 @@ class PatchCoreConfig:
     def __post_init__(self) -> None:
         if self.resize not in RESIZE_MODES:
             raise ValueError(f"resize must be one of {RESIZE_MODES}, not {self.resize!r}")
+        if not 0 < self.scale <= 4:
+            raise ValueError("scale must be in (0, 4]")
         if not 0 < self.coreset_ratio <= 1:
             raise ValueError("coreset_ratio must be in (0, 1]")
         if self.num_neighbors == 1 or self.num_neighbors < 0:

@@ -27,6 +27,9 @@ def resized_hw(h: int, w: int, config: PatchCoreConfig) -> tuple[int, int]:
     """Size the whole image is resized to (before any center crop)."""
     if config.resize == "square":
         return config.image_size, config.image_size
+    if config.resize == "scale":  # same physical pixel size for every image, whatever its extent
+        return (max(GRID, round(h * config.scale / GRID) * GRID),
+                max(GRID, round(w * config.scale / GRID) * GRID))
     # keep_aspect: the input area is image_size**2, whatever the aspect ratio, so small tiles gain
     # resolution, big images lose none of their field of view, and compute per image is constant.
     scale = config.image_size / math.sqrt(h * w)
