@@ -21,7 +21,7 @@ from common.engine.coreset import (
     greedy_coreset,
 )
 from common.engine.knn import NearestNeighbors
-from common.engine.preprocessing import GRID, to_input
+from common.engine.preprocessing import GRID, resized_hw, to_input
 from common.engine.scoring import image_scores, reweighted_image_score, smooth_maps
 
 # ------------------------------------------------------------------------------------------- Eq. 7
@@ -349,3 +349,14 @@ def test_normalisation_and_input_checks() -> None:
         to_input(np.zeros((40, 60), np.uint8), PatchCoreConfig(image_size=64), MEAN, STD)
     with pytest.raises(ValueError):
         to_input(np.zeros((40, 60, 3), np.float32), PatchCoreConfig(image_size=64), MEAN, STD)
+
+
+def test_scale_resize_keeps_pixel_size_constant() -> None:
+    cfg = PatchCoreConfig(resize="scale", scale=0.5)
+    # every image shrinks by the same factor (to multiples of 16), so textures keep one scale
+    for h, w in [(300, 500), (120, 640), (403, 222)]:
+        rh, rw = resized_hw(h, w, cfg)
+        assert rh % GRID == 0 and rw % GRID == 0
+        assert abs(rh - h * 0.5) <= GRID / 2 and abs(rw - w * 0.5) <= GRID / 2
+    with pytest.raises(ValueError):
+        PatchCoreConfig(resize="scale", scale=0.0)
