@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from datetime import date
 from pathlib import Path
@@ -166,7 +167,9 @@ def cmd_worker(a: argparse.Namespace) -> int:
     _require_broker()
     from workers.app import app
 
-    argv = ["worker", "-Q", a.queues, "-P", "prefork", "--loglevel", a.loglevel]
+    # a unique node name, so several workers on one machine do not clash (celery@host is the default)
+    argv = ["worker", "-Q", a.queues, "-P", "prefork", "--loglevel", a.loglevel,
+            "--hostname", f"totalrecall-{os.getpid()}@%h"]
     if a.concurrency:
         argv += ["--concurrency", str(a.concurrency)]
     app.worker_main(argv)
