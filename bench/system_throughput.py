@@ -220,9 +220,9 @@ def run(a: argparse.Namespace, load_before: tuple[float, ...], t_script: float) 
             t = time.monotonic()
             with ThreadPoolExecutor(16) as pool:
                 list(pool.map(lambda kv: s3.put_object(Bucket=bucket, Key=kv[0], Body=kv[1]),
-                              [*zip(keys, (b for b, _ in train)), *zip(akeys, (b for b, _ in archive))]))
+                              [*zip(keys, (b for b, _ in train), strict=True), *zip(akeys, (b for b, _ in archive), strict=True)]))
             upload_s = time.monotonic() - t
-            truth = {f"s3://{bucket}/{k}": bad for k, (_, bad) in zip(akeys, archive)}
+            truth = {f"s3://{bucket}/{k}": bad for k, (_, bad) in zip(akeys, archive, strict=True)}
             png_mb = sum(len(b) for b, _ in archive) / 2**20
             log(f"generated {a.train}+{a.images} images in {gen_s:.1f}s ({png_mb:.1f} MiB archive), "
                 f"uploaded in {upload_s:.1f}s")
@@ -268,7 +268,7 @@ def run(a: argparse.Namespace, load_before: tuple[float, ...], t_script: float) 
                 results = model.predict(blobs)
                 engine_s = time.monotonic() - t
                 assert all(r.ok for r in results), [r.error for r in results if not r.ok][:3]
-                engine_scores = {f"s3://{bucket}/{k}": r.score for k, r in zip(akeys, results)}
+                engine_scores = {f"s3://{bucket}/{k}": r.score for k, r in zip(akeys, results, strict=True)}
                 engine = {"engine_s": round(engine_s, 2), "engine_ips": round(a.images / engine_s, 2),
                           "engine_load_s": round(load_s, 2), "engine_torch_threads": torch.get_num_threads(),
                           "engine_batch_size": model.config.batch_size}
@@ -289,8 +289,9 @@ def run(a: argparse.Namespace, load_before: tuple[float, ...], t_script: float) 
                         env=wenv | {"TOTALRECALL_CACHE_DIR": str(tmp / f"cache-{w}")},
                         stdout=out, stderr=subprocess.STDOUT, start_new_session=True))
             t = time.monotonic()
-            for proc, wlog in zip(workers, logs):
-                wait_for(lambda: " ready." in wlog.read_text(errors="replace") or proc.poll() is not None, 180)
+            for proc, wlog in zip(workers, logs, strict=True):
+                wait_for(lambda p=proc, w=wlog: " ready." in w.read_text(errors="replace") or p.poll() is not None,
+                         180)
                 if proc.poll() is not None:
                     raise RuntimeError(f"worker died:\n{wlog.read_text(errors='replace')}")
             log(f"{a.workers} worker(s) x concurrency {a.concurrency} ready in {time.monotonic() - t:.1f}s "
