@@ -11,18 +11,25 @@ Invariants the schema enforces:
 - `jobs.idempotency_key` is unique, so two schedulers racing to enqueue the same nightly run create one job.
 
 Timestamps are timezone-aware UTC datetimes in Python (SQLite stores them as naive UTC text).
+
+Database outages: a new PostgreSQL connection is retried while the server is unreachable or restarting
+(`TOTALRECALL_DB_RETRY_SECONDS`), and pooled connections are checked before use (pre-ping), so a session
+opened after a restart just waits for the server. A transaction that loses its connection half-way is
+re-run by `in_transaction`; wrong credentials or SQL errors are never retried.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import threading
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, date, datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import (
     BigInteger,
@@ -55,7 +62,10 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
 from sqlalchemy.types import JSON
 
-from common.settings import get_settings
+from common.settings import get_settings, redact_text
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 NAMING_CONVENTION = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -309,7 +319,72 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
         connect_args = kwargs.setdefault("connect_args", {})
         connect_args.setdefault("connect_timeout", 10)
         connect_args.setdefault("application_name", "totalrecall")
+        engine = create_engine(parsed, pool_pre_ping=True, **kwargs)
+        event.listen(engine, "do_connect", _connect_retrying)
+        return engine
     return create_engine(parsed, pool_pre_ping=True, **kwargs)
+
+
+# Lower-case fragments of driver messages that mean "unreachable, restarting or dropped: try again".
+# Authentication failures, missing databases and SQL errors are deliberately absent.
+_TRANSIENT_DB_MESSAGES = (
+    "connection refused",
+    "could not connect",
+    "the database system is starting up",
+    "the database system is shutting down",
+    "the database system is in recovery mode",
+    "the database system is not yet accepting connections",
+    "timeout expired",
+    "server closed the connection",
+    "terminating connection",
+    "connection reset",
+    "could not receive data",
+    "could not send data",
+    "no connection to the server",
+    "connection already closed",
+    "connection has been closed",
+    "too many clients",
+    "ssl syscall error",
+    "connection timed out",
+    "network is unreachable",
+    "broken pipe",
+    "database is locked",
+)
+
+
+def is_transient_db_error(exc: BaseException) -> bool:
+    """True if `exc` means the database was unreachable or dropped the connection (worth retrying)."""
+    from sqlalchemy.exc import DBAPIError, DisconnectionError
+
+    if isinstance(exc, DisconnectionError):
+        return True
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    if not names & {"OperationalError", "InterfaceError"}:
+        return False
+    text = str(getattr(exc, "orig", None) or exc).lower()
+    return any(fragment in text for fragment in _TRANSIENT_DB_MESSAGES)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(getattr(exc, "orig", None) or exc).strip()
+    return redact_text(text.splitlines()[0] if text else type(exc).__name__)
+
+
+def _connect_retrying(dialect: Any, _record: Any, cargs: Any, cparams: Any) -> Any:
+    """`do_connect` hook: open a DBAPI connection, waiting while the server is down or restarting."""
+    deadline = time.monotonic() + get_settings().db_retry_seconds
+    delay = 0.25
+    while True:
+        try:
+            return dialect.connect(*cargs, **cparams)
+        except Exception as exc:
+            if not is_transient_db_error(exc) or time.monotonic() + delay > deadline:
+                raise
+            logger.warning("database unreachable (%s); retrying in %.1f s", _first_line(exc), delay)
+            time.sleep(delay)
+            delay = min(2 * delay, 2.0)
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -365,6 +440,26 @@ def session_scope(url: str | None = None) -> Iterator[Session]:
         raise
     finally:
         session.close()
+
+
+def in_transaction(work: Callable[[Session], T], url: str | None = None) -> T:
+    """`work(session)` in one transaction, run again if the connection failed half-way (transiently).
+
+    Retries for up to `TOTALRECALL_DB_RETRY_SECONDS`; `work` must be safe to run twice (an error during
+    COMMIT leaves it unknown whether the first run was committed).
+    """
+    deadline = time.monotonic() + get_settings().db_retry_seconds
+    delay = 0.5
+    while True:
+        try:
+            with session_scope(url) as session:
+                return work(session)
+        except Exception as exc:
+            if not is_transient_db_error(exc) or time.monotonic() + delay > deadline:
+                raise
+            logger.warning("database transaction interrupted (%s); retrying in %.1f s", _first_line(exc), delay)
+            time.sleep(delay)
+            delay = min(2 * delay, 5.0)
 
 
 # --- write helpers the invariants call for ----------------------------------------------------------------

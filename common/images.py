@@ -4,21 +4,21 @@ Every image that enters TotalRecall goes through `decode_image`, so the rules li
 EXIF orientation is applied as a viewer would, 16-bit and palette/CMYK/alpha modes are converted to
 8-bit RGB, decompression bombs are refused from the header alone, and very large images are reduced
 while decoding (JPEG draft mode) and then resized so a batch's memory stays bounded.
+
+Limits come from the settings: `TOTALRECALL_MAX_IMAGE_PIXELS` (refused above it, from the header) and
+`TOTALRECALL_MAX_IMAGE_SIDE` (longer side after decoding). Peak memory of one decode is therefore at most
+about 4 bytes x MAX_IMAGE_PIXELS (a PNG must be decoded whole; a JPEG is decoded at a reduced scale).
 """
 
 from __future__ import annotations
 
 import io
-import os
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-# Refuse anything above this many pixels before decoding (a 50k x 50k PNG is a few KB on disk).
-MAX_PIXELS = int(os.environ.get("TOTALRECALL_MAX_IMAGE_PIXELS", 100_000_000))
-# After decoding, images are reduced so their longer side is at most this (keeps chunks bounded).
-MAX_SIDE = int(os.environ.get("TOTALRECALL_MAX_IMAGE_SIDE", 4096))
+from common.settings import get_settings
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -27,22 +27,28 @@ class ImageDecodeError(ValueError):
     """The bytes are not a usable image; the message says why."""
 
 
-def decode_image(source: bytes | str | Path, max_side: int = MAX_SIDE) -> np.ndarray:
+def decode_image(source: bytes | str | Path, max_side: int | None = None) -> np.ndarray:
     """Decode an image to an (H, W, 3) uint8 RGB array, oriented as a viewer shows it."""
+    settings = get_settings()
+    max_pixels, max_side = settings.max_image_pixels, max_side or settings.max_image_side
+    Image.MAX_IMAGE_PIXELS = max_pixels  # Pillow's own bomb check (it refuses above twice this) follows ours
     data = Path(source).read_bytes() if isinstance(source, str | Path) else source
     if not data:
         raise ImageDecodeError("empty file (0 bytes)")
     try:
         with Image.open(io.BytesIO(data)) as img:
             width, height = img.size
-            if width * height > MAX_PIXELS:
+            if width * height > max_pixels:
                 raise ImageDecodeError(
                     f"image is {width}x{height} = {width * height:,} pixels, above the limit of "
-                    f"{MAX_PIXELS:,} (TOTALRECALL_MAX_IMAGE_PIXELS); refused without decoding"
+                    f"{max_pixels:,} (TOTALRECALL_MAX_IMAGE_PIXELS); refused without decoding"
                 )
             if img.format == "JPEG" and max(width, height) > max_side:
-                img.draft("RGB", (max_side, max_side))  # decode at 1/2, 1/4 or 1/8 scale
+                # Decode at 1/2, 1/4 or 1/8 scale: the smallest one whose longer side stays >= max_side / 2.
+                scale = max_side / 2 / max(width, height)
+                img.draft("RGB", (max(1, int(width * scale)), max(1, int(height * scale))))
             img.load()
+            img = _reduce(img, max_side)
             img = ImageOps.exif_transpose(img)
             rgb = _to_rgb(img)
     except ImageDecodeError:
@@ -58,8 +64,22 @@ def decode_image(source: bytes | str | Path, max_side: int = MAX_SIDE) -> np.nda
     if max(rgb.size) > max_side:
         scale = max_side / max(rgb.size)
         rgb = rgb.resize((max(1, round(rgb.size[0] * scale)), max(1, round(rgb.size[1] * scale))),
-                         Image.Resampling.BILINEAR)
+                         Image.Resampling.BILINEAR, reducing_gap=3.0)
     return np.asarray(rgb)
+
+
+def _reduce(img: Image.Image, max_side: int) -> Image.Image:
+    """Shrink by an integer factor (box filter) while the longer side stays >= max_side.
+
+    Done right after decoding, so the mode conversions that follow work on the smaller image.
+    """
+    factor = max(img.size) // max_side
+    if factor < 2:
+        return img
+    try:
+        return img.reduce(factor)
+    except ValueError:  # a mode reduce() does not support (e.g. palette): converted at full size
+        return img
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

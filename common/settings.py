@@ -32,6 +32,20 @@ DEFAULT_FIT_TIME_LIMITS = (2 * 3600, int(2.5 * 3600))
 # Redis redelivers a task whose worker died (unacknowledged) after this many seconds. It must exceed the
 # longest task (the fit hard limit), or a long fit would be handed to a second worker while still running.
 DEFAULT_VISIBILITY_TIMEOUT = 3 * 3600
+# Sending a task retries this long while the broker is unreachable (then the job fails, saying so).
+DEFAULT_ENQUEUE_RETRY_SECONDS = 60
+# A database connection is retried this long while the server is unreachable or restarting.
+DEFAULT_DB_RETRY_SECONDS = 60
+# Workers look for work the broker lost (e.g. a Redis restart without persistence) this often, and leave
+# jobs younger than the grace period alone (their tasks may still be being sent).
+DEFAULT_RECOVERY_INTERVAL = 60
+DEFAULT_RECOVERY_GRACE = 300
+DEFAULT_S3_TIMEOUT = 60  # seconds to wait for an S3 response before botocore retries
+# Image limits: refused above MAX_IMAGE_PIXELS (from the header, never decoded) or MAX_IMAGE_BYTES (from
+# the object's size, never downloaded); reduced to MAX_IMAGE_SIDE while decoding.
+DEFAULT_MAX_IMAGE_PIXELS = 100_000_000
+DEFAULT_MAX_IMAGE_SIDE = 4096
+DEFAULT_MAX_IMAGE_BYTES = 256 * 2**20
 
 REDACTED = "***"
 # Query parameters whose values are secrets (e.g. `?password=` accepted by libpq and redis-py).
@@ -63,6 +77,17 @@ class Settings:
     score_time_limits: tuple[int, int] = DEFAULT_SCORE_TIME_LIMITS  # (soft, hard) seconds per chunk
     fit_time_limits: tuple[int, int] = DEFAULT_FIT_TIME_LIMITS  # (soft, hard) seconds per fit
     visibility_timeout: int = DEFAULT_VISIBILITY_TIMEOUT
+    enqueue_retry_seconds: int = DEFAULT_ENQUEUE_RETRY_SECONDS
+    db_retry_seconds: int = DEFAULT_DB_RETRY_SECONDS
+    recovery_interval: int = DEFAULT_RECOVERY_INTERVAL
+    recovery_grace: int = DEFAULT_RECOVERY_GRACE
+    s3_timeout: int = DEFAULT_S3_TIMEOUT
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    max_image_side: int = DEFAULT_MAX_IMAGE_SIDE
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
+    # Fault-injection tests only: seconds a scoring task sleeps after each image (and a fit before each
+    # training image), so that "in the middle of a chunk" lasts long enough to kill a worker in.
+    test_chunk_delay: float = 0.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -84,7 +109,23 @@ class Settings:
             score_time_limits=_time_limits(env, "SCORE", DEFAULT_SCORE_TIME_LIMITS),
             fit_time_limits=_time_limits(env, "FIT", DEFAULT_FIT_TIME_LIMITS),
             visibility_timeout=_positive_int(env, "VISIBILITY_TIMEOUT", DEFAULT_VISIBILITY_TIMEOUT),
-        )
+            enqueue_retry_seconds=_positive_int(env, "ENQUEUE_RETRY_SECONDS", DEFAULT_ENQUEUE_RETRY_SECONDS),
+            db_retry_seconds=_positive_int(env, "DB_RETRY_SECONDS", DEFAULT_DB_RETRY_SECONDS),
+            recovery_interval=_positive_int(env, "RECOVERY_INTERVAL", DEFAULT_RECOVERY_INTERVAL),
+            recovery_grace=_positive_int(env, "RECOVERY_GRACE", DEFAULT_RECOVERY_GRACE),
+            s3_timeout=s3_timeout(env),
+            max_image_pixels=_positive_int(env, "MAX_IMAGE_PIXELS", DEFAULT_MAX_IMAGE_PIXELS),
+            max_image_side=_positive_int(env, "MAX_IMAGE_SIDE", DEFAULT_MAX_IMAGE_SIDE),
+            max_image_bytes=_positive_int(env, "MAX_IMAGE_BYTES", DEFAULT_MAX_IMAGE_BYTES),
+            test_chunk_delay=_seconds(env, "TEST_CHUNK_DELAY"),
+        )._checked()
+
+    def _checked(self) -> Settings:
+        if self.recovery_grace <= self.enqueue_retry_seconds:
+            raise SettingsError(f"{PREFIX}RECOVERY_GRACE ({self.recovery_grace}) must exceed "
+                                f"{PREFIX}ENQUEUE_RETRY_SECONDS ({self.enqueue_retry_seconds}): a younger job "
+                                "may still be sending its tasks")
+        return self
 
     @property
     def tasks_in_process(self) -> bool:
@@ -115,6 +156,12 @@ class Settings:
             "score_time_limits": "{}/{} s".format(*self.score_time_limits),
             "fit_time_limits": "{}/{} s".format(*self.fit_time_limits),
             "visibility_timeout": f"{self.visibility_timeout} s",
+            "enqueue_retry_seconds": f"{self.enqueue_retry_seconds} s",
+            "db_retry_seconds": f"{self.db_retry_seconds} s",
+            "recovery": f"every {self.recovery_interval} s, jobs older than {self.recovery_grace} s",
+            "s3_timeout": f"{self.s3_timeout} s",
+            "image_limits": f"{self.max_image_pixels} px, side {self.max_image_side}, {self.max_image_bytes} B",
+            "test_chunk_delay": f"{self.test_chunk_delay:g} s",
         }
 
     def __repr__(self) -> str:
@@ -143,6 +190,12 @@ def s3_max_attempts(environ: Mapping[str, str] | None = None) -> int:
     """Total attempts per S3 request (botocore 'standard' retry mode), `TOTALRECALL_S3_MAX_ATTEMPTS`."""
     env = os.environ if environ is None else environ
     return _positive_int(env, "S3_MAX_ATTEMPTS", DEFAULT_S3_MAX_ATTEMPTS)
+
+
+def s3_timeout(environ: Mapping[str, str] | None = None) -> int:
+    """Seconds to wait for an S3 response before a retry, `TOTALRECALL_S3_TIMEOUT`."""
+    env = os.environ if environ is None else environ
+    return _positive_int(env, "S3_TIMEOUT", DEFAULT_S3_TIMEOUT)
 
 
 def redact_url(url: str) -> str:
@@ -187,6 +240,20 @@ def _positive_int(env: Mapping[str, str], name: str, default: int) -> int:
         value = 0
     if value <= 0:
         raise SettingsError(f"{PREFIX}{name} must be a positive integer, got {raw!r}")
+    return value
+
+
+def _seconds(env: Mapping[str, str], name: str) -> float:
+    """A non-negative number of seconds (default 0)."""
+    raw = _get(env, name)
+    if raw is None:
+        return 0.0
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value >= 0 or value == float("inf"):
+        raise SettingsError(f"{PREFIX}{name} must be a non-negative number of seconds, got {raw!r}")
     return value
 
 

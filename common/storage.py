@@ -6,7 +6,8 @@ that works locally works on S3. Full object URIs (`s3://bucket/a/b.png`, `/data/
 `split_uri` and `read_uri`.
 
 Failure model: a missing object raises `StorageNotFound` (a `KeyError`); a key that would leave a local
-root raises `UnsafeKeyError` (a `ValueError`); transient S3 trouble (connection errors, 5xx, throttling)
+root raises `UnsafeKeyError` (a `ValueError`); an object larger than a reader's `max_bytes` raises
+`ObjectTooLarge` (a `ValueError`) without being downloaded; transient S3 trouble (connection errors, 5xx, throttling)
 is retried by botocore with exponential backoff and, once retries are spent, raises `StorageUnavailable`
 so that callers (Celery tasks) can retry later. Local writes are atomic (temp file + `os.replace`).
 """
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from common.settings import aws_endpoint_url, s3_max_attempts
+from common.settings import aws_endpoint_url, s3_max_attempts, s3_timeout
 
 _TMP_PREFIX = ".totalrecall-tmp-"
 
@@ -47,6 +48,16 @@ class UnsafeKeyError(StorageError, ValueError):
     """The key is malformed or would resolve outside the storage root."""
 
 
+class ObjectTooLarge(StorageError, ValueError):
+    """The object is larger than the reader accepts; it was not downloaded."""
+
+
+def _check_size(size: int, max_bytes: int | None, uri: str) -> None:
+    if max_bytes is not None and size > max_bytes:
+        raise ObjectTooLarge(f"object at {uri} is {size:,} bytes, above the limit of {max_bytes:,} "
+                             "(TOTALRECALL_MAX_IMAGE_BYTES); not downloaded")
+
+
 class Storage(ABC):
     """Objects under one root URI, addressed by relative '/'-separated keys."""
 
@@ -57,8 +68,8 @@ class Storage(ABC):
         """Store `data` at `key` (replacing any object there); returns the object's URI."""
 
     @abstractmethod
-    def get_bytes(self, key: str) -> bytes:
-        """The object's content; `StorageNotFound` if there is none."""
+    def get_bytes(self, key: str, max_bytes: int | None = None) -> bytes:
+        """The object's content; `StorageNotFound` if there is none, `ObjectTooLarge` above `max_bytes`."""
 
     @abstractmethod
     def exists(self, key: str) -> bool: ...
@@ -122,10 +133,10 @@ def split_uri(uri: str | Path) -> tuple[str, str]:
     return anchor, key
 
 
-def read_uri(uri: str | Path) -> bytes:
-    """Content of the object at a full URI (see `split_uri`)."""
+def read_uri(uri: str | Path, max_bytes: int | None = None) -> bytes:
+    """Content of the object at a full URI (see `split_uri`); `ObjectTooLarge` above `max_bytes`."""
     root, key = split_uri(uri)
-    return open_storage(root).get_bytes(key)
+    return open_storage(root).get_bytes(key, max_bytes)
 
 
 def absolute_uri(uri: str | Path) -> str:
@@ -221,12 +232,16 @@ class LocalStorage(Storage):
         self._atomic_write(key, path, lambda f: f.write(data))
         return self.uri_for(key)
 
-    def get_bytes(self, key: str) -> bytes:
+    def get_bytes(self, key: str, max_bytes: int | None = None) -> bytes:
         path = self._path(key)
         try:
-            return path.read_bytes()
+            with open(path, "rb") as f:
+                _check_size(os.fstat(f.fileno()).st_size, max_bytes, self.uri_for(key))
+                data = f.read() if max_bytes is None else f.read(max_bytes + 1)
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
             raise StorageNotFound(f"no object at {self.uri_for(key)}") from exc
+        _check_size(len(data), max_bytes, self.uri_for(key))  # it grew after the stat
+        return data
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
@@ -323,9 +338,9 @@ def _reset_clients_after_fork() -> None:
 os.register_at_fork(after_in_child=_reset_clients_after_fork)
 
 
-def _s3_client(endpoint_url: str | None, max_attempts: int) -> Any:
-    """A shared boto3 S3 client per (process, endpoint, attempts); clients are thread-safe, sessions not."""
-    key = (os.getpid(), endpoint_url, max_attempts)
+def _s3_client(endpoint_url: str | None, max_attempts: int, timeout: int) -> Any:
+    """A shared boto3 S3 client per (process, endpoint, attempts, timeout); clients are thread-safe."""
+    key = (os.getpid(), endpoint_url, max_attempts, timeout)
     with _clients_lock:
         client = _clients.get(key)
         if client is None:
@@ -334,8 +349,8 @@ def _s3_client(endpoint_url: str | None, max_attempts: int) -> Any:
 
             config = Config(
                 retries={"max_attempts": max_attempts, "mode": "standard"},
-                connect_timeout=5,
-                read_timeout=60,
+                connect_timeout=min(5, timeout),
+                read_timeout=timeout,
                 max_pool_connections=32,
             )
             client = boto3.session.Session().client("s3", endpoint_url=endpoint_url, config=config)
@@ -363,6 +378,7 @@ class S3Storage(Storage):
         self.client = _s3_client(
             endpoint_url or aws_endpoint_url(),
             max_attempts if max_attempts is not None else s3_max_attempts(),
+            s3_timeout(),
         )
 
     def _key(self, key: str) -> str:
@@ -376,7 +392,7 @@ class S3Storage(Storage):
             )
         return self.uri_for(key)
 
-    def get_bytes(self, key: str) -> bytes:
+    def get_bytes(self, key: str, max_bytes: int | None = None) -> bytes:
         from botocore.exceptions import HTTPClientError, IncompleteReadError
 
         s3_key = self._key(key)
@@ -385,6 +401,9 @@ class S3Storage(Storage):
             with self._errors(key):
                 response = self.client.get_object(Bucket=self.bucket, Key=s3_key)
                 try:
+                    if max_bytes is not None and int(response.get("ContentLength") or 0) > max_bytes:
+                        response["Body"].close()
+                        _check_size(int(response["ContentLength"]), max_bytes, self.uri_for(key))
                     return response["Body"].read()
                 except (HTTPClientError, IncompleteReadError):  # read timeout, connection closed mid-body
                     if attempt == 2:

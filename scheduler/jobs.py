@@ -1,14 +1,19 @@
 """Job rows and their tasks: a job row is committed first, then its tasks are sent (ids only, no bytes).
 
 In-process mode (no broker) runs each task inline when it is sent, so the caller returns after the work.
+With a broker, sending retries while it is unreachable (`TOTALRECALL_ENQUEUE_RETRY_SECONDS`); after that
+the job is marked failed with the reason. Chunks sent before the failure still run and record their rows.
 """
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import date
 
+from celery import Task
 from kombu.exceptions import OperationalError as BrokerError
 from sqlalchemy import update
 
@@ -16,6 +21,8 @@ from common.db import Job, JobKind, JobStatus, Product, session_scope, utcnow
 from common.settings import get_settings, redact_text
 from scheduler.products import SchedulingError
 from workers.tasks import fit_product, score_chunk
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -57,16 +64,55 @@ def new_fit_job(product: Product, enqueued_by: str) -> Job:
                enqueued_by=enqueued_by)
 
 
-def enqueue_score(job_id: int, image_uris: Sequence[str], chunk_size: int | None = None) -> int:
-    """Send the job's images as `score_chunk` tasks (queue `score`); returns the number of chunks."""
+def send_chunks(job_id: int, image_uris: Sequence[str], chunk_size: int | None = None) -> int:
+    """Send `score_chunk` tasks for the images (queue `score`); returns the number of chunks.
+
+    Each send retries while the broker is unreachable (`TOTALRECALL_ENQUEUE_RETRY_SECONDS`), then raises.
+    """
     chunks = chunked(image_uris, chunk_size or get_settings().chunk_size)
-    _send(job_id, lambda: [score_chunk.delay(job_id, chunk) for chunk in chunks])
+    for chunk in chunks:
+        send_with_retry(lambda chunk=chunk: send_task(score_chunk, job_id, chunk))
     return len(chunks)
+
+
+def send_task(task: Task, *args: object) -> None:
+    """Send `task(*args)` without time limits in the message, so each worker applies its own
+    (`TOTALRECALL_SCORE_*` / `TOTALRECALL_FIT_*TIME_LIMIT` of the worker, not of the sender)."""
+    task.apply_async(args, time_limit=None, soft_time_limit=None)
+
+
+def send_with_retry(send: Callable[[], object]) -> None:
+    """`send()`, again every 2 s while the broker is unreachable, for `TOTALRECALL_ENQUEUE_RETRY_SECONDS`.
+
+    (kombu's own retries give up after the connect timeout when the first connection cannot be made.)
+    """
+    deadline = time.monotonic() + get_settings().enqueue_retry_seconds
+    while True:
+        try:
+            send()
+            return
+        except BrokerError as exc:
+            if time.monotonic() >= deadline:
+                raise
+            logger.warning("broker unreachable (%s); retrying", redact_text(str(exc)))
+            time.sleep(min(2.0, max(0.0, deadline - time.monotonic())))
+
+
+def enqueue_score(job_id: int, image_uris: Sequence[str], chunk_size: int | None = None) -> int:
+    """Send the job's images as `score_chunk` tasks; if that fails, fail the job (see `_send`)."""
+    count = 0
+
+    def send() -> None:
+        nonlocal count
+        count = send_chunks(job_id, image_uris, chunk_size)
+
+    _send(job_id, send)
+    return count
 
 
 def enqueue_fit(job_id: int) -> None:
     """Send a `fit_product` task (queue `fit`)."""
-    _send(job_id, lambda: fit_product.delay(job_id))
+    _send(job_id, lambda: send_with_retry(lambda: send_task(fit_product, job_id)))
 
 
 def _send(job_id: int, send: Callable[[], object]) -> None:

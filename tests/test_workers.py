@@ -444,7 +444,7 @@ def test_celery_configuration(tmp_path: Path) -> None:
     assert conf["task_acks_late"] and conf["task_reject_on_worker_lost"] and conf["task_ignore_result"]
     assert conf["worker_prefetch_multiplier"] == 1 and conf["broker_connection_retry_on_startup"]
     assert conf["accept_content"] == ["json"] and conf["task_serializer"] == "json"
-    assert conf["broker_transport_options"] == {"visibility_timeout": 600}
+    assert conf["broker_transport_options"]["visibility_timeout"] == 600
     assert {q.name: q.routing_key for q in conf["task_queues"]} == {FIT_QUEUE: FIT_QUEUE, SCORE_QUEUE: SCORE_QUEUE}
     assert conf["task_routes"]["workers.tasks.fit_product"]["queue"] == FIT_QUEUE
     assert conf["task_annotations"]["workers.tasks.score_chunk"] == {"soft_time_limit": 60, "time_limit": 90}

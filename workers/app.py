@@ -7,11 +7,19 @@ local storage) needs no Redis. Task state lives in the database, never in a Cele
 Delivery is at-least-once: tasks are acknowledged after they finish (`acks_late`), a task whose worker
 process died is requeued (`reject_on_worker_lost`, and Redis redelivers unacknowledged tasks after
 `visibility_timeout`), so every task must be idempotent (see `workers.tasks`).
+
+Broker outages: a worker reconnects for ever (`broker_connection_max_retries=None`) and lets running tasks
+finish (their results go to the database, not the broker); sending a task retries for
+`TOTALRECALL_ENQUEUE_RETRY_SECONDS`. Tasks that a broker restart loses are found and sent again by the
+workers' recovery sweep (`workers.recovery`).
 """
 
 from __future__ import annotations
 
+import warnings
+
 from celery import Celery
+from celery.exceptions import CPendingDeprecationWarning
 from celery.schedules import crontab
 from kombu import Exchange, Queue
 
@@ -24,6 +32,28 @@ SCORE_TASK = "workers.tasks.score_chunk"
 NIGHTLY_TASK = "workers.tasks.nightly_inspection"
 
 
+def publish_retry_policy(seconds: float) -> dict:
+    """kombu retry policy that keeps trying to send a task for about `seconds` (waits 0, 1, 2 ... 5 s)."""
+    waited, retries, interval_max = 0.0, 0, 5.0
+    while waited < seconds:
+        waited += min(float(retries), interval_max)
+        retries += 1
+    return {"max_retries": retries, "interval_start": 0, "interval_step": 1, "interval_max": interval_max}
+
+
+def transport_options(settings: Settings) -> dict:
+    """Redis transport options: visibility timeout, and how often workers look for expired tasks."""
+    return {
+        "visibility_timeout": settings.visibility_timeout,
+        # kombu scans for unacknowledged tasks past their visibility timeout every interval x throttle
+        # seconds (100 s by default); keep that well below the timeout.
+        "unacked_restore_interval": max(1, min(10, settings.visibility_timeout // 5)),
+        "unacked_restore_throttle": 1,
+        "socket_timeout": 30,  # a half-open connection fails instead of blocking a publish for ever
+        "socket_connect_timeout": 10,
+    }
+
+
 def celery_config(settings: Settings) -> dict:
     """The Celery settings for `settings` (a plain dict, so tests can inspect it)."""
     score_soft, score_hard = settings.score_time_limits
@@ -32,7 +62,14 @@ def celery_config(settings: Settings) -> dict:
     return {
         "broker_url": settings.broker_url or "memory://",
         "broker_connection_retry_on_startup": True,
-        "broker_transport_options": {"visibility_timeout": settings.visibility_timeout},
+        "broker_connection_retry": True,
+        "broker_connection_max_retries": None,  # a worker waits for the broker for ever
+        # Tasks running when the broker goes away finish and write their results; their (late) ack is
+        # lost with the connection, so the broker may deliver them again: harmless, tasks are idempotent.
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
+        "task_publish_retry": True,
+        "task_publish_retry_policy": publish_retry_policy(settings.enqueue_retry_seconds),
+        "broker_transport_options": transport_options(settings),
         "task_always_eager": settings.tasks_in_process,
         "task_eager_propagates": True,
         "task_acks_late": True,
@@ -71,9 +108,24 @@ def celery_config(settings: Settings) -> dict:
 
 
 def configure(celery_app: Celery, settings: Settings | None = None) -> Celery:
-    """(Re)apply the settings to `celery_app`, e.g. after tests changed the environment."""
+    """(Re)apply the settings to `celery_app`, e.g. after tests changed the environment.
+
+    Connections made under the previous settings are forgotten: an in-process run acquires a producer
+    from the in-memory transport, and tasks sent later would otherwise still go there.
+    """
     celery_app.conf.update(celery_config(settings or get_settings()))
+    celery_app._pool = None  # what Celery itself resets after a fork (Celery._after_fork)
+    amqp = celery_app.__dict__.get("amqp")
+    if amqp is not None:
+        amqp._producer_pool = None
     return celery_app
 
 
+# Celery warns on every broker reconnect that it might one day cancel running tasks; we chose not to (above).
+warnings.filterwarnings("ignore", message=r"(?s).*worker_cancel_long_running_tasks_on_connection_loss",
+                        category=CPendingDeprecationWarning)
+
 app = configure(Celery("totalrecall", include=["workers.tasks"]))
+from workers.recovery import RecoveryStep  # noqa: E402 - needs `app`'s module loaded first
+
+app.steps["worker"].add(RecoveryStep)

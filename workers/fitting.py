@@ -7,13 +7,20 @@ inactive, and the job says why. A failed fit leaves its version `failed`, never 
 
 A redelivered fit task reuses the version row its first attempt created (the job points to it), so a
 worker dying mid-fit never leaves a second half-made version behind.
+
+Publishing (upload of the artifact, then the version row) happens with the job row locked and only while
+the version is still `training`: two attempts of one fit (a task redelivered while its first worker was
+still running) never overwrite each other's artifact, and the version that becomes active always has the
+complete artifact whose sha256 it records. A worker dying mid-upload leaves the version `training`
+(nothing references the partial upload); the redelivered task uploads again.
 """
 
 from __future__ import annotations
 
 import math
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from tempfile import TemporaryDirectory
 from typing import Any
@@ -28,7 +35,7 @@ from common.db import (
     ModelStatus,
     ModelVersion,
     activate_model_version,
-    session_scope,
+    in_transaction,
     utcnow,
 )
 from common.engine.artifact import BANK_FILE, META_FILE
@@ -75,30 +82,44 @@ def fit_job(job_id: int) -> FitOutcome | None:
     if not uris:
         raise FitError(f"no training images under {target.train_uri}")
     model = PatchCore(PatchCoreConfig.from_dict(target.fit_config))
-    stats = model.fit([partial(read_uri, uri) for uri in uris])
+    max_bytes = get_settings().max_image_bytes
+    stats = model.fit([_loader(uri, max_bytes) for uri in uris])
+    passed, reason = check_validation(stats, model, len(uris))
     with TemporaryDirectory(prefix="totalrecall-fit-") as tmp:
         sha256 = model.save(tmp)
-        artifact_uri = upload_artifact(Path(tmp), target.product, target.version)
-    passed, reason = check_validation(stats, model, len(uris))
-    finish_fit(target, model, stats, sha256, artifact_uri, passed, reason, len(uris))
-    return FitOutcome(target.version, sha256, passed, reason)
+        published = publish(target, Path(tmp), model, stats, sha256, passed, reason, len(uris))
+    return FitOutcome(target.version, sha256, passed, reason) if published else None
+
+
+def _loader(uri: str, max_bytes: int) -> Callable[[], bytes]:
+    delay = get_settings().test_chunk_delay
+
+    def load() -> bytes:
+        if delay:
+            time.sleep(delay)  # fault-injection tests only
+        return read_uri(uri, max_bytes)
+
+    return load
 
 
 def start_fit(job_id: int) -> FitTarget | None:
     """Mark the job running and create (or, on redelivery, reuse) its `training` model version."""
+
+    def work(session: Session) -> FitTarget | None:
+        job = lock_job(session, job_id)
+        if job.status in (JobStatus.SUCCEEDED.value, JobStatus.FAILED.value):
+            return None
+        version = job.model_version
+        if version is None or version.status != ModelStatus.TRAINING.value:
+            version = _new_version(session, job)
+        job.status, job.started_at = JobStatus.RUNNING.value, job.started_at or utcnow()
+        product = job.product
+        return FitTarget(job.id, product.name, product.train_uri, dict(product.fit_config),
+                         version.id, version.version)
+
     for attempt in range(3):
         try:
-            with session_scope() as session:
-                job = lock_job(session, job_id)
-                if job.status in (JobStatus.SUCCEEDED.value, JobStatus.FAILED.value):
-                    return None
-                version = job.model_version
-                if version is None or version.status != ModelStatus.TRAINING.value:
-                    version = _new_version(session, job)
-                job.status, job.started_at = JobStatus.RUNNING.value, job.started_at or utcnow()
-                product = job.product
-                return FitTarget(job.id, product.name, product.train_uri, dict(product.fit_config),
-                                 version.id, version.version)
+            return in_transaction(work)
         except IntegrityError:  # another fit of the product took the same version number: renumber
             if attempt == 2:
                 raise
@@ -140,36 +161,55 @@ def check_validation(stats: dict[str, Any], model: PatchCore, n_images: int) -> 
     return True, f"{stats['holdout_images']} held-out images scored, {failed} of {n_images} failed"
 
 
-def finish_fit(target: FitTarget, model: PatchCore, stats: dict[str, Any], sha256: str, artifact_uri: str,
-               passed: bool, reason: str, n_images: int) -> None:
-    """Record the ready version (activating it if it passed) and the job's outcome, in one transaction."""
-    with session_scope() as session:
+def publish(target: FitTarget, folder: Path, model: PatchCore, stats: dict[str, Any], sha256: str,
+            passed: bool, reason: str, n_images: int) -> bool:
+    """Upload the artifact and record the version, with the job locked; False if another attempt did."""
+
+    def work(session: Session) -> bool:
         job = lock_job(session, target.job_id)
         version = session.get(ModelVersion, target.version_id)
-        version.status, version.error = ModelStatus.READY.value, None
-        version.sha256, version.artifact_uri = sha256, artifact_uri
-        version.config = model.config.to_dict()
-        version.image_threshold, version.pixel_threshold = model.image_threshold, model.pixel_threshold
-        version.train_image_count = int(stats["train_images"])
-        version.validation = {**stats, "activation": {"passed": passed, "rule": ACTIVATION_RULE,
-                                                      "reason": reason}}
-        session.flush()
-        if passed:
-            activate_model_version(session, version)
-        failed = len(stats.get("failed_images", []))
-        job.total, job.done, job.failed = n_images, n_images - failed, failed
-        job.status, job.finished_at = JobStatus.SUCCEEDED.value, utcnow()
-        job.error = None if passed else f"model version {version.version} is ready but not active: {reason}"
+        if job.status != JobStatus.RUNNING.value or version.status != ModelStatus.TRAINING.value:
+            return False  # a duplicate attempt published (or failed) this fit already
+        artifact_uri = upload_artifact(folder, target.product, target.version)
+        finish_fit(session, job, version, model, stats, sha256, artifact_uri, passed, reason, n_images)
+        return True
+
+    return in_transaction(work)
+
+
+def finish_fit(session: Session, job: Job, version: ModelVersion, model: PatchCore, stats: dict[str, Any],
+               sha256: str, artifact_uri: str, passed: bool, reason: str, n_images: int) -> None:
+    """Record the ready version (activating it if it passed) and the job's outcome (job row locked)."""
+    version.status, version.error = ModelStatus.READY.value, None
+    version.sha256, version.artifact_uri = sha256, artifact_uri
+    version.config = model.config.to_dict()
+    version.image_threshold, version.pixel_threshold = model.image_threshold, model.pixel_threshold
+    version.train_image_count = int(stats["train_images"])
+    version.validation = {**stats, "activation": {"passed": passed, "rule": ACTIVATION_RULE,
+                                                  "reason": reason}}
+    session.flush()
+    if passed:
+        activate_model_version(session, version)
+    failed = len(stats.get("failed_images", []))
+    job.total, job.done, job.failed = n_images, n_images - failed, failed
+    job.status, job.finished_at = JobStatus.SUCCEEDED.value, utcnow()
+    job.error = None if passed else f"model version {version.version} is ready but not active: {reason}"
 
 
 def fail_fit(job_id: int, error: str) -> None:
-    """Mark the job failed and its unfinished model version failed (and so never active)."""
-    with session_scope() as session:
+    """Mark the job failed and its unfinished model version failed (and so never active).
+
+    A fit that has succeeded (a late duplicate attempt failing) is left alone.
+    """
+
+    def work(session: Session) -> None:
         job = session.get(Job, job_id, with_for_update=True)
-        if job is None:
+        if job is None or job.status == JobStatus.SUCCEEDED.value:
             return
         job.status, job.error, job.finished_at = JobStatus.FAILED.value, error, utcnow()
         job.started_at = job.started_at or job.finished_at
         version = job.model_version
         if version is not None and version.status == ModelStatus.TRAINING.value:
             version.status, version.error, version.is_active = ModelStatus.FAILED.value, error, False
+
+    in_transaction(work)

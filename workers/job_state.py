@@ -3,14 +3,20 @@
 Progress counters are recounted from the results table, never incremented, so a redelivered or retried
 chunk cannot count twice. The job row is locked (`SELECT ... FOR UPDATE`) before counting: on PostgreSQL
 the count then runs after any concurrent chunk of the same job has committed and sees its rows.
+
+Every transition runs through `in_transaction`, so a database restart in the middle is retried; all of them
+are safe to run twice. A succeeded job is never marked failed (a late duplicate of a finished task).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from common.db import Job, JobStatus, Result, ResultStatus, session_scope, utcnow
+from common.db import Job, JobStatus, Result, ResultStatus, in_transaction, record_results, utcnow
 from common.settings import redact_text
 
 MAX_ERROR_CHARS = 2000
@@ -24,21 +30,24 @@ def describe_error(exc: BaseException) -> str:
 
 def mark_running(job_id: int) -> None:
     """queued -> running (first start time kept); other states are left alone."""
-    with session_scope() as session:
-        session.execute(
-            update(Job).where(Job.id == job_id, Job.status == JobStatus.QUEUED.value)
-            .values(status=JobStatus.RUNNING.value, started_at=utcnow())
-        )
+    in_transaction(lambda session: session.execute(
+        update(Job).where(Job.id == job_id, Job.status == JobStatus.QUEUED.value)
+        .values(status=JobStatus.RUNNING.value, started_at=utcnow())
+    ))
 
 
 def mark_failed(job_id: int, error: str) -> None:
-    with session_scope() as session:
+    """Mark the job failed with `error`, unless it has already succeeded."""
+
+    def work(session: Session) -> None:
         job = session.get(Job, job_id, with_for_update=True)
-        if job is None:
+        if job is None or job.status == JobStatus.SUCCEEDED.value:
             return
         job.status, job.error, job.finished_at = JobStatus.FAILED.value, error, utcnow()
         if job.started_at is None:
             job.started_at = job.finished_at
+
+    in_transaction(work)
 
 
 def lock_job(session: Session, job_id: int) -> Job:
@@ -46,6 +55,17 @@ def lock_job(session: Session, job_id: int) -> Job:
     if job is None:
         raise LookupError(f"job {job_id} does not exist")
     return job
+
+
+def record_chunk(job_id: int, rows: Sequence[dict[str, Any]]) -> None:
+    """Write a chunk's result rows and recount its job, in one transaction (retried if interrupted)."""
+
+    def work(session: Session) -> None:
+        job = lock_job(session, job_id)
+        record_results(session, rows)
+        refresh_counts(session, job)
+
+    in_transaction(work)
 
 
 def refresh_counts(session: Session, job: Job) -> None:

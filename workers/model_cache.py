@@ -1,4 +1,8 @@
-"""Fitted models kept by a worker process: in memory (LRU by bank size) and on local disk (by sha256).
+"""Fitted models kept by a worker process: in memory (LRU by size) and on local disk (by sha256).
+
+A model's size is its kNN index's host memory (`NearestNeighbors.nbytes`: the bank, plus an IVF index's
+lists); the backbone is shared by every model of the same backbone (`patchcore.shared_backbone`), so
+many products on one worker cost one backbone and their banks.
 
 A nightly run scores many chunks of one product in a row; each worker process loads that product's model
 once. The disk copy (`<cache_dir>/<sha256>/`) survives restarts and is shared by the processes of one
@@ -119,7 +123,7 @@ class ModelCache:
 
 
 def _model_bytes(model: PatchCore) -> int:
-    return int(model.index.bank.nbytes) if model.index is not None else 0
+    return model.index.nbytes if model.index is not None else 0
 
 
 _cache: ModelCache | None = None

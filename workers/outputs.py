@@ -19,6 +19,7 @@ from common.images import png_bytes
 from common.storage import split_uri
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+ROWS = 256  # rows per block when scaling a heatmap
 
 
 def relative_image_key(image_uri: str, images_uri: str | None) -> str:
@@ -59,7 +60,9 @@ def _full_size(values: np.ndarray, result: ImageResult) -> np.ndarray:
 
 def mask_png(result: ImageResult) -> bytes:
     """The defect mask as a PNG: 255 where the anomaly map reaches the pixel threshold, 0 elsewhere."""
-    return png_bytes(_full_size(result.mask.astype(np.uint8) * 255, result))
+    grey = result.mask.astype(np.uint8)
+    grey *= 255
+    return png_bytes(_full_size(grey, result))
 
 
 def heatmap_png(result: ImageResult, pixel_threshold: float) -> bytes:
@@ -68,7 +71,12 @@ def heatmap_png(result: ImageResult, pixel_threshold: float) -> bytes:
     Scaling by the model's threshold rather than by each map's maximum keeps heatmaps comparable across
     images: a nominal image stays dark instead of having its noise stretched to full brightness.
     """
-    amap = result.anomaly_map.astype(np.float32)
+    amap = result.anomaly_map
     scale = pixel_threshold if math.isfinite(pixel_threshold) and pixel_threshold > 0 else float(amap.max())
-    grey = np.clip(amap * (128.0 / max(scale, 1e-12)), 0, 255).astype(np.uint8)
+    factor = np.float32(128.0 / max(scale, 1e-12))
+    grey = np.empty(amap.shape, dtype=np.uint8)
+    for top in range(0, amap.shape[0], ROWS):  # in row blocks: no full-size float temporaries
+        block = amap[top:top + ROWS] * factor
+        np.clip(block, 0, 255, out=block)
+        grey[top:top + ROWS] = block
     return png_bytes(_full_size(grey, result))

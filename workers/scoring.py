@@ -1,26 +1,69 @@
-"""Score one chunk of a job: fetch the images concurrently, run the model, write outputs and result rows.
+"""Score one chunk of a job: fetch the images a few ahead of the model, write outputs and result rows.
 
-Images are downloaded by a thread pool while the model computes: the engine's loader receives callables
-that wait for their download. A missing object or an undecodable image becomes that image's `failed` row
-(the engine reports it as a per-image failure); `StorageUnavailable` propagates, so the task can retry the
-whole chunk. All rows of the chunk are written in one transaction, after every output file is stored.
+Per image: a missing or unreadable object (no such key or bucket, access denied), an object above
+`TOTALRECALL_MAX_IMAGE_BYTES`, an undecodable or refused image, or a download that did not finish within
+the chunk's time budget becomes that image's `failed` row with the reason, and the rest of the chunk goes
+on. An error the engine does not attribute to one image makes the chunk score its images one at a time,
+so the image that causes it fails alone.
+
+Per chunk: storage that does not answer (`StorageUnavailable`) and database errors propagate, so the task
+retries the whole chunk; a model that cannot be loaded (`ModelUnusable`) or outputs that cannot be written
+fail the job. A chunk stopped by its soft time limit records what it finished and a failed row for the
+rest. Rows are written in one transaction, only for images whose mask and heatmap are already stored.
+
+Memory stays bounded whatever the chunk and image sizes: at most `download_threads` images are
+downloaded ahead of the model, decoding is bounded by the image limits (`common.images`), at most
+`WRITE_THREADS` finished images wait for their outputs to be written, and freed memory is handed back to
+the operating system after each chunk.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import logging
+import threading
+import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from datetime import date
+from functools import partial
 from typing import Any
 
-from common.db import Job, ResultStatus, images_with_results, record_results, session_scope
+from celery.exceptions import SoftTimeLimitExceeded
+from sqlalchemy.exc import SQLAlchemyError
+
+from common.db import Job, ResultStatus, images_with_results, in_transaction
 from common.engine.patchcore import ImageResult, PatchCore
 from common.settings import get_settings, redact_text
-from common.storage import Storage, open_storage, read_uri
-from workers.job_state import lock_job, mark_running, refresh_counts
+from common.storage import Storage, StorageError, StorageUnavailable, open_storage, read_uri
+from workers.job_state import describe_error, mark_running, record_chunk
 from workers.model_cache import get_model_cache
 from workers.outputs import heatmap_png, mask_png, output_keys
+
+logger = logging.getLogger(__name__)
+
+WRITE_THREADS = 2  # also the number of finished images that may wait for their outputs to be written
+TIME_BUDGET = 0.8  # of the soft time limit: images not downloaded by then fail, and scoring stops there
+
+
+class ModelUnusable(RuntimeError):
+    """The job's model cannot be loaded (corrupted, incompatible or missing artifact): the job fails."""
+
+
+class DownloadTimeout(TimeoutError):
+    """An image was not downloaded within the chunk's time budget (an `OSError`: a per-image failure)."""
+
+
+class ImageFetchError(OSError):
+    """Storage refused one image (no such bucket, access denied ...): that image's failure."""
+
+
+# Errors that concern the whole chunk: retried or failing the job, never blamed on one image.
+CHUNK_ERRORS = (SoftTimeLimitExceeded, StorageError, ModelUnusable, SQLAlchemyError)
 
 
 @dataclass(frozen=True)
@@ -50,25 +93,56 @@ class ChunkOutcome:
     skipped: int  # images that already had an ok result for the model version
 
 
-def score_chunk(job_id: int, image_uris: Sequence[str]) -> ChunkOutcome:
-    """Score the images of one chunk and record them; safe to run again for the same chunk."""
+def chunk_deadline() -> float:
+    """The `deadline` for a chunk starting now: `TIME_BUDGET` of the score soft time limit."""
+    return time.monotonic() + TIME_BUDGET * get_settings().score_time_limits[0]
+
+
+def score_chunk(job_id: int, image_uris: Sequence[str], deadline: float | None = None) -> ChunkOutcome:
+    """Score the images of one chunk and record them; safe to run again for the same chunk.
+
+    `deadline` (`time.monotonic()` seconds): images not downloaded by then fail, and scoring stops there.
+    """
     context = load_context(job_id)
     mark_running(job_id)
     uris = list(dict.fromkeys(image_uris))
-    with session_scope() as session:
-        already = images_with_results(session, context.version_id, uris, ok_only=True)
+    already = in_transaction(lambda s: images_with_results(s, context.version_id, uris, ok_only=True))
     todo = [u for u in uris if u not in already]
-    rows = score_images(context, todo) if todo else []
-    with session_scope() as session:
-        job = lock_job(session, job_id)
-        record_results(session, rows)
-        refresh_counts(session, job)
+    scorer = ChunkScorer(context, todo, deadline)
+    try:
+        scorer.run()
+    except SoftTimeLimitExceeded:
+        soft = get_settings().score_time_limits[0]
+        scorer.stop(f"not scored: the chunk hit its soft time limit ({soft} s)")
+    finally:
+        release_memory()
+    rows = scorer.rows()
+    if rows:
+        record_chunk(job_id, rows)
     failed = sum(r["status"] == ResultStatus.FAILED.value for r in rows)
     return ChunkOutcome(len(rows) - failed, failed, len(already))
 
 
+def release_memory() -> None:
+    """Hand freed memory back to the OS: glibc keeps large freed blocks in its per-thread arenas, so a
+    worker's RSS would otherwise stay at the peak of its largest chunk for ever."""
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def give_up(job_id: int, image_uris: Sequence[str], reason: str) -> ChunkOutcome:
+    """Record a failed row with `reason` for each image of the chunk that has no ok result."""
+    context = load_context(job_id)
+    uris = list(dict.fromkeys(image_uris))
+    already = in_transaction(lambda s: images_with_results(s, context.version_id, uris, ok_only=True))
+    rows = [_failed_row(context, u, reason) for u in uris if u not in already]
+    if rows:
+        record_chunk(job_id, rows)
+    return ChunkOutcome(0, len(rows), len(already))
+
+
 def load_context(job_id: int) -> ChunkContext:
-    with session_scope() as session:
+    def read(session: Any) -> ChunkContext:
         job = session.get(Job, job_id)
         if job is None:
             raise LookupError(f"job {job_id} does not exist")
@@ -78,42 +152,158 @@ def load_context(job_id: int) -> ChunkContext:
         return ChunkContext(job.id, job.product_id, job.product.name, version.id, version.version,
                             version.sha256, version.artifact_uri, job.images_uri, job.run_date)
 
+    return in_transaction(read)
 
-def score_images(context: ChunkContext, uris: Sequence[str]) -> list[dict[str, Any]]:
-    """One result row per image of `uris` (same order), after storing the outputs of the scored ones."""
-    settings = get_settings()
-    store = open_storage(settings.storage_url)
-    pool = ThreadPoolExecutor(settings.download_threads, thread_name_prefix="totalrecall-io")
+
+def load_model(context: ChunkContext) -> PatchCore:
+    """The job's model from the worker's cache; `ModelUnusable` if its artifact is refused or missing."""
     try:
-        loaders = [_prefetch(pool, uri) for uri in uris]  # downloads start before the model loads
-        model = get_model_cache().get(context.sha256, context.artifact_uri)
-        rows: list[dict[str, Any]] = [{}] * len(uris)
-        writes: list[Future] = []
-        for pos, result in model.iter_predict(loaders):
-            if result.ok:
-                mask_key, heatmap_key = output_keys(context.product, context.version, context.folder,
-                                                    uris[pos], context.images_uri)
-                writes.append(pool.submit(_write_outputs, store, mask_key, heatmap_key, result,
-                                          model.pixel_threshold))
-                rows[pos] = _ok_row(context, uris[pos], result, model, store.uri_for(mask_key),
-                                    store.uri_for(heatmap_key))
-            else:
-                rows[pos] = _failed_row(context, uris[pos], result.error or "not processed")
-        for write in writes:
-            write.result()  # re-raises a storage error: no row is written without its files
-        return rows
-    finally:
-        pool.shutdown(wait=False, cancel_futures=True)
+        return get_model_cache().get(context.sha256, context.artifact_uri)
+    except (SoftTimeLimitExceeded, StorageUnavailable, SQLAlchemyError):
+        raise
+    except Exception as exc:
+        raise ModelUnusable(f"model version {context.version} of {context.product!r} cannot be used: "
+                            f"{describe_error(exc)}") from exc
 
 
-def _prefetch(pool: ThreadPoolExecutor, uri: str) -> Callable[[], bytes]:
-    """A loader for the engine that returns the image's bytes once the pool has fetched them."""
-    pending = [pool.submit(read_uri, uri)]
+class ChunkScorer:
+    """Scores a chunk's images and keeps each finished image's row, so a chunk stopped half-way (time
+    limit) can still record what it did."""
 
-    def load() -> bytes:
-        return pending.pop().result()  # pop: the bytes are not kept alive after decoding
+    def __init__(self, context: ChunkContext, uris: Sequence[str], deadline: float | None = None) -> None:
+        self.context = context
+        self.uris = list(uris)
+        self.deadline = deadline
+        self.settings = get_settings()
+        self.finished: dict[str, dict[str, Any]] = {}
+        self.unfinished_reason = "not processed"
 
-    return load
+    def run(self) -> None:
+        """Score every image; one image at a time if something in the batch fails unexpectedly."""
+        try:
+            self._score(self.uris)
+        except CHUNK_ERRORS:
+            raise
+        except Exception:
+            logger.exception("job %s: chunk failed as a whole; scoring its images one at a time",
+                             self.context.job_id)
+            for uri in [u for u in self.uris if u not in self.finished]:
+                try:
+                    self._score([uri])
+                except CHUNK_ERRORS:
+                    raise
+                except Exception as exc:
+                    self.finished[uri] = _failed_row(self.context, uri, describe_error(exc))
+
+    def stop(self, reason: str) -> None:
+        """The images without a row yet will get a failed row saying `reason`."""
+        self.unfinished_reason = reason
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One row per image, in order: its own, or a failed one with the reason it was not finished."""
+        return [self.finished.get(u) or _failed_row(self.context, u, self.unfinished_reason)
+                for u in self.uris]
+
+    def _out_of_time(self) -> bool:
+        return self.deadline is not None and time.monotonic() > self.deadline
+
+    def _score(self, uris: list[str]) -> None:
+        settings = self.settings
+        store = open_storage(settings.storage_url)
+        downloads = ThreadPoolExecutor(settings.download_threads, thread_name_prefix="totalrecall-get")
+        uploads = ThreadPoolExecutor(WRITE_THREADS, thread_name_prefix="totalrecall-put")
+        fetcher = Prefetcher(downloads, uris, settings.download_threads, settings.max_image_bytes,
+                             self.deadline)
+        writes: deque[tuple[str, dict[str, Any], Future]] = deque()
+        try:
+            fetcher.start()  # the first downloads run while the model loads
+            model = load_model(self.context)
+            with contextlib.closing(model.iter_predict(fetcher.loaders())) as results:
+                for pos, result in results:
+                    self._finish(store, uploads, writes, model, uris[pos], result)
+                    self._collect(writes, keep=WRITE_THREADS)
+                    if self._out_of_time():
+                        self.stop(f"not scored: the chunk's time budget ran out ({TIME_BUDGET:.0%} of "
+                                  f"its soft time limit of {settings.score_time_limits[0]} s)")
+                        break
+            self._collect(writes, keep=0)
+        finally:
+            self._collect_written(writes)
+            downloads.shutdown(wait=False, cancel_futures=True)
+            uploads.shutdown(wait=False, cancel_futures=True)
+
+    def _finish(self, store: Storage, uploads: ThreadPoolExecutor, writes: deque, model: PatchCore,
+                uri: str, result: ImageResult) -> None:
+        if not result.ok:
+            self.finished[uri] = _failed_row(self.context, uri, result.error or "not processed")
+        else:
+            c = self.context
+            mask_key, heatmap_key = output_keys(c.product, c.version, c.folder, uri, c.images_uri)
+            row = _ok_row(c, uri, result, model, store.uri_for(mask_key), store.uri_for(heatmap_key))
+            writes.append((uri, row, uploads.submit(_write_outputs, store, mask_key, heatmap_key, result,
+                                                    model.pixel_threshold)))
+        if self.settings.test_chunk_delay:
+            time.sleep(self.settings.test_chunk_delay)  # fault-injection tests only: "slow" images
+
+    def _collect(self, writes: deque, keep: int) -> None:
+        """Wait for the oldest writes until at most `keep` are pending; re-raises a storage error."""
+        while writes and (len(writes) > keep or writes[0][2].done()):
+            uri, row, future = writes.popleft()
+            future.result()  # no row is written without its files
+            self.finished[uri] = row
+
+    def _collect_written(self, writes: deque) -> None:
+        """After an interruption: keep the rows whose outputs did get written."""
+        for uri, row, future in writes:
+            if future.done() and not future.cancelled() and future.exception() is None:
+                self.finished[uri] = row
+        writes.clear()
+
+
+class Prefetcher:
+    """Downloads a chunk's images at most `window` ahead of the model, each within the chunk's deadline."""
+
+    def __init__(self, pool: ThreadPoolExecutor, uris: Sequence[str], window: int, max_bytes: int,
+                 deadline: float | None) -> None:
+        self.pool, self.uris, self.window = pool, list(uris), max(1, window)
+        self.max_bytes, self.deadline = max_bytes, deadline
+        self._futures: dict[int, Future] = {}
+        self._submitted = 0
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        self._submit_until(self.window)
+
+    def loaders(self) -> list[Callable[[], bytes]]:
+        """One callable per image for the engine; each returns the image's bytes."""
+        return [partial(self.load, pos) for pos in range(len(self.uris))]
+
+    def load(self, pos: int) -> bytes:
+        self._submit_until(pos + 1 + self.window)
+        with self._lock:
+            future = self._futures.pop(pos)  # not kept: the bytes are freed once decoded
+        remaining = None if self.deadline is None else self.deadline - time.monotonic()
+        if remaining is not None and remaining <= 0 and not future.done():
+            future.cancel()
+            raise DownloadTimeout("not downloaded: the chunk's time budget had run out")
+        try:
+            return future.result(timeout=remaining)
+        except FutureTimeout:
+            future.cancel()
+            raise DownloadTimeout("download did not finish within the chunk's time budget") from None
+        except StorageUnavailable:
+            raise  # the store is down, not this image: the chunk is retried
+        except StorageError as exc:
+            if isinstance(exc, KeyError | ValueError):  # not found, too large, bad key: the engine reports it
+                raise
+            raise ImageFetchError(str(exc)) from exc
+
+    def _submit_until(self, end: int) -> None:
+        with self._lock:
+            while self._submitted < min(end, len(self.uris)):
+                uri = self.uris[self._submitted]
+                self._futures[self._submitted] = self.pool.submit(read_uri, uri, self.max_bytes)
+                self._submitted += 1
 
 
 def _write_outputs(store: Storage, mask_key: str, heatmap_key: str, result: ImageResult,

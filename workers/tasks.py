@@ -3,23 +3,35 @@
 The work itself (`workers.fitting`, `workers.scoring`) is imported when a task runs, so a scheduler or the
 CLI can enqueue tasks without loading torch.
 
-Failure policy: `StorageUnavailable` (the store did not answer even after botocore's retries) retries the
-task with exponential backoff (not in-process: there is no broker to retry on); any other error, or running
-out of retries, marks the job failed with a secret-free message and re-raises, so Celery logs it too.
+Failure policy (with a broker; in-process there is no broker to retry on, so every error fails the job):
+- transient trouble (storage not answering, database unreachable or restarting, broker errors)
+  retries the task with exponential backoff and jitter, up to `MAX_RETRIES` times. A score chunk that is
+  still failing then records a failed row with the reason for each of its images, so the job completes;
+  a fit fails its job.
+- a chunk whose worker died `MAX_INTERRUPTIONS` times while running it (killed, crashed, out of memory) is
+  not tried again: its images get failed rows saying so (a fit fails its job). Deliveries are counted in
+  Redis per task id (`workers.broker.count_delivery`).
+- any other error (a model that cannot be loaded, storage refusing the outputs or the training images,
+  a missing job, a bug) marks the job failed with a secret-free message and re-raises, so Celery logs it.
+- the soft time limit: a chunk records what it finished and fails the rest (`workers.scoring`); a fit fails
+  its job.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
 from dataclasses import asdict
 from datetime import date
 from typing import Any
 
 from celery import Task
+from celery.exceptions import SoftTimeLimitExceeded
 from celery.signals import worker_init
 from celery.utils.log import get_task_logger
+from kombu.exceptions import OperationalError as BrokerError
 
+from common.db import is_transient_db_error
+from common.settings import get_settings
 from common.storage import StorageUnavailable
 from workers.app import FIT_TASK, NIGHTLY_TASK, SCORE_TASK, app
 from workers.job_state import describe_error, mark_failed
@@ -29,6 +41,7 @@ logger = get_task_logger(__name__)
 MAX_RETRIES = 5
 RETRY_BASE_SECONDS = 10
 RETRY_MAX_SECONDS = 600
+MAX_INTERRUPTIONS = 3
 
 
 @worker_init.connect
@@ -43,18 +56,34 @@ def retry_countdown(retries: int) -> float:
     return random.uniform(0, min(RETRY_MAX_SECONDS, RETRY_BASE_SECONDS * 2**retries))
 
 
-def _run(task: Task, job_id: int, work: Callable[[], Any], fail: Callable[[int, str], None]) -> Any:
+def is_transient(exc: BaseException) -> bool:
+    """True for errors worth retrying later: storage, database or broker not answering."""
+    return isinstance(exc, StorageUnavailable | BrokerError) or is_transient_db_error(exc)
+
+
+def interruptions(task: Task) -> int:
+    """How often this task was started before without finishing (its worker died), retries excluded."""
+    from workers.broker import count_delivery
+
+    if task.request.is_eager:
+        return 0
+    return max(0, count_delivery(task.request.id) - 1 - task.request.retries)
+
+
+def _can_retry(task: Task, exc: BaseException) -> bool:
+    return not task.request.is_eager and is_transient(exc)
+
+
+def _retry(task: Task, exc: BaseException) -> Exception:
+    """Celery's Retry for `task` (raised by `task.retry` itself; Celery logs "Retry in N s")."""
+    return task.retry(exc=exc, countdown=retry_countdown(task.request.retries))
+
+
+def _mark_failed_quietly(fail: Any, job_id: int, error: str) -> None:
     try:
-        return work()
-    except StorageUnavailable as exc:
-        # In-process (eager) there is no broker to retry later: botocore's retries were the last chance.
-        if not task.request.is_eager and task.request.retries < MAX_RETRIES:
-            raise task.retry(exc=exc, countdown=retry_countdown(task.request.retries)) from exc
-        fail(job_id, describe_error(exc))
-        raise
-    except Exception as exc:
-        fail(job_id, describe_error(exc))
-        raise
+        fail(job_id, error)
+    except Exception as exc:  # e.g. the database is down too: the recovery sweep will see the job
+        logger.error("job %s: could not record the failure (%s): %s", job_id, describe_error(exc), error)
 
 
 @app.task(bind=True, name=FIT_TASK, max_retries=MAX_RETRIES)
@@ -62,7 +91,26 @@ def fit_product(self: Task, job_id: int) -> dict[str, Any] | None:
     """Fit the job's product and publish the model version (see `workers.fitting`)."""
     from workers import fitting
 
-    outcome = _run(self, job_id, lambda: fitting.fit_job(job_id), fitting.fail_fit)
+    interrupted = interruptions(self)
+    if interrupted >= MAX_INTERRUPTIONS:
+        _mark_failed_quietly(fitting.fail_fit, job_id, f"fit abandoned: it was started {interrupted + 1} "
+                             "times and its worker died each time (killed, crashed or out of memory)")
+        return None
+    try:
+        outcome = fitting.fit_job(job_id)
+    except SoftTimeLimitExceeded:
+        soft = get_settings().fit_time_limits[0]
+        _mark_failed_quietly(fitting.fail_fit, job_id, f"the fit hit its soft time limit ({soft} s)")
+        raise
+    except Exception as exc:
+        if _can_retry(self, exc):
+            if self.request.retries < MAX_RETRIES:
+                raise _retry(self, exc) from exc
+            _mark_failed_quietly(fitting.fail_fit, job_id,
+                                 f"{describe_error(exc)} (still failing after {MAX_RETRIES} retries)")
+            raise
+        _mark_failed_quietly(fitting.fail_fit, job_id, describe_error(exc))
+        raise
     return asdict(outcome) if outcome else None
 
 
@@ -71,7 +119,25 @@ def score_chunk(self: Task, job_id: int, image_uris: list[str]) -> dict[str, int
     """Score one chunk of a score job (see `workers.scoring`)."""
     from workers import scoring
 
-    return asdict(_run(self, job_id, lambda: scoring.score_chunk(job_id, image_uris), mark_failed))
+    interrupted = interruptions(self)
+    if interrupted >= MAX_INTERRUPTIONS:
+        reason = (f"not scored: the chunk was started {interrupted + 1} times and its worker died each "
+                  "time (killed, crashed or out of memory)")
+        logger.error("job %s: %s", job_id, reason)
+        return asdict(scoring.give_up(job_id, image_uris, reason))
+    deadline = None if self.request.is_eager else scoring.chunk_deadline()
+    try:
+        return asdict(scoring.score_chunk(job_id, image_uris, deadline))
+    except Exception as exc:
+        if _can_retry(self, exc):
+            if self.request.retries < MAX_RETRIES:
+                raise _retry(self, exc) from exc
+            # Out of retries: the images fail with the reason, so the job still completes. If even that
+            # cannot be written, the chunk is lost for now and the recovery sweep sends it again.
+            reason = f"not scored: {describe_error(exc)} (still failing after {MAX_RETRIES} retries)"
+            return asdict(scoring.give_up(job_id, image_uris, reason))
+        _mark_failed_quietly(mark_failed, job_id, describe_error(exc))
+        raise
 
 
 @app.task(name=NIGHTLY_TASK)

@@ -2,6 +2,9 @@
 
 No pickle anywhere. `model.json` records the bank file's sha256 and is itself hashed: that hash is the
 artifact's identity (stored in the database, used as the workers' cache key). Loading verifies both.
+A model with an approximate (IVF) index also stores, in the same safetensors file, the trained faiss
+index (`faiss.serialize_index` bytes as a uint8 tensor) and each bank row's inverted list; `model.json`
+then has format version 2, the index parameters and each of these tensors' sha256.
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ from safetensors.numpy import load_file, save_file
 from common.engine.config import PatchCoreConfig
 
 FORMAT = "totalrecall.patchcore"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # exact index: the bank alone
+FORMAT_VERSION_INDEX = 2  # with a stored approximate index
+INDEX_TENSORS = ("index", "index_lists")
 BANK_FILE = "bank.safetensors"
 META_FILE = "model.json"
 
@@ -35,6 +40,8 @@ class ModelState:
     image_threshold: float
     pixel_threshold: float
     stats: dict[str, Any] = field(default_factory=dict)  # counts, timings, calibration details
+    index: dict[str, Any] | None = None  # approximate index parameters (knn.IndexSpec); None: exact
+    index_tensors: dict[str, np.ndarray] = field(default_factory=dict)  # INDEX_TENSORS, with `index`
 
 
 def sha256_file(path: Path) -> str:
@@ -60,10 +67,15 @@ def save_artifact(folder: str | Path, state: ModelState) -> str:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     bank_path = folder / BANK_FILE
-    save_file({"bank": np.ascontiguousarray(state.bank, dtype=np.float32)}, str(bank_path))
+    if (state.index is None) != (not state.index_tensors) or (
+            state.index_tensors and sorted(state.index_tensors) != sorted(INDEX_TENSORS)):
+        raise ValueError(f"an approximate index needs exactly the tensors {INDEX_TENSORS}")
+    tensors = {"bank": np.ascontiguousarray(state.bank, dtype=np.float32),
+               **{k: np.ascontiguousarray(v) for k, v in state.index_tensors.items()}}
+    save_file(tensors, str(bank_path))
     meta = {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": FORMAT_VERSION if state.index is None else FORMAT_VERSION_INDEX,
         "config": state.config.to_dict(),
         "bank_shape": list(state.bank.shape),
         "bank_sha256": sha256_file(bank_path),
@@ -72,6 +84,8 @@ def save_artifact(folder: str | Path, state: ModelState) -> str:
         "stats": state.stats,
         "versions": library_versions(),
     }
+    if state.index is not None:
+        meta["index"] = {**state.index, "tensor_sha256": {k: _sha256_array(tensors[k]) for k in INDEX_TENSORS}}
     data = json.dumps(meta, indent=2, sort_keys=True).encode()
     (folder / META_FILE).write_bytes(data)
     return hashlib.sha256(data).hexdigest()
@@ -95,18 +109,38 @@ def load_artifact(folder: str | Path, expected_sha256: str | None = None) -> Mod
         raise ArtifactError(f"{meta_path} lacks or mistypes a field ({exc.__class__.__name__}: {exc})") from exc
 
 
+def _sha256_array(a: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(a).data).hexdigest()
+
+
 def _state_from(meta: dict[str, Any], bank_path: Path) -> ModelState:
-    if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
-        raise ArtifactError(f"unsupported artifact format {meta.get('format')!r} "
-                            f"v{meta.get('format_version')}; this code reads {FORMAT} v{FORMAT_VERSION}")
+    version = meta.get("format_version")
+    if meta.get("format") != FORMAT or version not in (FORMAT_VERSION, FORMAT_VERSION_INDEX):
+        raise ArtifactError(f"unsupported artifact format {meta.get('format')!r} v{version}; this code "
+                            f"reads {FORMAT} v{FORMAT_VERSION} and v{FORMAT_VERSION_INDEX}")
     if sha256_file(bank_path) != meta["bank_sha256"]:
         raise ArtifactError(f"{bank_path}: sha256 mismatch (memory bank corrupted)")
     try:
         config = PatchCoreConfig.from_dict(meta["config"])
     except (TypeError, ValueError) as exc:
         raise ArtifactError(f"artifact config incompatible with this code: {exc}") from exc
-    bank = load_file(str(bank_path))["bank"]
+    tensors = load_file(str(bank_path))
+    bank = tensors.pop("bank")
     if list(bank.shape) != meta["bank_shape"] or bank.dtype != np.float32:
         raise ArtifactError(f"memory bank is {bank.shape} {bank.dtype}, config says {meta['bank_shape']}")
+    index = meta.get("index") if version == FORMAT_VERSION_INDEX else None
+    if index is None:
+        if tensors or "index" in meta:
+            raise ArtifactError(f"{bank_path}: unexpected tensors {sorted(tensors)} for an exact index")
+        tensors = {}
+    else:
+        index = dict(index)
+        expected = index.pop("tensor_sha256")
+        if sorted(tensors) != sorted(INDEX_TENSORS) or sorted(expected) != sorted(INDEX_TENSORS):
+            raise ArtifactError(f"{bank_path}: the stored index needs tensors {INDEX_TENSORS}, "
+                                f"found {sorted(tensors)}")
+        for name, array in tensors.items():
+            if _sha256_array(array) != expected[name]:
+                raise ArtifactError(f"{bank_path}: sha256 mismatch of tensor {name!r} (index corrupted)")
     return ModelState(config, bank, float(meta["image_threshold"]), float(meta["pixel_threshold"]),
-                      meta.get("stats", {}))
+                      meta.get("stats", {}), index, tensors)

@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 RESIZE_MODES = ("keep_aspect", "square", "scale")
+INDEX_TYPES = ("flat", "ivf_flat", "ivf_pq")
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,11 @@ class PatchCoreConfig:
     sigma: float = 4.0  # Gaussian smoothing of the anomaly map, in model-input pixels
     holdout_fraction: float = 0.1  # nominal images kept out of the bank to calibrate thresholds
     batch_size: int = 8
+    index: str = "flat"  # kNN index: "flat" (exact), "ivf_flat" or "ivf_pq" (approximate, large banks)
+    index_min_bank: int = 100_000  # banks smaller than this always get the exact index
+    index_nlist: int = 0  # IVF coarse lists; 0: about 4 * sqrt(bank size)
+    index_nprobe: int = 16  # IVF lists searched per query
+    index_pq_m: int = 0  # IVF-PQ bytes per feature; 0: a divisor of the feature dimension near dim / 4
 
     def __post_init__(self) -> None:
         if self.resize not in RESIZE_MODES:
@@ -41,6 +47,10 @@ class PatchCoreConfig:
         if self.center_crop is not None and self.resize != "square":
             raise ValueError("center_crop needs resize='square' (the paper's 256 -> 224 protocol); "
                              "keep_aspect keeps the whole field of view")
+        if self.index not in INDEX_TYPES:
+            raise ValueError(f"index must be one of {INDEX_TYPES}, not {self.index!r}")
+        if min(self.index_min_bank, self.index_nlist, self.index_pq_m) < 0 or self.index_nprobe < 1:
+            raise ValueError("index_min_bank, index_nlist and index_pq_m must be >= 0, index_nprobe >= 1")
         if self.layers is not None:
             object.__setattr__(self, "layers", tuple(self.layers))
 

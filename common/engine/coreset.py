@@ -2,7 +2,10 @@
 
 Selection runs on a seeded Gaussian random projection of the features (Johnson-Lindenstrauss), starts
 from a seeded random point and repeatedly adds the point farthest from the points selected so far.
-Memory is O(N * d): only the projected features and a few length-N vectors are held, never N x N.
+Memory is O(N * d): only the projected features and a few length-N vectors are held, never N x N, and
+never the full-dimension features: `StreamingProjection` projects them batch by batch as a fit extracts
+them (in fixed row blocks, so streamed and in-memory projections have the same bits and select the same
+coreset), and `greedy_from_projection` centres and rotates the projection in place.
 
 Two exact implementations of the same greedy sequence:
 - `_greedy_dense` (GPU): one fused distance update over all N points per step and an on-device argmax,
@@ -23,21 +26,88 @@ import torch
 
 ProgressFn = Callable[[int], None]
 HEAD_DIMS = 16  # leading principal coordinates tested first by the CPU coreset
+PROJECTION_CHUNK = 65_536  # rows per projection product, streamed or not (same bits either way)
+ROTATION_CHUNK = 65_536  # rows per block of the CPU coreset's centring and rotation
+POINTS_PER_THREAD = 1_000_000  # CPU coreset: one thread per this many points
 
 
-def random_projection(features: np.ndarray | torch.Tensor, dim: int, seed: int,
-                      chunk: int = 262_144) -> torch.Tensor:
-    """Project (N, D) features to (N, dim) with a seeded Gaussian matrix, chunk by chunk."""
-    x = torch.as_tensor(features)
-    n, d = x.shape
-    if dim >= d:
-        return x.float().clone()
+def projection_matrix(in_dim: int, dim: int, seed: int) -> torch.Tensor | None:
+    """The seeded (in_dim, dim) Gaussian matrix; None when dim >= in_dim (the features are kept)."""
+    if dim >= in_dim:
+        return None
     gen = torch.Generator().manual_seed(seed)
-    proj = (torch.randn(d, dim, generator=gen) / dim**0.5).to(x.device)
-    out = torch.empty(n, dim, dtype=torch.float32, device=x.device)
-    for start in range(0, n, chunk):
-        out[start: start + chunk] = x[start: start + chunk].float() @ proj
-    return out
+    return torch.randn(in_dim, dim, generator=gen) / dim**0.5
+
+
+def row_blocks(n: int, size: int) -> list[tuple[int, int]]:
+    """[start, stop) blocks of `size` rows; the last one takes the remainder, so no block is shorter
+    than `size` unless n is (BLAS then takes the same code path for every block, whatever n)."""
+    starts = list(range(0, n, size)) or [0]
+    if len(starts) > 1 and n - starts[-1] < size:
+        starts.pop()
+    return [(s, e) for s, e in zip(starts, starts[1:] + [n], strict=True)]
+
+
+class StreamingProjection:
+    """Seeded random projection of (n, D) rows fed batch by batch; only the (N, dim) result is kept.
+
+    Rows are projected in blocks of `chunk` rows (the last block takes the remainder), so the result has
+    the same bits however the rows were batched: a streamed fit selects the same coreset as an in-memory
+    one. Memory: the (N, dim) float32 result plus at most 2 * chunk pending input rows.
+    """
+
+    def __init__(self, in_dim: int, dim: int, seed: int, device: torch.device | str = "cpu",
+                 chunk: int = PROJECTION_CHUNK) -> None:
+        matrix = projection_matrix(in_dim, dim, seed)
+        self.device = torch.device(device)
+        self.matrix = None if matrix is None else matrix.to(self.device)
+        self.dim = in_dim if matrix is None else dim
+        self.in_dim = in_dim
+        self.chunk = chunk
+        self._pending: list[torch.Tensor] = []
+        self._pending_rows = 0
+        self._done: list[torch.Tensor] = []
+        self.rows = 0
+
+    def add(self, rows: np.ndarray | torch.Tensor) -> None:
+        """Append rows (the caller must not modify them afterwards: they may be kept until projected)."""
+        t = torch.as_tensor(rows).to(self.device)
+        if t.ndim != 2 or t.shape[1] != self.in_dim:
+            raise ValueError(f"expected (n, {self.in_dim}) rows, got {tuple(t.shape)}")
+        self._pending.append(t)
+        self._pending_rows += len(t)
+        self.rows += len(t)
+        while self._pending_rows >= 2 * self.chunk:  # keep >= chunk rows back for the last block
+            self._project(self.chunk)
+
+    def _project(self, n: int) -> None:
+        rows = torch.cat(self._pending) if len(self._pending) > 1 else self._pending[0]
+        head, rest = rows[:n], rows[n:]
+        self._pending = [rest] if len(rest) else []
+        self._pending_rows = len(rest)
+        out = head.float() if self.matrix is None else head.float() @ self.matrix
+        self._done.append(out.clone() if out.data_ptr() == head.data_ptr() else out)
+
+    def finish(self) -> torch.Tensor:
+        """The (N, dim) float32 projection of every row added, in order."""
+        if self._pending_rows:
+            self._project(self._pending_rows)
+        out = torch.empty(self.rows, self.dim, dtype=torch.float32, device=self.device)
+        start = 0
+        while self._done:  # copy block by block, freeing each: peak N x dim plus one block
+            block = self._done.pop(0)
+            out[start: start + len(block)] = block
+            start += len(block)
+        return out
+
+
+def random_projection(features: np.ndarray | torch.Tensor, dim: int, seed: int) -> torch.Tensor:
+    """Project (N, D) features to (N, dim) with the seeded Gaussian matrix (see StreamingProjection)."""
+    x = torch.as_tensor(features)
+    proj = StreamingProjection(x.shape[1], dim, seed, x.device)
+    for start in range(0, len(x), PROJECTION_CHUNK):
+        proj.add(x[start: start + PROJECTION_CHUNK])
+    return proj.finish()
 
 
 def coreset_size(n: int, ratio: float) -> int:
@@ -47,14 +117,22 @@ def coreset_size(n: int, ratio: float) -> int:
 def greedy_coreset(features: np.ndarray | torch.Tensor, ratio: float, projection_dim: int = 128,
                    seed: int = 0, progress: ProgressFn | None = None) -> np.ndarray:
     """Indices (into `features`) of the greedy k-center coreset, in selection order."""
-    n = len(features)
+    return greedy_from_projection(random_projection(features, projection_dim, seed), ratio, seed, progress)
+
+
+def greedy_from_projection(projected: torch.Tensor, ratio: float, seed: int = 0,
+                           progress: ProgressFn | None = None) -> np.ndarray:
+    """The greedy coreset of already projected features (`StreamingProjection.finish()`).
+
+    Takes ownership of `projected`: it is centred and rotated in place, so the CPU selection needs no
+    copy of it (memory: N x dim float32 plus O(N) vectors and the k selected centres)."""
+    n = len(projected)
     k = coreset_size(n, ratio)
-    projected = random_projection(features, projection_dim, seed)
     projected -= projected.mean(dim=0)  # distances unchanged; float32 |x|^2 - 2xc + |c|^2 more exact
     start = int(torch.randint(n, (1,), generator=torch.Generator().manual_seed(seed)).item())
     if projected.is_cuda:
         return _greedy_dense(projected, k, start, progress).cpu().numpy()
-    return _greedy_pruned(projected.numpy(), k, start, progress)
+    return _greedy_pruned(projected.numpy(), k, start, progress, overwrite=True)
 
 
 def _greedy_dense(x: torch.Tensor, k: int, start: int, progress: ProgressFn | None) -> torch.Tensor:
@@ -74,17 +152,45 @@ def _greedy_dense(x: torch.Tensor, k: int, start: int, progress: ProgressFn | No
     return selected
 
 
-def _greedy_pruned(x: np.ndarray, k: int, start: int, progress: ProgressFn | None) -> np.ndarray:
+def _principal_rotation(x: np.ndarray, out: np.ndarray) -> None:
+    """out = x centred and rotated onto its principal axes, block by block (out may be x itself)."""
+    mean = x.mean(axis=0, dtype=np.float64).astype(np.float32)
+    cov = np.zeros((x.shape[1], x.shape[1]), dtype=np.float64)
+    for s, e in row_blocks(len(x), ROTATION_CHUNK):
+        np.subtract(x[s:e], mean, out=out[s:e])
+        block = out[s:e].astype(np.float64)
+        cov += block.T @ block
+    _, vecs = np.linalg.eigh(cov)
+    rotation = np.ascontiguousarray(vecs[:, ::-1].astype(np.float32))
+    for s, e in row_blocks(len(x), ROTATION_CHUNK):
+        out[s:e] = out[s:e] @ rotation
+
+
+def _greedy_pruned(x: np.ndarray, k: int, start: int, progress: ProgressFn | None,
+                   overwrite: bool = False) -> np.ndarray:
+    """CPU greedy; `overwrite=True` reuses `x`'s memory for its rotated copy (x is then destroyed)."""
     n, dim = x.shape
     # Rotate onto the principal axes: distances are unchanged, but the leading coordinates now carry
     # most of each distance, so a partial sum over them is a tight lower bound that rules out most
     # points after a few coordinates (exact partial-distance search).
-    centred = x - x.mean(axis=0, dtype=np.float64).astype(np.float32)
-    _, vecs = np.linalg.eigh(centred.T.astype(np.float64) @ centred)
-    y = np.ascontiguousarray(centred @ vecs[:, ::-1].astype(np.float32))
-    del centred
+    y = x if overwrite and x.flags.c_contiguous and x.flags.writeable else np.empty((n, dim), np.float32)
+    _principal_rotation(x, y)
     head = np.ascontiguousarray(y[:, :HEAD_DIMS])  # small enough to stay in cache across steps
-    threads = max(1, numba.get_num_threads())
+    # Each step is two short parallel regions; below POINTS_PER_THREAD points per thread, waiting for
+    # every thread at each step costs more than it saves (5x slower on a busy 2-core machine). The
+    # selection does not depend on the thread count (ties go to the lowest index either way).
+    threads = min(numba.get_num_threads(), max(1, n // POINTS_PER_THREAD))
+    previous = numba.get_num_threads()
+    numba.set_num_threads(threads)
+    try:
+        return _pruned_loop(head, y, k, start, threads, progress)
+    finally:
+        numba.set_num_threads(previous)
+
+
+def _pruned_loop(head: np.ndarray, y: np.ndarray, k: int, start: int, threads: int,
+                 progress: ProgressFn | None) -> np.ndarray:
+    n, dim = y.shape
     best_val = np.empty(threads, dtype=np.float32)
     best_idx = np.empty(threads, dtype=np.int64)
     mind2 = np.full(n, np.inf, dtype=np.float32)  # squared distance of each point to its nearest centre

@@ -1,39 +1,205 @@
-"""Exact nearest-neighbour search over the memory bank with faiss (GPU index when CUDA is present)."""
+"""Nearest-neighbour search over the memory bank with faiss: exact by default, IVF for very large banks.
+
+- "flat": exact L2 search. On CPU it searches the bank array itself (`faiss.knn`, the same kernel as
+  `IndexFlatL2`), so the bank is held once; on CUDA a GPU flat index.
+- "ivf_flat" / "ivf_pq": inverted-file index (coarse k-means lists, `nprobe` searched per query), with
+  the vectors stored as they are (exact distances to the candidates) or product-quantized (`pq_m` bytes a
+  vector, approximate distances). Used only for banks of at least `index_min_bank` features.
+
+An IVF index is trained with a fixed seed; what it needs to be rebuilt exactly is `IndexState`: the
+trained, empty faiss index serialized to bytes (coarse centroids, PQ codebooks) and each bank row's
+list. Loading adds the bank rows to their recorded lists, so the index is the same on every machine.
+"""
 
 from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from functools import cache
+from typing import Any
 
 import faiss
 import numpy as np
 import torch
+
+from common.engine.config import PatchCoreConfig
+
+APPROXIMATE = ("ivf_flat", "ivf_pq")
+REFINE_FACTOR = 8  # IVF-PQ: candidates re-ranked by exact distance per neighbour asked for
 
 
 def gpu_available() -> bool:
     return torch.cuda.is_available() and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 
+@cache
+def gpu_resources(device: int) -> faiss.StandardGpuResources:
+    """One faiss GPU context per device for the process: each reserves scratch memory, so a worker
+    holding many models must not create one per model."""
+    return faiss.StandardGpuResources()
+
+
+@dataclass(frozen=True)
+class IndexSpec:
+    """The index a bank gets: its kind and, for IVF, resolved parameters."""
+
+    kind: str = "flat"
+    nlist: int = 0
+    nprobe: int = 0
+    pq_m: int = 0
+    seed: int = 0
+
+    @classmethod
+    def for_bank(cls, config: PatchCoreConfig, bank_size: int, dim: int) -> IndexSpec:
+        """The configured index if the bank is large enough for it, else exact search."""
+        if config.index == "flat" or bank_size < max(1, config.index_min_bank):
+            return cls()
+        nlist = config.index_nlist or auto_nlist(bank_size)
+        nlist = max(1, min(nlist, bank_size))
+        pq_m = (config.index_pq_m or auto_pq_m(dim)) if config.index == "ivf_pq" else 0
+        if pq_m and dim % pq_m:
+            raise ValueError(f"index_pq_m={pq_m} must divide the feature dimension {dim}")
+        return cls(config.index, nlist, min(config.index_nprobe, nlist), pq_m, config.seed)
+
+    @property
+    def approximate(self) -> bool:
+        return self.kind in APPROXIMATE
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def auto_nlist(bank_size: int) -> int:
+    """About 4 * sqrt(M) lists (faiss' rule of thumb), a power of two, with at least the 39 training
+    points per list that faiss' k-means asks for."""
+    nlist = 1 << max(0, round(np.log2(4 * np.sqrt(bank_size))))
+    while nlist > 1 and bank_size < 39 * nlist:
+        nlist //= 2
+    return nlist
+
+
+def auto_pq_m(dim: int) -> int:
+    """The largest divisor of dim that is at most dim / 4: about four dimensions per byte."""
+    return max(m for m in range(1, max(1, dim // 4) + 1) if dim % m == 0)
+
+
+@dataclass
+class IndexState:
+    """What an IVF index needs to be rebuilt exactly: stored in the artifact."""
+
+    spec: IndexSpec
+    trained: np.ndarray  # uint8: faiss.serialize_index of the trained, empty index
+    lists: np.ndarray  # int64 (M,): inverted list of each bank row
+
+
 class NearestNeighbors:
     """L2 search returning true (not squared) distances, in batches of at most `batch` queries."""
 
-    def __init__(self, bank: np.ndarray, use_gpu: bool | None = None, batch: int = 65_536):
-        bank = np.ascontiguousarray(bank, dtype=np.float32)
-        self.bank = bank
+    def __init__(self, bank: np.ndarray, use_gpu: bool | None = None, batch: int = 65_536,
+                 spec: IndexSpec | None = None, state: IndexState | None = None):
+        self.bank = np.ascontiguousarray(bank, dtype=np.float32)
         self.batch = batch
-        index = faiss.IndexFlatL2(bank.shape[1])
-        if (gpu_available() if use_gpu is None else use_gpu):
-            self._resources = faiss.StandardGpuResources()
-            index = faiss.index_cpu_to_gpu(self._resources, torch.cuda.current_device(), index)
-        index.add(bank)
+        self.spec = spec or (state.spec if state is not None else IndexSpec())
+        self.state: IndexState | None = None
+        use_gpu = gpu_available() and use_gpu is not False  # a CPU-only faiss build searches on the CPU
+        if self.spec.approximate:
+            index, self.state = _ivf(self.bank, self.spec, state)
+        elif use_gpu:
+            index = faiss.IndexFlatL2(self.bank.shape[1])
+            index.add(self.bank)
+        else:
+            index = None  # faiss.knn over self.bank: no second copy of the bank
+        if use_gpu and index is not None:
+            index = self._to_gpu(index)
         self.index = index
+
+    def _to_gpu(self, index: faiss.Index) -> faiss.Index:
+        device = torch.cuda.current_device()
+        self._resources = gpu_resources(device)
+        try:
+            return faiss.index_cpu_to_gpu(self._resources, device, index)
+        except RuntimeError:  # e.g. a PQ code size the GPU kernels do not support: search on the CPU
+            return index
 
     def __len__(self) -> int:
         return self.bank.shape[0]
 
+    @property
+    def nbytes(self) -> int:
+        """Host memory held: the bank, plus a CPU IVF index's lists (codes and ids) and centroids."""
+        n = int(self.bank.nbytes)
+        if self.state is not None:
+            try:
+                ivf = faiss.extract_index_ivf(self.index)
+            except RuntimeError:  # a GPU index: its lists are in GPU memory
+                return n
+            n += ivf.ntotal * (ivf.code_size + 8) + ivf.nlist * ivf.d * 4
+        return n
+
     def search(self, queries: np.ndarray, k: int = 1) -> tuple[np.ndarray, np.ndarray]:
         queries = np.ascontiguousarray(queries, dtype=np.float32)
+        k = min(k, len(self))
         dists = np.empty((len(queries), k), dtype=np.float32)
         ids = np.empty((len(queries), k), dtype=np.int64)
         for start in range(0, len(queries), self.batch):
-            d2, i = self.index.search(queries[start: start + self.batch], k)
+            q = queries[start: start + self.batch]
+            if self.index is None:
+                d2, i = faiss.knn(q, self.bank, k)
+            elif self.spec.kind == "ivf_pq":  # re-rank the PQ candidates by their exact distance
+                d2, i = _refine(q, self.index.search(q, min(len(self), k * REFINE_FACTOR))[1], self.bank, k)
+            else:
+                d2, i = self.index.search(q, k)
+            missing = (i < 0).any(axis=1)
+            if missing.any():  # an IVF search found fewer than k rows in its lists: exact search for those
+                d2[missing], i[missing] = faiss.knn(q[missing], self.bank, k)
             dists[start: start + self.batch] = np.sqrt(np.maximum(d2, 0.0))
             ids[start: start + self.batch] = i
         return dists, ids
+
+
+def _refine(queries: np.ndarray, candidates: np.ndarray, bank: np.ndarray, k: int,
+            block: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """The k candidates (ids into `bank`, -1 = none) nearest to each query by exact squared distance."""
+    d2 = np.empty((len(queries), k), dtype=np.float32)
+    ids = np.empty((len(queries), k), dtype=np.int64)
+    for s in range(0, len(queries), block):
+        c = candidates[s: s + block]
+        diff = bank[np.maximum(c, 0)] - queries[s: s + block, None, :]
+        dist = np.einsum("qkd,qkd->qk", diff, diff)
+        dist[c < 0] = np.inf
+        order = np.argsort(dist, axis=1, kind="stable")[:, :k]
+        d2[s: s + block] = np.take_along_axis(dist, order, axis=1)
+        ids[s: s + block] = np.where(np.isinf(d2[s: s + block]), -1, np.take_along_axis(c, order, axis=1))
+    return d2, ids
+
+
+def _ivf(bank: np.ndarray, spec: IndexSpec, state: IndexState | None) -> tuple[faiss.Index, IndexState]:
+    """An IVF index over `bank`: trained now with the spec's seed, or rebuilt from `state`."""
+    if state is None:
+        index = _untrained(bank.shape[1], spec)
+        index.train(bank)
+        trained = faiss.serialize_index(index)
+        _, lists = index.quantizer.search(bank, 1)
+        state = IndexState(spec, trained, np.ascontiguousarray(lists[:, 0], dtype=np.int64))
+    else:
+        index = faiss.deserialize_index(np.ascontiguousarray(state.trained))
+        ivf = faiss.extract_index_ivf(index)
+        if not ivf.is_trained or ivf.ntotal or ivf.d != bank.shape[1] or ivf.nlist != spec.nlist:
+            raise ValueError("stored index does not match the bank and its parameters")
+        if state.lists.shape != (len(bank),) or (len(bank) and not 0 <= state.lists.min() <= state.lists.max()
+                                                  < spec.nlist):
+            raise ValueError("stored inverted-list assignment does not match the bank")
+    lists = np.ascontiguousarray(state.lists, dtype=np.int64)
+    index.add_core(len(bank), faiss.swig_ptr(bank), None, faiss.swig_ptr(lists))
+    index.nprobe = spec.nprobe
+    return index, state
+
+
+def _untrained(dim: int, spec: IndexSpec) -> faiss.Index:
+    quantizer = faiss.IndexFlatL2(dim)
+    if spec.kind == "ivf_flat":
+        index = faiss.IndexIVFFlat(quantizer, dim, spec.nlist, faiss.METRIC_L2)
+    else:
+        index = faiss.IndexIVFPQ(quantizer, dim, spec.nlist, spec.pq_m, 8)
+        index.pq.cp.seed = spec.seed
+    index.cp.seed = spec.seed
+    return index

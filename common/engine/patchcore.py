@@ -14,13 +14,15 @@ from tqdm import tqdm
 
 from common.engine import calibration
 from common.engine.artifact import ArtifactError, ModelState, load_artifact, save_artifact
-from common.engine.backbones import fold_batchnorm, load_extractor
+from common.engine.backbone_cache import shared_backbone
 from common.engine.config import PatchCoreConfig
-from common.engine.coreset import coreset_size, greedy_coreset
-from common.engine.features import PatchFeatures, probe_channels
-from common.engine.knn import NearestNeighbors
+from common.engine.coreset import StreamingProjection, coreset_size, greedy_from_projection
+from common.engine.features import PatchFeatures
+from common.engine.featurestore import FeatureStore
+from common.engine.knn import IndexSpec, IndexState, NearestNeighbors
 from common.engine.loader import Batch, Failed, ImageSource, iter_batches
-from common.engine.scoring import image_scores, smooth_maps, to_image_resolution
+from common.engine.maps import anomaly_map
+from common.engine.scoring import image_scores
 
 
 @dataclass
@@ -42,6 +44,10 @@ class ImageResult:
         return self.error is None
 
 
+def _no_usable_image(failures: list[Failed]) -> str:
+    return "no usable training image: " + "; ".join(f.error for f in failures[:3])
+
+
 def resolve_device(device: str | None) -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -53,61 +59,91 @@ class PatchCore:
                  weights: str | Path | None = None):
         self.config = config or PatchCoreConfig()
         self.device = resolve_device(device)
-        extractor, spec = load_extractor(self.config.backbone, self.config.layers, weights)
-        extractor = fold_batchnorm(extractor).to(self.device)
-        if self.device.type in ("cpu", "cuda"):
-            extractor = extractor.to(memory_format=torch.channels_last)
-        self.mean, self.std = spec.mean, spec.std
-        self.features = PatchFeatures(extractor, probe_channels(extractor), self.config.embed_dim)
+        self._backbone = shared_backbone(self.config.backbone, self.config.layers, weights, self.device)
+        self.mean, self.std = self._backbone.mean, self._backbone.std
+        self.features = PatchFeatures(self._backbone.extractor, self._backbone.channels, self.config.embed_dim)
         self.index: NearestNeighbors | None = None
         self.image_threshold = float("nan")
         self.pixel_threshold = float("nan")
         self.stats: dict[str, Any] = {}
 
     # ----------------------------------------------------------------------------------- features
-    def _embed(self, batch: Batch) -> torch.Tensor:
-        x = batch.tensor.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) normalised inputs -> (B, H/8, W/8, D) float32 patch features, on the device."""
+        x = x.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         if self.device.type == "cuda":
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 return self.features(x)
         return self.features(x)
 
+    def _embed(self, batch: Batch) -> torch.Tensor:
+        return self.embed(batch.tensor)
+
     def _batches(self, images: Sequence[ImageSource]):
         return iter_batches(images, self.config, self.mean, self.std, self.config.batch_size)
 
-    def extract(self, images: Sequence[ImageSource], progress: bool = False,
-                desc: str = "features") -> tuple[np.ndarray, list[Failed]]:
-        """All patch features of `images` as one (N, D) array, plus the images that failed."""
-        chunks, failures = [], []
+    def _feature_batches(self, images: Sequence[ImageSource], progress: bool,
+                         desc: str) -> Iterator[torch.Tensor | Failed]:
+        """(n, D) patch features of each batch, on the model's device, or the images that failed."""
         with tqdm(total=len(images), desc=desc, disable=not progress, unit="img") as bar:
             for item in self._batches(images):
                 if isinstance(item, Failed):
-                    failures.append(item)
+                    yield item
                     bar.update(1)
                     continue
                 f = self._embed(item)
-                chunks.append(f.reshape(-1, f.shape[-1]).cpu().numpy())
+                yield f.reshape(-1, f.shape[-1])
                 bar.update(len(item.positions))
+
+    def extract(self, images: Sequence[ImageSource], progress: bool = False,
+                desc: str = "features") -> tuple[np.ndarray, list[Failed]]:
+        """All patch features of `images` as one in-memory (N, D) array, plus the images that failed."""
+        chunks, failures = [], []
+        for item in self._feature_batches(images, progress, desc):
+            if isinstance(item, Failed):
+                failures.append(item)
+            else:
+                chunks.append(item.cpu().numpy())
         if not chunks:
-            raise ValueError("no usable training image: " + "; ".join(f.error for f in failures[:3]))
+            raise ValueError(_no_usable_image(failures))
         return np.concatenate(chunks), failures
 
     # ---------------------------------------------------------------------------------------- fit
-    def fit(self, images: Sequence[ImageSource], progress: bool = False) -> dict[str, Any]:
-        """Build the memory bank from nominal images and calibrate thresholds on a held-out part."""
+    def fit(self, images: Sequence[ImageSource], progress: bool = False,
+            scratch_dir: str | Path | None = None) -> dict[str, Any]:
+        """Build the memory bank from nominal images and calibrate thresholds on a held-out part.
+
+        Memory stays bounded whatever the number of images: patch features go to a temporary file
+        (in `scratch_dir`, default `TMPDIR`) batch by batch while their random projection accumulates
+        in memory (N x projection_dim float32); the coreset is chosen on the projection and its rows are
+        then read back from the file."""
         cfg = self.config
         t0 = time.perf_counter()
         bank_ids, hold_ids = calibration.holdout_split(len(images), cfg.holdout_fraction, cfg.seed)
-        feats, failures = self.extract([images[i] for i in bank_ids], progress, "features")
-        t1 = time.perf_counter()
-        k = coreset_size(len(feats), cfg.coreset_ratio)
-        with tqdm(total=k, desc="coreset", disable=not progress, unit="pt") as bar:
-            selected = greedy_coreset(feats, cfg.coreset_ratio, cfg.projection_dim, cfg.seed, bar.update)
-            bar.update(k - bar.n)
-        t2 = time.perf_counter()
-        self.set_bank(feats[selected])
-        n_patches = len(feats)
-        del feats
+        with FeatureStore(self.features.dim, scratch_dir) as store:
+            projection = StreamingProjection(self.features.dim, cfg.projection_dim, cfg.seed, self.device)
+            failures: list[Failed] = []
+            for item in self._feature_batches([images[i] for i in bank_ids], progress, "features"):
+                if isinstance(item, Failed):
+                    failures.append(item)
+                    continue
+                projection.add(item)
+                store.append(item.cpu().numpy())
+            if not len(store):
+                raise ValueError(_no_usable_image(failures))
+            t1 = time.perf_counter()
+            n_patches, store_mb = len(store), store.nbytes / 2**20
+            k = coreset_size(n_patches, cfg.coreset_ratio)
+            with tqdm(total=k, desc="coreset", disable=not progress, unit="pt") as bar:
+                selected = greedy_from_projection(projection.finish(), cfg.coreset_ratio, cfg.seed,
+                                                  bar.update)
+                bar.update(k - bar.n)
+            del projection
+            bank = store.gather(selected)
+            t2 = time.perf_counter()
+        self.set_bank(bank)
+        del bank
+        t_index = time.perf_counter()
         results = self.predict([images[i] for i in hold_ids], progress=progress, desc="calibrate")
         good = [r for r in results if r.ok]
         in_sample = not good  # one training image, or every held-out image failed to decode
@@ -125,17 +161,25 @@ class PatchCore:
             + [{"position": int(hold_ids[i]), "error": r.error} for i, r in enumerate(results) if not r.ok],
             "patch_features": int(n_patches),
             "bank_size": int(len(selected)),
+            "feature_store_mb": round(store_mb, 1),
             "feature_dim": int(self.features.dim),
             "extract_seconds": round(t1 - t0, 3),
             "coreset_seconds": round(t2 - t1, 3),
+            "index": self.index.spec.kind,
+            "index_seconds": round(t_index - t2, 3),
             "calibrate_seconds": round(t3 - t2, 3),
             "fit_seconds": round(t3 - t0, 3),
             "device": str(self.device),
         }
         return self.stats
 
-    def set_bank(self, bank: np.ndarray) -> None:
-        self.index = NearestNeighbors(bank, use_gpu=self.device.type == "cuda")
+    def set_bank(self, bank: np.ndarray, index_state: IndexState | None = None) -> None:
+        """Search `bank` with the index the config asks for at its size (IVF: trained now, or rebuilt
+        from `index_state`)."""
+        spec = IndexSpec.for_bank(self.config, len(bank), bank.shape[1])
+        if index_state is not None and index_state.spec != spec:
+            raise ValueError(f"stored index {index_state.spec} does not match the config ({spec})")
+        self.index = NearestNeighbors(bank, use_gpu=self.device.type == "cuda", spec=spec, state=index_state)
 
     def calibrate_with_labels(self, images: Sequence[ImageSource], masks: Sequence[np.ndarray | None],
                               labels: Sequence[int]) -> tuple[float, float]:
@@ -182,12 +226,11 @@ class PatchCore:
         dist, ids = self.index.search(flat, 1)
         dist, ids = dist.reshape(b, h * w), ids.reshape(b, h * w)
         scores = image_scores(flat.reshape(b, h * w, d), dist, ids, self.index, self.config.num_neighbors)
-        smoothed = smooth_maps(torch.from_numpy(dist).reshape(b, h, w), batch.tensor.shape[-2:],
-                               self.config.sigma)
+        input_hw = (int(batch.tensor.shape[-2]), int(batch.tensor.shape[-1]))
         out = []
         for i, geo in enumerate(batch.geometries):
             top, left, bh, bw = geo.box
-            amap = to_image_resolution(smoothed[i], (bh, bw))
+            amap = anomaly_map(dist[i].reshape(h, w), input_hw, (bh, bw), self.config.sigma)
             mask = amap > self.pixel_threshold
             y, x = np.unravel_index(int(np.argmax(amap)), amap.shape)
             out.append(ImageResult(
@@ -201,8 +244,13 @@ class PatchCore:
     def state(self) -> ModelState:
         if self.index is None:
             raise RuntimeError("nothing to save: the model is not fitted")
+        index_state = self.index.state
+        index, tensors = None, {}
+        if index_state is not None:
+            index = index_state.spec.to_dict()
+            tensors = {"index": index_state.trained, "index_lists": index_state.lists}
         return ModelState(self.config, self.index.bank, self.image_threshold, self.pixel_threshold,
-                          self.stats)
+                          self.stats, index, tensors)
 
     def save(self, folder: str | Path) -> str:
         return save_artifact(folder, self.state())
@@ -215,7 +263,21 @@ class PatchCore:
         if state.bank.shape[1] != model.features.dim:
             raise ArtifactError(f"bank has {state.bank.shape[1]}-d features, {state.config.backbone} "
                                 f"with this config produces {model.features.dim}-d")
-        model.set_bank(state.bank)
+        spec = IndexSpec.for_bank(state.config, len(state.bank), state.bank.shape[1])
+        if spec.approximate != (state.index is not None):
+            raise ArtifactError(f"the config asks for a {spec.kind!r} index, the artifact "
+                                f"{'has' if state.index else 'lacks'} a stored approximate index")
+        index_state = None
+        if state.index is not None:
+            try:
+                index_state = IndexState(IndexSpec(**state.index), state.index_tensors["index"],
+                                         state.index_tensors["index_lists"])
+            except TypeError as exc:
+                raise ArtifactError(f"artifact index parameters unreadable: {exc}") from exc
+        try:
+            model.set_bank(state.bank, index_state)
+        except (ValueError, RuntimeError) as exc:
+            raise ArtifactError(f"artifact index unusable: {exc}") from exc
         model.image_threshold, model.pixel_threshold = state.image_threshold, state.pixel_threshold
         model.stats = state.stats
         return model

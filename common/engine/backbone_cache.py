@@ -1,0 +1,55 @@
+"""Backbones shared between models: a worker holding many products' models keeps one copy per backbone.
+
+The truncated, BatchNorm-folded network is only used for inference (no state changes), so one instance
+can serve every model and thread of the process; it is freed with the last model that uses it.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import weakref
+from pathlib import Path
+
+import torch
+
+from common.engine.backbones import fold_batchnorm, load_extractor
+from common.engine.features import probe_channels
+
+
+class Backbone:
+    """A ready (BatchNorm-folded, channels-last, on its device) truncated backbone and its input norm."""
+
+    def __init__(self, name: str, layers: tuple[str, ...] | None, weights: str | Path | None,
+                 device: torch.device) -> None:
+        extractor, spec = load_extractor(name, layers, weights)
+        extractor = fold_batchnorm(extractor).to(device)
+        if device.type in ("cpu", "cuda"):
+            extractor = extractor.to(memory_format=torch.channels_last)
+        self.extractor = extractor
+        self.mean, self.std = spec.mean, spec.std
+        self.channels = probe_channels(extractor)
+
+
+_backbones: weakref.WeakValueDictionary[tuple, Backbone] = weakref.WeakValueDictionary()
+_backbones_lock = threading.Lock()
+
+
+def shared_backbone(name: str, layers: tuple[str, ...] | None, weights: str | Path | None,
+                    device: torch.device) -> Backbone:
+    """One backbone per (name, layers, weights, device) in the process, shared by every model using it
+    (inference only, so sharing between threads is safe); freed with the last model that uses it."""
+    source: tuple | None = None
+    if weights is not None:
+        try:  # a replaced weights file is another backbone
+            stat = os.stat(weights)
+            source = (str(Path(weights).resolve()), stat.st_size, stat.st_mtime_ns)
+        except OSError:
+            source = (str(weights),)  # load_extractor reports the problem
+    key = (name, tuple(layers) if layers else None, source, str(device))
+    with _backbones_lock:
+        backbone = _backbones.get(key)
+        if backbone is None:
+            backbone = Backbone(name, layers, weights, device)
+            _backbones[key] = backbone
+        return backbone

@@ -1,0 +1,125 @@
+"""Find work the broker lost and send it again: the database, not the broker, says what is done.
+
+A score job's images are accounted for by its result rows; the images it still waits for are in queued or
+unacknowledged tasks in the broker (`workers.broker.pending_work`). An image of an unfinished job that is
+in neither was lost (a Redis restart without persistence, a task dropped after its hard time limit ...)
+and is sent again in new chunks. A fit job with no task in the broker is sent again, unless it has been
+running for longer than the fit time limit: then it failed, and says so.
+
+The job's total is recounted at the same time, as the images of its folder that no other job has already
+scored for the model version (for a nightly job: that have no result for it at all), so a job whose
+images another job scored first, or whose images were deleted meanwhile, completes too.
+
+Only jobs older than `TOTALRECALL_RECOVERY_GRACE` are looked at: a younger job may still be sending its
+tasks. Running this twice, or while tasks are running, is harmless: tasks are idempotent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from common.db import Job, JobKind, JobStatus, Result, images_with_results, in_transaction, utcnow
+from common.images import IMAGE_SUFFIXES
+from common.settings import get_settings
+from common.storage import list_uris
+from workers.broker import PendingWork, pending_work, redis_client
+from workers.job_state import lock_job, refresh_counts
+
+UNFINISHED = (JobStatus.QUEUED.value, JobStatus.RUNNING.value)
+
+
+@dataclass(frozen=True)
+class Recovery:
+    """What one sweep did for one job."""
+
+    job_id: int
+    kind: str
+    sent: int  # images sent again (score) or 1 (fit)
+    total: int  # the job's total afterwards
+    note: str = ""
+
+    def describe(self) -> str:
+        what = f"{self.sent} lost image(s) sent again" if self.kind == JobKind.SCORE.value else self.note
+        return f"job {self.job_id} ({self.kind}): {what}; total {self.total}"
+
+
+def recover_lost_work(client: Any = None) -> list[Recovery]:
+    """One sweep over the unfinished jobs older than the grace period (see the module docstring)."""
+    settings = get_settings()
+    if settings.tasks_in_process:
+        return []
+    cutoff = utcnow() - timedelta(seconds=settings.recovery_grace)
+    candidates = in_transaction(lambda s: s.execute(
+        select(Job.id, Job.kind, Job.total, Job.done, Job.failed)
+        .where(Job.status.in_(UNFINISHED), Job.created_at < cutoff).order_by(Job.id)).all())
+    if not candidates:
+        return []
+    client = client if client is not None else redis_client()
+    if client is None:
+        return []
+    pending = pending_work(client)
+    recovered = []
+    for job_id, kind, total, done, failed in candidates:
+        if kind == JobKind.FIT.value:
+            outcome = _recover_fit(job_id, pending)
+        else:
+            waiting = pending.images.get(job_id, set())
+            if done + failed + len(waiting) >= total:  # everything is recorded or on its way
+                continue
+            outcome = _recover_score(job_id, waiting)
+        if outcome is not None:
+            recovered.append(outcome)
+    return recovered
+
+
+def _recover_fit(job_id: int, pending: PendingWork) -> Recovery | None:
+    from scheduler.jobs import send_task, send_with_retry
+    from workers.fitting import fail_fit
+    from workers.tasks import fit_product
+
+    if job_id in pending.fits:
+        return None
+    hard_limit = get_settings().fit_time_limits[1]
+    job = in_transaction(lambda s: s.get(Job, job_id))
+    if job.started_at is not None and utcnow() - job.started_at > timedelta(seconds=hard_limit):
+        note = (f"the fit did not finish within its time limit ({hard_limit} s) and its task is gone; "
+                "run `totalrecall fit` again")
+        fail_fit(job_id, note)
+        return Recovery(job_id, job.kind, 0, job.total, "failed: " + note)
+    send_with_retry(lambda: send_task(fit_product, job_id))
+    return Recovery(job_id, job.kind, 1, job.total, "lost fit task sent again")
+
+
+def _recover_score(job_id: int, waiting: set[str]) -> Recovery | None:
+    from scheduler.jobs import send_chunks
+
+    job = in_transaction(lambda s: s.get(Job, job_id))
+    listed = set(list_uris(job.images_uri, IMAGE_SUFFIXES)) if job.images_uri else set()
+
+    def recount(session: Session) -> tuple[list[str], int] | None:
+        locked = lock_job(session, job_id)  # no chunk of this job commits while we count
+        if locked.status not in UNFINISHED:
+            return None
+        own = set(session.scalars(select(Result.image_uri).where(Result.job_id == job_id)))
+        others = [u for u in listed | waiting if u not in own]
+        taken = images_with_results(session, locked.model_version_id, others,
+                                    ok_only=locked.idempotency_key is None)
+        outstanding = {u for u in others if u not in taken}
+        locked.total = len(own) + len(outstanding)
+        refresh_counts(session, locked)
+        return sorted(outstanding - waiting), locked.total
+
+    outcome = in_transaction(recount)
+    if outcome is None:
+        return None
+    lost, total = outcome
+    if lost:
+        send_chunks(job_id, lost)
+    elif total == job.total:
+        return None
+    return Recovery(job_id, job.kind, len(lost), total)

@@ -1,0 +1,196 @@
+"""Bad input through whole jobs: every bad image becomes a failed row with a clear reason, the batch goes on,
+the worker stays up, and the job completes (`--wait` exits 0 and lists the failures).
+
+The embedded part runs the `totalrecall` command line as an operator would (SQLite, a local folder, tasks
+in-process) and measures the scoring process's peak memory; the S3 part goes through a real worker.
+Decoding itself is unit-tested in test_engine_patchcore.py; an empty archive, an unknown product and a
+product without an active model are covered by test_system.py and test_workers.py.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import sqlite3
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from common.synthetic import nominal_image, plant_defect, png_bytes
+from tests.cluster import PRODUCT, SIZE, Cluster, cluster, fresh_database, ok
+from tests.conftest import Services
+from tests.synthetic import one_bit_png
+
+MAX_SIDE = 1024  # images are reduced to this while decoding (the model's input is 96 px)
+MAX_BYTES = 4 * 2**20
+
+
+@dataclass(frozen=True)
+class Embedded:
+    home: Path
+    env: dict[str, str]
+
+
+def _run_measured(env: dict[str, str], *args: str) -> tuple[int, str, str, float]:
+    """(exit code, stdout, stderr, peak RSS in MB) of one `totalrecall` command, run as a child process."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "totalrecall.cli", *args], env=env, stdout=out,
+                                stderr=err, text=True)
+        _, status, usage = os.wait4(proc.pid, 0)  # reaped here, so its own rusage is known
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        return proc.returncode, out.read(), err.read(), usage.ru_maxrss / 1024
+
+
+@pytest.fixture(scope="module")
+def embedded(tmp_path_factory: pytest.TempPathFactory) -> Embedded:
+    home = tmp_path_factory.mktemp("bad-input")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TOTALRECALL_", "AWS_"))}
+    env |= {"TOTALRECALL_HOME": str(home), "TOTALRECALL_CHUNK_SIZE": "8",
+            "TOTALRECALL_MAX_IMAGE_SIDE": str(MAX_SIDE), "TOTALRECALL_MAX_IMAGE_BYTES": str(MAX_BYTES)}
+    (home / "train").mkdir()
+    for i in range(10):
+        (home / "train" / f"n{i}.png").write_bytes(png_bytes(nominal_image(i, SIZE)))
+    for args in (("db", "upgrade"),
+                 ("product", "add", PRODUCT, "--train", str(home / "train"), "--archive",
+                  str(home / "archive/{date}"), "--image-size", str(SIZE), "--coreset-ratio", "0.25"),
+                 ("fit", PRODUCT, "--wait")):
+        rc, out, err, _ = _run_measured(env, *args)
+        assert rc == 0, out + err
+    return Embedded(home, env)
+
+
+def _jpeg(image: Image.Image, **kwargs: object) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, "JPEG", quality=90, **kwargs)
+    return buf.getvalue()
+
+
+def _png(image: Image.Image, **kwargs: object) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, "PNG", **kwargs)
+    return buf.getvalue()
+
+
+def _bad_inputs() -> tuple[dict[str, bytes], dict[str, str], dict[str, tuple[int, int]]]:
+    """(file name -> bytes, failing name -> expected reason, scored name -> expected mask shape (h, w))."""
+    rgb = nominal_image(1, SIZE)
+    good = Image.fromarray(rgb)
+    wide = Image.fromarray(nominal_image(2, 128)).resize((128, 64))  # stored 128 wide, 64 high
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    big = Image.fromarray(nominal_image(3, SIZE)).resize((8000, 6000), Image.Resampling.BILINEAR)
+    noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (1400, 1400, 3), np.uint8))
+    files = {
+        "good-1.png": png_bytes(rgb),
+        "good-2.png": png_bytes(plant_defect(nominal_image(4, SIZE), 4)[0]),
+        "zero-bytes.png": b"",
+        "truncated.png": png_bytes(rgb)[:400],
+        "truncated.jpg": _jpeg(good)[:600],
+        "text.png": b"this is a text file, not an image\n" * 4,
+        "one-pixel.png": png_bytes(np.zeros((1, 1, 3), np.uint8)),
+        "bomb.png": one_bit_png(50_000, 50_000),  # 2.5 gigapixels in a few hundred KB
+        "too-many-bytes.png": _png(noise, compress_level=0),  # ~5.9 MB file
+        "gray-16-bit.png": _png(Image.fromarray(rgb[..., 0].astype(np.uint16) * 257)),
+        "rgba.png": _png(good.convert("RGBA")),
+        "cmyk.jpg": _jpeg(good.convert("CMYK")),
+        "palette.png": _png(good.convert("P")),
+        "exif-rotated.jpg": _jpeg(wide, exif=exif.tobytes()),
+        "huge.jpg": _jpeg(big),  # 48 megapixels: decoded at 1/8 scale
+        "huge.png": _png(big.resize((6000, 4000)), compress_level=1),  # 24 megapixels: decoded, reduced
+    }
+    failing = {
+        "zero-bytes.png": "empty file (0 bytes)",
+        "truncated.png": "corrupt or truncated image",
+        "truncated.jpg": "corrupt or truncated image",
+        "text.png": "not a recognised image format",
+        "one-pixel.png": "1x1 pixels, too small to inspect",
+        "bomb.png": "refused without decoding",
+        "too-many-bytes.png": "above the limit of 4,194,304 (TOTALRECALL_MAX_IMAGE_BYTES); not downloaded",
+    }
+    shapes = {"good-1.png": (SIZE, SIZE), "good-2.png": (SIZE, SIZE), "gray-16-bit.png": (SIZE, SIZE),
+              "rgba.png": (SIZE, SIZE), "cmyk.jpg": (SIZE, SIZE), "palette.png": (SIZE, SIZE),
+              "exif-rotated.jpg": (128, 64),  # as a viewer shows it
+              "huge.jpg": (750, 1000), "huge.png": (683, MAX_SIDE)}
+    assert set(files) == set(failing) | set(shapes)
+    return files, failing, shapes
+
+
+def test_every_bad_image_fails_alone_with_its_reason(embedded: Embedded) -> None:
+    files, failing, shapes = _bad_inputs()
+    folder = embedded.home / "batch"
+    folder.mkdir()
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    rc, out, err, peak_mb = _run_measured(embedded.env, "score", PRODUCT, "--images", str(folder), "--wait")
+    assert rc == 0, out + err  # a job whose images partly fail still succeeds
+    assert f"{len(failing)} failed image(s)" in out
+    for name in failing:
+        assert f"{folder / name}: " in out  # each failure listed with its reason
+    # The 2.5-gigapixel bomb was never decoded (that alone would take > 2.5 GB); large images were
+    # decoded at a reduced scale or reduced right after decoding.
+    print(f"peak RSS of the scoring process: {peak_mb:.0f} MB")
+    assert peak_mb < 1500, peak_mb
+
+    with sqlite3.connect(embedded.home / "totalrecall.db") as db:
+        rows = {Path(uri).name: (status, error, mask) for uri, status, error, mask in db.execute(
+            "SELECT image_uri, status, error, mask_uri FROM results WHERE image_uri LIKE ?",
+            (f"{folder}/%",))}
+        ((status, total, done, failed),) = db.execute(
+            "SELECT status, total, done, failed FROM jobs WHERE images_uri = ?", (str(folder),)).fetchall()
+    assert (status, total, done, failed) == ("succeeded", len(files), len(shapes), len(failing))
+    assert set(rows) == set(files)
+    for name, reason in failing.items():
+        status, error, mask = rows[name]
+        assert status == "failed" and reason in error and mask is None, (name, error)
+    assert "2,500,000,000" in rows["bomb.png"][1] or "2500000000" in rows["bomb.png"][1]
+    for name, shape in shapes.items():
+        status, error, mask = rows[name]
+        assert status == "ok", (name, error)
+        with Image.open(mask) as png:
+            assert (png.height, png.width) == shape, name
+
+
+# --- through S3 and a real worker ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def c(services: Services, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    with (fresh_database(services.pg_url) as pg_url,
+          cluster(services, pg_url, tmp_path_factory.mktemp("bad-s3")) as running):
+        running.start_workers("w")
+        yield running
+
+
+@pytest.mark.integration
+def test_odd_keys_and_empty_objects_through_s3_and_a_worker(c: Cluster) -> None:
+    day = date(2026, 7, 1)
+    prefix = f"archive/{day}/{PRODUCT}"
+    odd = c.put(f"{prefix}/line 3/Prüfteil ü #7 (rechts).png", png_bytes(nominal_image(70, SIZE)))
+    empty = c.put(f"{prefix}/empty.png", b"")
+    text = c.put(f"{prefix}/text.png", b"not an image")
+    good = c.put(f"{prefix}/good.png", png_bytes(nominal_image(71, SIZE)))
+    c.put(f"{prefix}/notes.txt", b"ignored: not an image name")
+    out = ok(c.cli("nightly", "--date", str(day), "--wait"))
+    assert f"{empty}: ImageDecodeError: empty file (0 bytes)" in out
+    assert f"{text}: ImageDecodeError: not a recognised image format" in out
+    (job,) = c.jobs(day)
+    rows = {r.image_uri: r for r in c.assert_exactly_once(job, [odd, empty, text, good])}
+    assert rows[odd].status == "ok" and rows[good].status == "ok"
+    mask_key = rows[odd].mask_uri.split("/", 3)[3]
+    assert mask_key.isascii() and " " not in mask_key and "line_3/Pr" in mask_key
+    c.assert_outputs_complete([rows[odd], rows[good]])
+    # The worker is still up and scores the next job.
+    again = c.put("adhoc/after/one.png", png_bytes(nominal_image(72, SIZE)))
+    ok(c.cli("score", PRODUCT, "--images", f"s3://{c.bucket}/adhoc/after/", "--wait"))
+    assert [r.status for r in c.results(image_uri=again)] == ["ok"]
+    assert c.workers["w"].alive()

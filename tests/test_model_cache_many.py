@@ -1,0 +1,57 @@
+"""A worker's model cache with many products: bounded by memory (LRU), one shared backbone, disk reuse."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from common.engine.config import PatchCoreConfig
+from common.engine.patchcore import PatchCore
+from workers.model_cache import ModelCache
+
+N_MODELS = 50
+BANK_ROWS = 200
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory) -> list[tuple[str, str]]:
+    """(sha256, artifact folder) of 50 small real models (same backbone, different banks)."""
+    root = tmp_path_factory.mktemp("store")
+    model = PatchCore(PatchCoreConfig(image_size=64), device="cpu")
+    out = []
+    for i in range(N_MODELS):
+        model.set_bank(np.random.default_rng(i).standard_normal((BANK_ROWS, model.features.dim), np.float32))
+        model.image_threshold = model.pixel_threshold = float(i)
+        folder = root / f"product-{i:02d}"
+        out.append((model.save(folder), str(folder)))
+    return out
+
+
+def test_fifty_models_stay_within_the_memory_bound(artifacts, tmp_path: Path) -> None:
+    bank_bytes = BANK_ROWS * 152 * 4
+    cache = ModelCache(tmp_path / "cache", max_bytes=10 * bank_bytes, device="cpu")
+    models = [cache.get(sha, uri) for sha, uri in artifacts]
+    assert cache.stats.loads == cache.stats.downloads == N_MODELS
+    assert cache.stats.evictions == N_MODELS - 10
+    assert cache.bytes_used == 10 * bank_bytes
+    assert cache.cached() == [sha for sha, _ in artifacts[-10:]]  # the ten most recently used
+    assert len({id(m.features.extractor) for m in models}) == 1  # one backbone for all products
+    assert [m.image_threshold for m in models] == list(range(N_MODELS))
+
+    recent, evicted = artifacts[-5], artifacts[0]
+    assert cache.get(*recent) is models[-5]  # a memory hit moves it to the end of the LRU order
+    assert cache.cached()[-1] == recent[0] and cache.stats.hits == 1
+    again = cache.get(*evicted)  # evicted from memory: loaded from the disk copy, not downloaded
+    assert again is not models[0] and cache.stats.downloads == N_MODELS and cache.stats.loads == N_MODELS + 1
+    assert cache.cached()[-1] == evicted[0] and cache.bytes_used <= 10 * bank_bytes
+    assert np.array_equal(again.index.bank, models[0].index.bank)
+
+
+def test_a_model_larger_than_the_bound_is_kept_alone(artifacts, tmp_path: Path) -> None:
+    cache = ModelCache(tmp_path / "cache", max_bytes=1, device="cpu")
+    for sha, uri in artifacts[:3]:
+        cache.get(sha, uri)
+        assert cache.cached() == [sha]  # the newest model always stays, the others go
+    assert cache.stats.evictions == 2
