@@ -90,7 +90,7 @@ def main() -> None:
                 cache.get(sha, uri)
                 times.append(time.perf_counter() - t)
             phases[phase] = {**_summary(times), "models": len(times), "rss_mb": round(_rss_mb(), 1)}
-        cold_stats = vars(cache.stats).copy()
+        stats_after_warm = vars(cache.stats).copy()
         cache.clear()
         cache = ModelCache(work / "cache", int(a.cache_mb * 2**20), device="cpu")  # a restarted worker
         times = []
@@ -102,7 +102,7 @@ def main() -> None:
         row = {"products": a.products, "bank_rows": a.bank, "index": a.index, "model_mb": round(bank_mb, 2),
                "artifact_mb": round(artifact_mb, 2), "cache_mb": a.cache_mb,
                "storage": "s3" if str(a.storage_url or "").startswith("s3://") else "local folder",
-               "write_all_s": round(write_s, 1), **phases, "cold_cache_stats": cold_stats,
+               "write_all_s": round(write_s, 1), **phases, "cache_stats_after_warm": stats_after_warm,
                "models_in_memory": len(cache.cached()), "cache_bytes_used_mb": round(cache.bytes_used / 2**20, 1),
                "rss_start_mb": round(rss_start, 1), "rss_before_cache_mb": round(rss_before, 1),
                "loadavg": round(os.getloadavg()[0], 2)}

@@ -57,7 +57,7 @@ def build_model(a: argparse.Namespace):
     from common.engine.patchcore import PatchCore
     from common.synthetic import nominal_image
 
-    cfg = PatchCoreConfig(batch_size=a.batch_size, index=a.index, index_min_bank=0)
+    cfg = PatchCoreConfig(batch_size=a.batch_size, index=a.index, index_min_bank=0, index_nprobe=a.nprobe)
     model = PatchCore(cfg, device=a.device)
     feats, _ = model.extract([partial(nominal_image, i, a.side) for i in range(a.train)])
     rng = np.random.default_rng(0)
@@ -153,6 +153,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
     p.add_argument("--index", default="flat", choices=["flat", "ivf_flat", "ivf_pq"])
+    p.add_argument("--nprobe", type=int, default=16, help="IVF lists searched per query")
     p.add_argument("--bank", type=int, default=14_112)
     p.add_argument("--train", type=int, default=200, help="generated images whose features make the bank")
     p.add_argument("--images", type=int, default=64)

@@ -42,6 +42,9 @@ def test_feature_store_appends_and_gathers_in_any_order(tmp_path) -> None:
         np.testing.assert_array_equal(store.gather(idx), x[idx])  # one block
         assert store.gather(np.array([], dtype=np.int64)).shape == (0, 12)
         np.testing.assert_array_equal(store.array(), x)
+        np.testing.assert_array_equal(store.read_into(np.empty((1000, 12), np.float32)), x)
+        with pytest.raises(ValueError):
+            store.read_into(np.empty((999, 12), np.float32))
         with pytest.raises(IndexError):
             store.gather(np.array([1000]))
         with pytest.raises(ValueError):

@@ -19,10 +19,13 @@ Two exact implementations of the same greedy sequence:
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import numba
 import numpy as np
 import torch
+
+from common.engine.featurestore import FeatureStore
 
 ProgressFn = Callable[[int], None]
 HEAD_DIMS = 16  # leading principal coordinates tested first by the CPU coreset
@@ -53,11 +56,13 @@ class StreamingProjection:
 
     Rows are projected in blocks of `chunk` rows (the last block takes the remainder), so the result has
     the same bits however the rows were batched: a streamed fit selects the same coreset as an in-memory
-    one. Memory: the (N, dim) float32 result plus at most 2 * chunk pending input rows.
+    one. On the CPU the projected blocks wait in a temporary file (in `folder`) and `finish()` reads them
+    into one array, so memory peaks at N x dim float32 once (plus at most 2 * chunk pending rows), not
+    twice; on a GPU they stay in GPU memory.
     """
 
     def __init__(self, in_dim: int, dim: int, seed: int, device: torch.device | str = "cpu",
-                 chunk: int = PROJECTION_CHUNK) -> None:
+                 chunk: int = PROJECTION_CHUNK, folder: str | Path | None = None) -> None:
         matrix = projection_matrix(in_dim, dim, seed)
         self.device = torch.device(device)
         self.matrix = None if matrix is None else matrix.to(self.device)
@@ -66,7 +71,8 @@ class StreamingProjection:
         self.chunk = chunk
         self._pending: list[torch.Tensor] = []
         self._pending_rows = 0
-        self._done: list[torch.Tensor] = []
+        self._spill = FeatureStore(self.dim, folder) if self.device.type == "cpu" else None
+        self._done: list[torch.Tensor] = []  # projected blocks kept on the device (GPU)
         self.rows = 0
 
     def add(self, rows: np.ndarray | torch.Tensor) -> None:
@@ -86,19 +92,32 @@ class StreamingProjection:
         self._pending = [rest] if len(rest) else []
         self._pending_rows = len(rest)
         out = head.float() if self.matrix is None else head.float() @ self.matrix
-        self._done.append(out.clone() if out.data_ptr() == head.data_ptr() else out)
+        if self._spill is not None:
+            self._spill.append(out.numpy())
+        else:
+            self._done.append(out.clone() if out.data_ptr() == head.data_ptr() else out)
 
     def finish(self) -> torch.Tensor:
-        """The (N, dim) float32 projection of every row added, in order."""
+        """The (N, dim) float32 projection of every row added, in order (once: the buffers are freed)."""
         if self._pending_rows:
             self._project(self._pending_rows)
-        out = torch.empty(self.rows, self.dim, dtype=torch.float32, device=self.device)
+        if self._spill is not None:
+            out = self._spill.read_into(np.empty((self.rows, self.dim), dtype=np.float32))
+            self.close()
+            return torch.from_numpy(out)
+        result = torch.empty(self.rows, self.dim, dtype=torch.float32, device=self.device)
         start = 0
-        while self._done:  # copy block by block, freeing each: peak N x dim plus one block
+        while self._done:  # copy block by block, freeing each
             block = self._done.pop(0)
-            out[start: start + len(block)] = block
+            result[start: start + len(block)] = block
             start += len(block)
-        return out
+        return result
+
+    def close(self) -> None:
+        """Delete the temporary file (also done by `finish()`)."""
+        if self._spill is not None:
+            self._spill.close()
+            self._spill = None
 
 
 def random_projection(features: np.ndarray | torch.Tensor, dim: int, seed: int) -> torch.Tensor:

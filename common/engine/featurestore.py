@@ -62,6 +62,15 @@ class FeatureStore:
                 out[order[lo:hi]] = buf[wanted[lo:hi] - start]
         return out
 
+    def read_into(self, out: np.ndarray) -> np.ndarray:
+        """Every row, in order, into the (N, D) float32 C-contiguous array `out` (no second copy)."""
+        if out.shape != (self.rows, self.dim) or out.dtype != np.float32 or not out.flags.c_contiguous:
+            raise ValueError(f"expected a C-contiguous ({self.rows}, {self.dim}) float32 array")
+        self._file.flush()
+        with open(self.path, "rb", buffering=0) as f:
+            _read_exactly(f, memoryview(out).cast("B"))
+        return out
+
     def array(self) -> np.ndarray:
         """All rows as a read-only memory map (small stores and tests: mapped pages count as resident)."""
         self._file.flush()

@@ -120,25 +120,29 @@ class PatchCore:
         cfg = self.config
         t0 = time.perf_counter()
         bank_ids, hold_ids = calibration.holdout_split(len(images), cfg.holdout_fraction, cfg.seed)
+        projection = StreamingProjection(self.features.dim, cfg.projection_dim, cfg.seed, self.device,
+                                         folder=scratch_dir)
         with FeatureStore(self.features.dim, scratch_dir) as store:
-            projection = StreamingProjection(self.features.dim, cfg.projection_dim, cfg.seed, self.device)
-            failures: list[Failed] = []
-            for item in self._feature_batches([images[i] for i in bank_ids], progress, "features"):
-                if isinstance(item, Failed):
-                    failures.append(item)
-                    continue
-                projection.add(item)
-                store.append(item.cpu().numpy())
-            if not len(store):
-                raise ValueError(_no_usable_image(failures))
+            try:
+                failures: list[Failed] = []
+                for item in self._feature_batches([images[i] for i in bank_ids], progress, "features"):
+                    if isinstance(item, Failed):
+                        failures.append(item)
+                        continue
+                    projection.add(item)
+                    store.append(item.cpu().numpy())
+                if not len(store):
+                    raise ValueError(_no_usable_image(failures))
+                projected = projection.finish()
+            finally:
+                projection.close()
             t1 = time.perf_counter()
             n_patches, store_mb = len(store), store.nbytes / 2**20
             k = coreset_size(n_patches, cfg.coreset_ratio)
             with tqdm(total=k, desc="coreset", disable=not progress, unit="pt") as bar:
-                selected = greedy_from_projection(projection.finish(), cfg.coreset_ratio, cfg.seed,
-                                                  bar.update)
+                selected = greedy_from_projection(projected, cfg.coreset_ratio, cfg.seed, bar.update)
                 bar.update(k - bar.n)
-            del projection
+            del projected, projection
             bank = store.gather(selected)
             t2 = time.perf_counter()
         self.set_bank(bank)
