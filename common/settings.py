@@ -46,6 +46,8 @@ DEFAULT_S3_TIMEOUT = 60  # seconds to wait for an S3 response before botocore re
 DEFAULT_MAX_IMAGE_PIXELS = 100_000_000
 DEFAULT_MAX_IMAGE_SIDE = 4096
 DEFAULT_MAX_IMAGE_BYTES = 256 * 2**20
+# Backbones a worker process builds when it starts, so the first chunk of a night does not wait for them.
+DEFAULT_PRELOAD_BACKBONES = ("efficientnet_lite0",)
 
 REDACTED = "***"
 # Query parameters whose values are secrets (e.g. `?password=` accepted by libpq and redis-py).
@@ -85,6 +87,7 @@ class Settings:
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     max_image_side: int = DEFAULT_MAX_IMAGE_SIDE
     max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
+    preload_backbones: tuple[str, ...] = DEFAULT_PRELOAD_BACKBONES  # built when a worker process starts
     # Fault-injection tests only: seconds a scoring task sleeps after each image (and a fit before each
     # training image), so that "in the middle of a chunk" lasts long enough to kill a worker in.
     test_chunk_delay: float = 0.0
@@ -117,6 +120,7 @@ class Settings:
             max_image_pixels=_positive_int(env, "MAX_IMAGE_PIXELS", DEFAULT_MAX_IMAGE_PIXELS),
             max_image_side=_positive_int(env, "MAX_IMAGE_SIDE", DEFAULT_MAX_IMAGE_SIDE),
             max_image_bytes=_positive_int(env, "MAX_IMAGE_BYTES", DEFAULT_MAX_IMAGE_BYTES),
+            preload_backbones=_names(env, "PRELOAD_BACKBONES", DEFAULT_PRELOAD_BACKBONES),
             test_chunk_delay=_seconds(env, "TEST_CHUNK_DELAY"),
         )._checked()
 
@@ -161,6 +165,7 @@ class Settings:
             "recovery": f"every {self.recovery_interval} s, jobs older than {self.recovery_grace} s",
             "s3_timeout": f"{self.s3_timeout} s",
             "image_limits": f"{self.max_image_pixels} px, side {self.max_image_side}, {self.max_image_bytes} B",
+            "preload_backbones": ",".join(self.preload_backbones) or "(none)",
             "test_chunk_delay": f"{self.test_chunk_delay:g} s",
         }
 
@@ -241,6 +246,15 @@ def _positive_int(env: Mapping[str, str], name: str, default: int) -> int:
     if value <= 0:
         raise SettingsError(f"{PREFIX}{name} must be a positive integer, got {raw!r}")
     return value
+
+
+def _names(env: Mapping[str, str], name: str, default: tuple[str, ...]) -> tuple[str, ...]:
+    """A comma-separated list of names; `none` for an empty list (an empty variable counts as unset)."""
+    raw = _get(env, name)
+    if raw is None:
+        return default
+    names = tuple(n.strip() for n in raw.split(",") if n.strip())
+    return () if names == ("none",) else names
 
 
 def _seconds(env: Mapping[str, str], name: str) -> float:

@@ -42,8 +42,37 @@ def nightly_key(product: str, day: date, version: int) -> str:
     return f"nightly:{product}:{day.isoformat()}:v{version}"
 
 
+RAMP_SMALLEST = 8  # first and last chunk of a large job
+RAMP_MIN_CHUNKS = 4  # jobs of fewer than this many full chunks are cut evenly
+
+
+def chunk_sizes(n: int, size: int) -> list[int]:
+    """Chunk lengths for `n` images with chunks of at most `size`.
+
+    A job of at least `RAMP_MIN_CHUNKS` full chunks starts and ends with smaller chunks (8, 16, 32 ...
+    up to `size`, and the same down again): the first results arrive after a few images instead of a
+    whole chunk (while each worker also loads its model), and at the end no worker sits idle while
+    another finishes a full chunk. Smaller jobs are cut into equal chunks of `size` (the last shorter).
+    """
+    ramp = []
+    step = RAMP_SMALLEST
+    while step < size:
+        ramp.append(step)
+        step *= 2
+    if not ramp or n < RAMP_MIN_CHUNKS * size:
+        return [min(size, n - i) for i in range(0, n, size)]
+    middle = n - 2 * sum(ramp)
+    full, rest = divmod(middle, size)
+    return ramp + [size] * full + ([rest] if rest else []) + ramp[::-1]
+
+
 def chunked(items: Sequence[str], size: int) -> list[list[str]]:
-    return [list(items[i : i + size]) for i in range(0, len(items), size)]
+    """`items` in order, cut as `chunk_sizes` says."""
+    chunks, start = [], 0
+    for length in chunk_sizes(len(items), size):
+        chunks.append(list(items[start : start + length]))
+        start += length
+    return chunks
 
 
 def new_score_job(product_id: int, version_id: int, images_uri: str, total: int, *,

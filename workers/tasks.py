@@ -26,7 +26,7 @@ from typing import Any
 
 from celery import Task
 from celery.exceptions import SoftTimeLimitExceeded
-from celery.signals import worker_init
+from celery.signals import worker_init, worker_process_init
 from celery.utils.log import get_task_logger
 from kombu.exceptions import OperationalError as BrokerError
 
@@ -49,6 +49,29 @@ def _preload_engine(**_: Any) -> None:
     """Import the engine (torch) in the worker's main process, before the pool forks its children."""
     import workers.fitting  # noqa: F401
     import workers.scoring  # noqa: F401
+
+
+@worker_process_init.connect
+def _preload_backbones(**_: Any) -> None:
+    """Build `TOTALRECALL_PRELOAD_BACKBONES` in each pool process, in a thread (Celery gives a process
+    only a few seconds to start): the first chunk of a night then loads just its bank."""
+    import threading
+
+    threading.Thread(target=preload_backbones, name="totalrecall-preload", daemon=True).start()
+
+
+def preload_backbones() -> None:
+    """Build and keep the configured backbones on this process's device; a failure is only logged."""
+    from common.engine.backbone_cache import pin_backbone
+    from common.engine.patchcore import resolve_device
+
+    device = resolve_device("auto")
+    for name in get_settings().preload_backbones:
+        try:
+            pin_backbone(name, device)
+            logger.info("event=backbone_preloaded backbone=%s device=%s", name, device)
+        except Exception as exc:  # e.g. weights not installed: models load it themselves (and say why)
+            logger.warning("event=backbone_preload_failed backbone=%s error=%r", name, describe_error(exc))
 
 
 def retry_countdown(retries: int) -> float:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from common.engine.backbones import fold_batchnorm, load_extractor
+from common.engine.backbones import fold_batchnorm, get_spec, load_extractor
 from common.engine.features import probe_channels
 
 
@@ -46,10 +46,23 @@ def shared_backbone(name: str, layers: tuple[str, ...] | None, weights: str | Pa
             source = (str(Path(weights).resolve()), stat.st_size, stat.st_mtime_ns)
         except OSError:
             source = (str(weights),)  # load_extractor reports the problem
-    key = (name, tuple(layers) if layers else None, source, str(device))
+    key = (name, tuple(layers or get_spec(name).default_layers), source, str(device))
     with _backbones_lock:
         backbone = _backbones.get(key)
         if backbone is None:
             backbone = Backbone(name, layers, weights, device)
             _backbones[key] = backbone
         return backbone
+
+
+_pinned: list[Backbone] = []
+
+
+def pin_backbone(name: str, device: torch.device) -> Backbone:
+    """Build (or find) the backbone `name` with its default stages and keep it for the life of the
+    process: a worker calls this when it starts, so its first model load does not build the network."""
+    backbone = shared_backbone(name, None, None, device)
+    with _backbones_lock:
+        if all(b is not backbone for b in _pinned):
+            _pinned.append(backbone)
+    return backbone
