@@ -31,9 +31,8 @@ from pathlib import Path
 
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
-from sqlalchemy.pool import NullPool
 
-from common.db import Job, Result, dispose_engines, session_scope
+from common.db import Job, Result, dispose_engines, execute_autocommit, session_scope
 from common.synthetic import nominal_image, plant_defect, png_bytes
 
 DAY = date(2026, 12, 24)
@@ -110,15 +109,6 @@ def services(a: argparse.Namespace) -> tuple[str, str, str]:
     return pg, redis_url, s3
 
 
-def admin(server_url: str, statement: str) -> None:
-    engine = sa.create_engine(server_url, isolation_level="AUTOCOMMIT", poolclass=NullPool)
-    try:
-        with engine.connect() as connection:
-            connection.execute(sa.text(statement))
-    finally:
-        engine.dispose()
-
-
 def make_images(n: int, size: int, seed: int) -> list[tuple[str, bytes]]:
     rng = random.Random(seed)
     images = []
@@ -141,7 +131,7 @@ def run(a: argparse.Namespace) -> dict:
     rng = random.Random(a.seed)
     folder = Path(tempfile.mkdtemp(prefix="totalrecall-chaos-"))
     db_name = f"tr_chaos_{uuid.uuid4().hex[:10]}"
-    admin(pg_server, f'CREATE DATABASE "{db_name}"')
+    execute_autocommit(pg_server, f'CREATE DATABASE "{db_name}"')
     pg_url = make_url(pg_server).set(database=db_name).render_as_string(hide_password=False)
     s3 = boto3.client("s3", endpoint_url=s3_endpoint, aws_access_key_id="testing",
                       aws_secret_access_key="testing", region_name="us-east-1")
@@ -259,7 +249,7 @@ def run(a: argparse.Namespace) -> dict:
         dispose_engines(pg_url)
         if not a.keep:
             with contextlib.suppress(Exception):
-                admin(pg_server, f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)')
+                execute_autocommit(pg_server, f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)')
             with contextlib.suppress(Exception):
                 for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket):
                     for obj in page.get("Contents", ()):

@@ -32,19 +32,6 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _images(n: int, side: int, seed: int) -> list[bytes]:
-    from common.images import png_bytes
-    from common.synthetic import nominal_image, plant_defect
-
-    out = []
-    for i in range(n):
-        image = nominal_image(seed + i, side)
-        if i % 4 == 3:
-            image, _ = plant_defect(image, seed + i)
-        out.append(png_bytes(image))
-    return out
-
-
 def _rate(fn, n: int, sync) -> float:
     fn()  # warm-up
     sync()
@@ -83,7 +70,7 @@ def main() -> int:
     from common.engine.coreset import covering_radius, greedy_coreset
     from common.engine.patchcore import PatchCore
     from common.engine.preprocessing import resized_hw
-    from common.synthetic import nominal_image
+    from common.synthetic import encoded_parts, nominal_image
 
     faiss_gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
     cuda = dev.type == "cuda"
@@ -97,7 +84,7 @@ def main() -> int:
     failures: list[str] = []
     cfg = PatchCoreConfig(coreset_ratio=a.ratio, batch_size=a.batch_size)
     train = [partial(nominal_image, i, a.side) for i in range(a.train)]
-    tests = _images(a.test, a.side, seed=50_000)
+    tests = encoded_parts(a.test, a.side, seed=50_000)
 
     # 1. fit on the GPU
     gpu = PatchCore(cfg, device=a.device)
@@ -105,7 +92,7 @@ def main() -> int:
         torch.cuda.reset_peak_memory_stats()
     stats = gpu.fit(train)
     row["fit"] = {k: stats[k] for k in ("patch_features", "bank_size", "extract_seconds", "coreset_seconds",
-                                        "calibrate_seconds", "fit_seconds", "device")}
+                                        "index_seconds", "calibrate_seconds", "fit_seconds", "device")}
     row["fit"]["faiss_index"] = type(gpu.index.index).__name__ if gpu.index.index is not None else "faiss.knn"
     row["fit"]["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1) if cuda else None
 

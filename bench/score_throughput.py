@@ -39,19 +39,6 @@ def _timed(fn: Callable[[], object], repeat: int) -> tuple[float, float]:
     return best
 
 
-def _images(n: int, side: int, seed: int = 10_000) -> list[bytes]:
-    from common.images import png_bytes
-    from common.synthetic import nominal_image, plant_defect
-
-    out = []
-    for i in range(n):
-        image = nominal_image(seed + i, side)
-        if i % 4 == 3:
-            image, _ = plant_defect(image, seed + i)
-        out.append(png_bytes(image))
-    return out
-
-
 def build_model(a: argparse.Namespace):
     from common.engine.config import PatchCoreConfig
     from common.engine.patchcore import PatchCore
@@ -169,13 +156,14 @@ def main() -> None:
 
         torch.set_num_threads(a.threads)
         faiss.omp_set_num_threads(a.threads)
+    from common.engine.preprocessing import resized_hw
+    from common.synthetic import encoded_parts
+
     load0 = os.getloadavg()[0]
     model, index_s = build_model(a)
-    images = _images(a.images, a.side)
+    images = encoded_parts(a.images, a.side, seed=10_000)
     results = model.predict(images)
     assert all(r.ok for r in results), [r.error for r in results if not r.ok][:3]
-    from common.engine.preprocessing import resized_hw
-
     input_hw = resized_hw(a.side, a.side, model.config)
     row = {"device": str(model.device), "index": model.index.spec.to_dict(), "bank": len(model.index),
            "images": a.images, "image_side": a.side, "input_hw": list(input_hw), "batch_size": a.batch_size,

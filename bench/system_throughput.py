@@ -74,33 +74,6 @@ def services_env() -> dict[str, str]:
     return env
 
 
-@contextlib.contextmanager
-def fresh_database(server_url: str):
-    import sqlalchemy as sa
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.pool import NullPool
-
-    def admin(statement: str) -> None:
-        engine = sa.create_engine(server_url, isolation_level="AUTOCOMMIT", poolclass=NullPool)
-        try:
-            with engine.connect() as connection:
-                connection.execute(sa.text(statement))
-        finally:
-            engine.dispose()
-
-    name = f"tr_bench_{uuid.uuid4().hex[:12]}"
-    admin(f'CREATE DATABASE "{name}"')
-    url = make_url(server_url).set(database=name).render_as_string(hide_password=False)
-    try:
-        yield url, name
-    finally:
-        with contextlib.suppress(Exception):
-            from common.db import dispose_engines
-
-            dispose_engines(url)
-        admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
 def make_images(n: int, size: int, defect_every: int, offset: int) -> list[tuple[bytes, bool]]:
     from common.synthetic import nominal_image, plant_defect, png_bytes
 
@@ -174,6 +147,9 @@ def run(a: argparse.Namespace, load_before: tuple[float, ...], t_script: float) 
     import boto3
     import redis
     import sqlalchemy as sa
+    from sqlalchemy.engine import make_url
+
+    from common.db import fresh_database
 
     svc = services_env()
     day = date.fromisoformat(a.date)
@@ -191,7 +167,8 @@ def run(a: argparse.Namespace, load_before: tuple[float, ...], t_script: float) 
     workers: list[subprocess.Popen] = []
     figures: dict = {}
     try:
-        with fresh_database(svc["TOTALRECALL_DATABASE_URL"]) as (pg_url, dbname):
+        with fresh_database(svc["TOTALRECALL_DATABASE_URL"], "tr_bench") as pg_url:
+            dbname = make_url(pg_url).database
             env = {k: v for k, v in os.environ.items() if not k.startswith(("TOTALRECALL_", "AWS_"))}
             env |= {
                 "TOTALRECALL_DATABASE_URL": pg_url, "TOTALRECALL_BROKER_URL": redis_url,

@@ -25,6 +25,8 @@ import logging
 import os
 import threading
 import time
+import uuid
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, date, datetime
 from enum import StrEnum
@@ -426,6 +428,42 @@ def _forget_engines_after_fork() -> None:
 
 
 os.register_at_fork(after_in_child=_forget_engines_after_fork)
+
+
+# --- server administration (tests, benchmarks) -----------------------------------------------------------
+
+
+def execute_autocommit(server_url: str, *statements: str) -> None:
+    """Run admin statements that cannot run in a transaction (CREATE/DROP DATABASE) on a connection of
+    their own, closed afterwards (so it works after a server restart)."""
+    from sqlalchemy.pool import NullPool
+
+    engine = create_engine(server_url, isolation_level="AUTOCOMMIT", poolclass=NullPool)
+    try:
+        with engine.connect() as connection:
+            for statement in statements:
+                connection.execute(text(statement))
+    finally:
+        engine.dispose()
+
+
+@contextlib.contextmanager
+def fresh_database(server_url: str, prefix: str = "tr") -> Iterator[str]:
+    """URL of a new, empty PostgreSQL database on the server of `server_url`, dropped afterwards (with
+    FORCE); a failed drop (e.g. the server is down) is a warning, not an error."""
+    if not prefix.isidentifier() or not prefix.isascii():
+        raise ValueError(f"database name prefix must be a plain identifier, not {prefix!r}")
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"  # a new identifier of ours: safe to put in the DDL
+    execute_autocommit(server_url, f'CREATE DATABASE "{name}"')
+    url = make_url(server_url).set(database=name).render_as_string(hide_password=False)
+    try:
+        yield url
+    finally:
+        dispose_engines(url)
+        try:
+            execute_autocommit(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        except Exception as exc:
+            warnings.warn(f"could not drop database {name}: {redact_text(str(exc))}", stacklevel=3)
 
 
 @contextlib.contextmanager

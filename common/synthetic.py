@@ -55,3 +55,14 @@ def plant_defect(image: np.ndarray, seed: int, kind: str | None = None,
 
 def mask_png_bytes(mask: np.ndarray) -> bytes:
     return png_bytes(mask.astype(np.uint8) * 255)
+
+
+def encoded_parts(n: int, size: int, seed: int, defect_every: int = 4) -> list[bytes]:
+    """PNG bytes of `n` parts (seeds seed, seed + 1 ...); every `defect_every`-th has a planted defect."""
+    out = []
+    for i in range(n):
+        image = nominal_image(seed + i, size)
+        if defect_every and i % defect_every == defect_every - 1:
+            image, _ = plant_defect(image, seed + i)
+        out.append(png_bytes(image))
+    return out

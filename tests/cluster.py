@@ -286,33 +286,6 @@ def environment(env: dict[str, str]) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def fresh_database(server_url: str) -> Iterator[str]:
-    """A new, empty PostgreSQL database, dropped afterwards through a new connection (so even after a
-    server restart)."""
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.pool import NullPool
-
-    from common.db import dispose_engines
-
-    def admin(statement: str) -> None:
-        engine = sa.create_engine(server_url, isolation_level="AUTOCOMMIT", poolclass=NullPool)
-        try:
-            with engine.connect() as connection:
-                connection.execute(sa.text(statement))
-        finally:
-            engine.dispose()
-
-    name = f"tr_faults_{uuid.uuid4().hex[:12]}"
-    admin(f'CREATE DATABASE "{name}"')
-    url = make_url(server_url).set(database=name).render_as_string(hide_password=False)
-    try:
-        yield url
-    finally:
-        dispose_engines(url)
-        admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
-@contextlib.contextmanager
 def cluster(services: Any, pg_url: str, tmp: Path, extra: dict[str, str] | None = None) -> Iterator[Cluster]:
     """A fresh bucket, a flushed Redis database, the schema, and product `widget` fitted (model v1)."""
     import boto3

@@ -13,16 +13,17 @@ Integration tests use services that are already running; start them with
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import uuid
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
-from sqlalchemy.engine import make_url
 
 from common.settings import reset_settings_cache
 
@@ -109,25 +110,41 @@ def s3_endpoint() -> str:
 @pytest.fixture(scope="module")
 def pg_url(pg_server_url: str) -> Iterator[str]:
     """A fresh, empty PostgreSQL database for this test module (dropped afterwards)."""
-    from sqlalchemy import create_engine, text
+    from common.db import fresh_database
 
-    from common.db import dispose_engines
-
-    name = f"tr_test_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(pg_server_url, isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as connection:
-            connection.execute(text(f'CREATE DATABASE "{name}"'))
-        url = make_url(pg_server_url).set(database=name).render_as_string(hide_password=False)
+    with fresh_database(pg_server_url, "tr_test") as url:
         yield url
-        dispose_engines(url)
+
+
+def apply_settings() -> None:
+    """Re-read the settings after the environment changed: settings cache, Celery app, model cache."""
+    from workers.app import app, configure
+    from workers.model_cache import reset_model_cache
+
+    reset_settings_cache()
+    configure(app)
+    reset_model_cache()
+
+
+@contextlib.contextmanager
+def embedded_default(home: Path, **variables: str) -> Iterator[None]:
+    """The embedded default (SQLite, local folder, in-process tasks) in `home`, schema created: every
+    other TOTALRECALL_* variable unset, `variables` set; the environment is restored afterwards."""
+    from common.db import dispose_engines
+    from common.migrate import upgrade
+
+    with pytest.MonkeyPatch.context() as mp:
+        for name in [n for n in os.environ if n.startswith("TOTALRECALL_")]:
+            mp.delenv(name)
+        for name, value in {"TOTALRECALL_HOME": str(home), **variables}.items():
+            mp.setenv(name, value)
+        apply_settings()
+        upgrade()
         try:
-            with admin.connect() as connection:
-                connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        except Exception as exc:  # e.g. the server was stopped by a fault-injection test
-            warnings.warn(f"could not drop test database {name}: {exc}", stacklevel=1)
-    finally:
-        admin.dispose()
+            yield
+        finally:
+            dispose_engines()
+    apply_settings()
 
 
 @pytest.fixture

@@ -24,8 +24,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from common.db import fresh_database
 from common.synthetic import nominal_image, plant_defect, png_bytes
-from tests.cluster import PRODUCT, SIZE, Cluster, cluster, fresh_database, ok
+from tests.cluster import PRODUCT, SIZE, Cluster, cluster, ok
 from tests.conftest import Services
 from tests.synthetic import one_bit_png
 

@@ -15,9 +15,9 @@ from datetime import date
 import pytest
 import sqlalchemy as sa
 
-from common.db import ModelVersion
+from common.db import ModelVersion, fresh_database
 from common.settings import Settings, SettingsError
-from tests.cluster import PRODUCT, Cluster, cluster, fresh_database, ok, wait_for
+from tests.cluster import PRODUCT, Cluster, cluster, ok, wait_for
 from tests.conftest import Services
 from workers.app import celery_config
 

@@ -26,7 +26,7 @@ from PIL import Image
 from sqlalchemy import select
 from sqlalchemy.engine import make_url
 
-from common.db import Job, ModelVersion, Result, dispose_engines, session_scope
+from common.db import Job, ModelVersion, Result, dispose_engines, fresh_database, session_scope
 from common.engine.artifact import BANK_FILE, META_FILE
 from common.engine.config import PatchCoreConfig
 from common.migrate import upgrade
@@ -35,7 +35,7 @@ from common.storage import open_storage
 from common.synthetic import nominal_image, png_bytes
 from scheduler.adhoc import enqueue_fits, score_images
 from scheduler.products import add_product
-from tests.cluster import PRODUCT, SIZE, Cluster, cluster, fresh_database, ok
+from tests.cluster import PRODUCT, SIZE, Cluster, cluster, ok
 from tests.conftest import Services
 from workers.app import app, configure
 from workers.model_cache import reset_model_cache

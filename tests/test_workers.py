@@ -6,7 +6,6 @@ One small product is fitted once per module; the tests then score, reschedule an
 from __future__ import annotations
 
 import io
-import os
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,23 +25,22 @@ from common.db import (
     Product,
     Result,
     ResultStatus,
-    dispose_engines,
     session_scope,
 )
 from common.engine.artifact import BANK_FILE, META_FILE, ArtifactError, sha256_file
 from common.engine.config import PatchCoreConfig
 from common.engine.patchcore import ImageResult, PatchCore
-from common.migrate import upgrade
-from common.settings import Settings, get_settings, reset_settings_cache
+from common.settings import Settings, get_settings
 from common.storage import Storage, StorageUnavailable, open_storage
 from common.synthetic import nominal_image, plant_defect, png_bytes
 from scheduler.adhoc import enqueue_fits, score_images
 from scheduler.jobs import new_score_job, nightly_key
 from scheduler.nightly import schedule_nightly
 from scheduler.products import SchedulingError, add_product
-from workers.app import FIT_QUEUE, SCORE_QUEUE, app, celery_config, configure
+from tests.conftest import embedded_default
+from workers.app import FIT_QUEUE, SCORE_QUEUE, celery_config
 from workers.fitting import check_validation
-from workers.model_cache import ModelCache, get_model_cache, reset_model_cache
+from workers.model_cache import ModelCache, get_model_cache
 from workers.outputs import heatmap_png, mask_png, output_keys, relative_image_key, safe_key
 from workers.tasks import nightly_inspection, score_chunk
 
@@ -64,13 +62,7 @@ class Embedded:
 def embedded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Embedded]:
     """The embedded default in a temporary home, with product `part` fitted (model v1 active)."""
     home = tmp_path_factory.mktemp("home")
-    with pytest.MonkeyPatch.context() as mp:
-        for name in [n for n in os.environ if n.startswith("TOTALRECALL_")]:
-            mp.delenv(name)
-        mp.setenv("TOTALRECALL_HOME", str(home))
-        mp.setenv("TOTALRECALL_CHUNK_SIZE", "4")
-        _apply_environment()
-        upgrade()
+    with embedded_default(home, TOTALRECALL_CHUNK_SIZE="4"):
         store = open_storage(get_settings().storage_url)
         for i in range(16):
             store.put_bytes(f"train/{PRODUCT}/n{i:02d}.png", png_bytes(nominal_image(i, SIZE)))
@@ -78,14 +70,6 @@ def embedded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Embedded]:
                     store.uri_for(f"archive/{{date}}/{PRODUCT}"), CONFIG)
         enqueue_fits([PRODUCT])
         yield Embedded(home, store)
-        dispose_engines()
-    _apply_environment()
-
-
-def _apply_environment() -> None:
-    reset_settings_cache()
-    configure(app)
-    reset_model_cache()
 
 
 def _write_archive(env: Embedded, day: date, n: int = 8, corrupt: bool = True) -> dict[str, bool]:
