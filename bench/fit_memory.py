@@ -57,7 +57,7 @@ def one(n: int, ratio: float, size: int, device: str) -> dict:
     stats = model.fit(_images(n, size))
     wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
     keys = ("train_images", "holdout_images", "patch_features", "bank_size", "feature_dim", "feature_store_mb",
-            "extract_seconds", "coreset_seconds", "calibrate_seconds")
+            "extract_seconds", "coreset_seconds", "index_seconds", "calibrate_seconds")
     return {"images": n, "image_side": size, "ratio": ratio, "device": stats["device"],
             **{k: stats.get(k) for k in keys}, "fit_wall_s": round(wall, 1), "fit_cpu_s": round(cpu, 1),
             "peak_rss_mb": round(_rss_mb(), 1), "peak_vmhwm_mb": round(_hwm_mb(), 1),

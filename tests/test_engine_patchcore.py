@@ -376,6 +376,14 @@ def test_fit_thresholds_cover_held_out_images(model, train, tmp_path) -> None:
     assert meta["stats"]["holdout_scores"] == pytest.approx(scores.tolist(), rel=1e-5)
 
 
+def test_fit_stats_time_each_stage_once(model) -> None:
+    """extract, coreset, index build and calibration are disjoint parts of fit_seconds."""
+    s = model.stats
+    parts = s["extract_seconds"] + s["coreset_seconds"] + s["index_seconds"] + s["calibrate_seconds"]
+    assert parts == pytest.approx(s["fit_seconds"], abs=0.005)
+    assert s["index"] == "flat" and min(s["index_seconds"], s["calibrate_seconds"]) >= 0
+
+
 def test_nominal_threshold_rule() -> None:
     s = [1.0, 2.0, 3.0]
     assert calibration.nominal_threshold(s) == pytest.approx(2.0 + 3 * np.sqrt(2.0 / 3.0))
@@ -491,7 +499,7 @@ def test_cli_evaluate(dataset, tmp_path) -> None:
     out = tmp_path / "report" / "r.json"
     cmd = [sys.executable, "-m", "totalrecall.cli", "evaluate", "--data", str(dataset["root"]),
            "--category", dataset["category"], "--image-size", "96", "--coreset-ratio", "0.25",
-           "--batch-size", "4", "--quiet", "--json", str(out)]
+           "--batch-size", "4", "--index", "ivf_flat", "--index-min-bank", "0", "--quiet", "--json", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[1])
     assert proc.returncode == 0, proc.stderr
     assert "image AUROC" in proc.stdout
@@ -507,6 +515,8 @@ def test_cli_evaluate(dataset, tmp_path) -> None:
     assert report["train_images"] + report["holdout_images"] == dataset["n_train"]
     assert report["failed_images"] == []
     assert report["config"]["image_size"] == 96 and report["config"]["coreset_ratio"] == 0.25
+    assert report["config"]["index"] == report["index"] == "ivf_flat"  # the fit option reached the model
+    assert report["index_seconds"] >= 0 and report["calibrate_seconds"] >= 0
 
 
 def test_cli_error_exit_code(tmp_path) -> None:

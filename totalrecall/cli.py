@@ -9,7 +9,7 @@ import sys
 from datetime import date
 from pathlib import Path
 
-from common.engine.config import PatchCoreConfig
+from common.engine.config import INDEX_TYPES, RESIZE_MODES, PatchCoreConfig
 from totalrecall.report import add_report_command
 
 
@@ -21,7 +21,7 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layers", default=None, help="comma-separated stages (default: stride 8 and 16)")
     p.add_argument("--weights", default=None, help="local state-dict file for the backbone")
     p.add_argument("--image-size", type=int, default=d.image_size)
-    p.add_argument("--resize", choices=["keep_aspect", "square", "scale"], default=d.resize)
+    p.add_argument("--resize", choices=RESIZE_MODES, default=d.resize)
     p.add_argument("--scale", type=float, default=d.scale, help="resize factor for --resize scale")
     p.add_argument("--center-crop", type=int, default=None, help="paper protocol: --image-size 256 "
                    "--resize square --center-crop 224")
@@ -32,6 +32,15 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--holdout-fraction", type=float, default=d.holdout_fraction)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--index", choices=INDEX_TYPES, default=d.index,
+                   help="kNN index: flat (exact), ivf_flat or ivf_pq (approximate, for large banks)")
+    p.add_argument("--index-min-bank", type=int, default=d.index_min_bank,
+                   help="banks smaller than this get the exact index anyway")
+    p.add_argument("--index-nlist", type=int, default=d.index_nlist,
+                   help="IVF coarse lists (0: about 4 * sqrt(bank size))")
+    p.add_argument("--index-nprobe", type=int, default=d.index_nprobe, help="IVF lists searched per query")
+    p.add_argument("--index-pq-m", type=int, default=d.index_pq_m,
+                   help="IVF-PQ bytes per feature, a divisor of the feature dimension (0: about dim / 4)")
 
 
 def config_from_args(a: argparse.Namespace) -> PatchCoreConfig:
@@ -40,6 +49,8 @@ def config_from_args(a: argparse.Namespace) -> PatchCoreConfig:
         image_size=a.image_size, resize=a.resize, scale=a.scale, center_crop=a.center_crop, embed_dim=a.embed_dim,
         coreset_ratio=a.coreset_ratio, projection_dim=a.projection_dim, num_neighbors=a.num_neighbors,
         holdout_fraction=a.holdout_fraction, batch_size=a.batch_size, seed=a.seed,
+        index=a.index, index_min_bank=a.index_min_bank, index_nlist=a.index_nlist, index_nprobe=a.index_nprobe,
+        index_pq_m=a.index_pq_m,
     )
 
 

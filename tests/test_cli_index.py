@@ -1,0 +1,87 @@
+"""`totalrecall product add --index ...`: the kNN index chosen per product, stored, fitted and loaded.
+
+In-process on the embedded default (SQLite, local folder, tasks run eagerly): the CLI's own `main`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from common.db import ModelVersion, Product, session_scope
+from common.engine.artifact import META_FILE
+from common.engine.patchcore import PatchCore
+from common.settings import get_settings
+from common.storage import Storage, open_storage
+from common.synthetic import nominal_image, png_bytes
+from tests.conftest import embedded_default
+from totalrecall.cli import main
+
+SIZE = 96
+FIT = ["--image-size", str(SIZE), "--coreset-ratio", "0.1", "--holdout-fraction", "0.25"]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Storage]:
+    """An embedded home with the schema and 16 training images under train/part."""
+    with embedded_default(tmp_path_factory.mktemp("home")):
+        storage = open_storage(get_settings().storage_url)
+        for i in range(16):
+            storage.put_bytes(f"train/part/n{i:02d}.png", png_bytes(nominal_image(i, SIZE)))
+        yield storage
+
+
+def _add(store: Storage, name: str, *options: str) -> int:
+    return main(["product", "add", name, "--train", store.uri_for("train/part"),
+                 "--archive", store.uri_for(f"archive/{{date}}/{name}"), *FIT, *options])
+
+
+def _fit_config(name: str) -> dict:
+    with session_scope() as session:
+        return session.scalars(select(Product).where(Product.name == name)).one().fit_config
+
+
+def test_index_options_are_stored_and_the_fit_builds_that_index(store: Storage) -> None:
+    assert _add(store, "part-ivf", "--index", "ivf_flat", "--index-min-bank", "0", "--index-nprobe", "2") == 0
+    config = _fit_config("part-ivf")
+    assert (config["index"], config["index_min_bank"], config["index_nprobe"]) == ("ivf_flat", 0, 2)
+    assert main(["fit", "part-ivf", "--wait"]) == 0
+
+    with session_scope() as session:
+        version = session.scalars(select(ModelVersion).where(ModelVersion.is_active)).one()
+    folder = Path(version.artifact_uri)
+    meta = json.loads((folder / META_FILE).read_text())
+    assert meta["config"]["index"] == "ivf_flat" and meta["index"]["kind"] == "ivf_flat"
+    assert meta["stats"]["index"] == "ivf_flat" and meta["stats"]["index_seconds"] >= 0
+    model = PatchCore.load(folder, version.sha256, device="cpu")
+    assert model.index.spec.kind == "ivf_flat" and model.index.state is not None
+    assert model.index.spec.nprobe == min(2, model.index.spec.nlist)
+
+
+def test_default_is_the_exact_index(store: Storage) -> None:
+    assert _add(store, "part-flat") == 0
+    config = _fit_config("part-flat")
+    assert (config["index"], config["index_min_bank"]) == ("flat", 100_000)
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--index-nprobe", "0"], "index_nprobe >= 1"),
+    (["--index-min-bank", "-1"], "index_min_bank"),
+])
+def test_invalid_index_values_are_a_clear_cli_error(store: Storage, capsys: pytest.CaptureFixture,
+                                                    options: list[str], message: str) -> None:
+    assert _add(store, "part-bad", *options) == 2
+    assert message in capsys.readouterr().err
+    with session_scope() as session:
+        assert session.scalars(select(Product).where(Product.name == "part-bad")).one_or_none() is None
+
+
+def test_unknown_index_kind_is_refused_by_the_parser(store: Storage, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        _add(store, "part-bad", "--index", "hnsw")
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'hnsw'" in capsys.readouterr().err
