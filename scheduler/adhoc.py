@@ -8,8 +8,16 @@ from sqlalchemy import select
 
 from common.db import Product, images_with_results, session_scope
 from common.images import IMAGE_SUFFIXES
+from common.logs import log_context
 from common.storage import absolute_uri, list_uris
-from scheduler.jobs import ScheduledJob, enqueue_fit, enqueue_score, new_fit_job, new_score_job
+from scheduler.jobs import (
+    ScheduledJob,
+    enqueue_fit,
+    enqueue_score,
+    log_scheduled,
+    new_fit_job,
+    new_score_job,
+)
 from scheduler.products import SchedulingError, get_product, require_active_version
 
 
@@ -30,9 +38,12 @@ def score_images(product_name: str, images_uri: str, enqueued_by: str = "cli") -
         session.add(job)
         session.flush()
         job_id, message = job.id, job.error or ""
+    scheduled = ScheduledJob(product_name, job_id, True, len(todo), len(scored), message)
+    log_scheduled("score", scheduled, images_uri=images_uri)
     if todo:
-        enqueue_score(job_id, todo)
-    return ScheduledJob(product_name, job_id, True, len(todo), len(scored), message)
+        with log_context(product=product_name):
+            enqueue_score(job_id, todo)
+    return scheduled
 
 
 def enqueue_fits(product_names: Sequence[str] | None = None, enqueued_by: str = "cli") -> list[ScheduledJob]:
@@ -52,5 +63,7 @@ def enqueue_fits(product_names: Sequence[str] | None = None, enqueued_by: str = 
         session.flush()
         created = [ScheduledJob(p.name, j.id, True, 0) for p, j in zip(products, jobs, strict=True)]
     for scheduled in created:
-        enqueue_fit(scheduled.job_id)
+        log_scheduled("fit", scheduled)
+        with log_context(product=scheduled.product):
+            enqueue_fit(scheduled.job_id)
     return created

@@ -18,6 +18,7 @@ from kombu.exceptions import OperationalError as BrokerError
 from sqlalchemy import update
 
 from common.db import Job, JobKind, JobStatus, Product, session_scope, utcnow
+from common.logs import log_context, log_event
 from common.settings import get_settings, redact_text
 from scheduler.products import SchedulingError
 from workers.tasks import fit_product, score_chunk
@@ -35,6 +36,13 @@ class ScheduledJob:
     total: int  # images (score) or training images (fit) the job covers; 0 for fits until they run
     skipped: int = 0  # images left out because they already have a result for the model version
     message: str = ""
+
+
+def log_scheduled(kind: str, scheduled: ScheduledJob, **fields: object) -> None:
+    """The `event=job_scheduled` line of a job that scheduling created or found."""
+    log_event(logger, logging.INFO, "job_scheduled", job=scheduled.job_id, product=scheduled.product,
+              kind=kind, created=scheduled.created, images=scheduled.total, skipped=scheduled.skipped,
+              **fields, note=scheduled.message or None)
 
 
 def nightly_key(product: str, day: date, version: int) -> str:
@@ -123,8 +131,9 @@ def send_with_retry(send: Callable[[], object]) -> None:
         except BrokerError as exc:
             if time.monotonic() >= deadline:
                 raise
-            logger.warning("broker unreachable (%s); retrying", redact_text(str(exc)))
-            time.sleep(min(2.0, max(0.0, deadline - time.monotonic())))
+            pause = min(2.0, max(0.0, deadline - time.monotonic()))
+            log_event(logger, logging.WARNING, "broker_unreachable", error=str(exc), retry_in=pause)
+            time.sleep(pause)
 
 
 def enqueue_score(job_id: int, image_uris: Sequence[str], chunk_size: int | None = None) -> int:
@@ -150,10 +159,12 @@ def _send(job_id: int, send: Callable[[], object]) -> None:
     Freeing the key lets the next scheduler run create a fresh job instead of finding this one.
     """
     try:
-        send()
+        with log_context(job=job_id):
+            send()
     except BrokerError as exc:
         message = redact_text(f"could not enqueue: {exc}")
         with session_scope() as session:
             session.execute(update(Job).where(Job.id == job_id).values(
                 status=JobStatus.FAILED.value, error=message, idempotency_key=None, finished_at=utcnow()))
+        log_event(logger, logging.ERROR, "job_failed", job=job_id, error=message)
         raise SchedulingError(f"job {job_id}: {message}") from exc

@@ -8,6 +8,7 @@ takes consecutive chunks of one product and loads few models.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 
@@ -16,10 +17,13 @@ from sqlalchemy.exc import IntegrityError
 
 from common.db import Job, Product, images_with_results, session_scope
 from common.images import IMAGE_SUFFIXES
+from common.logs import log_context, log_event
 from common.settings import redact_text
 from common.storage import StorageError, list_uris
-from scheduler.jobs import ScheduledJob, enqueue_score, new_score_job, nightly_key
+from scheduler.jobs import ScheduledJob, enqueue_score, log_scheduled, new_score_job, nightly_key
 from scheduler.products import SchedulingError, active_version
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -51,9 +55,15 @@ def schedule_nightly(day: date | None = None, enqueued_by: str = "nightly") -> N
     run = NightlyRun(day or yesterday_utc())
     for target in _targets(run):
         try:
-            run.jobs.append(_schedule(target, run.day, enqueued_by))
+            with log_context(product=target.product):
+                run.jobs.append(_schedule(target, run.day, enqueued_by))
         except (StorageError, SchedulingError) as exc:  # e.g. a missing bucket: the other products go on
             run.errors[target.product] = redact_text(str(exc))
+            log_event(logger, logging.ERROR, "nightly_product_not_scheduled", day=run.day,
+                      product=target.product, error=run.errors[target.product])
+    log_event(logger, logging.INFO, "nightly_scheduled", day=run.day, jobs=len(run.jobs),
+              created=sum(s.created for s in run.jobs), images=sum(s.total for s in run.jobs if s.created),
+              without_model=len(run.without_model), errors=len(run.errors), enqueued_by=enqueued_by)
     return run
 
 
@@ -90,9 +100,11 @@ def _schedule(target: _Target, day: date, enqueued_by: str) -> ScheduledJob:
         if existing is None:
             raise
         return existing
+    scheduled = ScheduledJob(target.product, job_id, True, len(todo), len(scored), message)
+    log_scheduled("score", scheduled, day=day, version=target.version)
     if todo:
         enqueue_score(job_id, todo)
-    return ScheduledJob(target.product, job_id, True, len(todo), len(scored), message)
+    return scheduled
 
 
 def _existing(key: str, target: _Target) -> ScheduledJob | None:
@@ -100,5 +112,7 @@ def _existing(key: str, target: _Target) -> ScheduledJob | None:
         job = session.scalars(select(Job).where(Job.idempotency_key == key)).one_or_none()
         if job is None:
             return None
-        return ScheduledJob(target.product, job.id, False, job.total,
-                            message=f"already scheduled as job {job.id} ({job.status}): nothing enqueued")
+        scheduled = ScheduledJob(target.product, job.id, False, job.total,
+                                 message=f"already scheduled as job {job.id} ({job.status}): nothing enqueued")
+    log_scheduled("score", scheduled, version=target.version)
+    return scheduled

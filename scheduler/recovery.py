@@ -23,8 +23,9 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from common.db import Job, JobKind, JobStatus, Result, images_with_results, in_transaction, utcnow
+from common.db import Job, JobKind, JobStatus, Product, Result, images_with_results, in_transaction, utcnow
 from common.images import IMAGE_SUFFIXES
+from common.logs import log_context
 from common.settings import get_settings
 from common.storage import list_uris
 from workers.broker import PendingWork, pending_work, redis_client
@@ -38,14 +39,17 @@ class Recovery:
     """What one sweep did for one job."""
 
     job_id: int
+    product: str
     kind: str
     sent: int  # images sent again (score) or 1 (fit)
     total: int  # the job's total afterwards
     note: str = ""
 
-    def describe(self) -> str:
+    def log_fields(self) -> dict[str, Any]:
+        """The fields of its `event=work_recovered` log line."""
         what = f"{self.sent} lost image(s) sent again" if self.kind == JobKind.SCORE.value else self.note
-        return f"job {self.job_id} ({self.kind}): {what}; total {self.total}"
+        return {"job": self.job_id, "product": self.product, "kind": self.kind, "sent": self.sent,
+                "total": self.total, "note": what}
 
 
 def recover_lost_work(client: Any = None) -> list[Recovery]:
@@ -55,7 +59,8 @@ def recover_lost_work(client: Any = None) -> list[Recovery]:
         return []
     cutoff = utcnow() - timedelta(seconds=settings.recovery_grace)
     candidates = in_transaction(lambda s: s.execute(
-        select(Job.id, Job.kind, Job.total, Job.done, Job.failed)
+        select(Job.id, Job.kind, Job.total, Job.done, Job.failed, Product.name)
+        .join(Product, Product.id == Job.product_id)
         .where(Job.status.in_(UNFINISHED), Job.created_at < cutoff).order_by(Job.id)).all())
     if not candidates:
         return []
@@ -64,20 +69,21 @@ def recover_lost_work(client: Any = None) -> list[Recovery]:
         return []
     pending = pending_work(client)
     recovered = []
-    for job_id, kind, total, done, failed in candidates:
-        if kind == JobKind.FIT.value:
-            outcome = _recover_fit(job_id, pending)
-        else:
-            waiting = pending.images.get(job_id, set())
-            if done + failed + len(waiting) >= total:  # everything is recorded or on its way
-                continue
-            outcome = _recover_score(job_id, waiting)
+    for job_id, kind, total, done, failed, product in candidates:
+        with log_context(job=job_id, product=product):  # e.g. a broker retry names the job
+            if kind == JobKind.FIT.value:
+                outcome = _recover_fit(job_id, product, pending)
+            else:
+                waiting = pending.images.get(job_id, set())
+                if done + failed + len(waiting) >= total:  # everything is recorded or on its way
+                    continue
+                outcome = _recover_score(job_id, product, waiting)
         if outcome is not None:
             recovered.append(outcome)
     return recovered
 
 
-def _recover_fit(job_id: int, pending: PendingWork) -> Recovery | None:
+def _recover_fit(job_id: int, product: str, pending: PendingWork) -> Recovery | None:
     from scheduler.jobs import send_task, send_with_retry
     from workers.fitting import fail_fit
     from workers.tasks import fit_product
@@ -90,12 +96,12 @@ def _recover_fit(job_id: int, pending: PendingWork) -> Recovery | None:
         note = (f"the fit did not finish within its time limit ({hard_limit} s) and its task is gone; "
                 "run `totalrecall fit` again")
         fail_fit(job_id, note)
-        return Recovery(job_id, job.kind, 0, job.total, "failed: " + note)
+        return Recovery(job_id, product, job.kind, 0, job.total, "failed: " + note)
     send_with_retry(lambda: send_task(fit_product, job_id))
-    return Recovery(job_id, job.kind, 1, job.total, "lost fit task sent again")
+    return Recovery(job_id, product, job.kind, 1, job.total, "lost fit task sent again")
 
 
-def _recover_score(job_id: int, waiting: set[str]) -> Recovery | None:
+def _recover_score(job_id: int, product: str, waiting: set[str]) -> Recovery | None:
     from scheduler.jobs import send_chunks
 
     job = in_transaction(lambda s: s.get(Job, job_id))
@@ -122,4 +128,4 @@ def _recover_score(job_id: int, waiting: set[str]) -> Recovery | None:
         send_chunks(job_id, lost)
     elif total == job.total:
         return None
-    return Recovery(job_id, job.kind, len(lost), total)
+    return Recovery(job_id, product, job.kind, len(lost), total)

@@ -145,7 +145,9 @@ def test_broker_outage_during_a_nightly_run(c: Cluster) -> None:
         rows = c.assert_exactly_once(job, expected)
         assert all(r.status == "ok" for r in rows)
     logs = "".join(w.text() for w in c.workers.values())
-    assert "lost image(s) sent again" in logs  # found by the recovery sweep, not by luck
+    recovered = [line for line in logs.splitlines() if "event=work_recovered" in line and "kind=score" in line]
+    assert recovered and "lost image(s) sent again" in recovered[0]  # found by the sweep, not by luck
+    assert "product=" + PRODUCT in recovered[0]
     assert all(w.alive() for w in c.workers.values())
 
 

@@ -274,6 +274,10 @@ def _add_wait(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="totalrecall", description=__doc__)
+    parser.add_argument("--log-level", default="WARNING", type=str.upper,
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        help="log events at this level and above to stderr, one key=value line each "
+                             "(worker and beat: their --loglevel)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     ev = sub.add_parser("evaluate", help="fit and evaluate on a dataset in MVTec AD layout")
@@ -293,10 +297,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from sqlalchemy.exc import SQLAlchemyError
 
+    from common.logs import setup_logging
     from common.settings import redact_text
     from common.storage import StorageError
 
     args = build_parser().parse_args(argv)
+    setup_logging(args.log_level)
     try:
         return args.handler(args)
     except (ValueError, FileNotFoundError, RuntimeError, LookupError, StorageError) as exc:

@@ -17,12 +17,14 @@ workers' recovery sweep (`workers.recovery`).
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
-from celery import Celery
+from celery import Celery, signals
 from celery.exceptions import CPendingDeprecationWarning
 from celery.schedules import crontab
 from kombu import Exchange, Queue
 
+from common.logs import setup_logging
 from common.settings import Settings, get_settings
 
 FIT_QUEUE = "fit"
@@ -124,6 +126,12 @@ def configure(celery_app: Celery, settings: Settings | None = None) -> Celery:
 # Celery warns on every broker reconnect that it might one day cancel running tasks; we chose not to (above).
 warnings.filterwarnings("ignore", message=r"(?s).*worker_cancel_long_running_tasks_on_connection_loss",
                         category=CPendingDeprecationWarning)
+
+@signals.setup_logging.connect
+def _setup_logging(loglevel: int | str | None = None, **_: Any) -> None:
+    """Worker and beat log through `common.logs` (one line per event), Celery's own messages included."""
+    setup_logging(loglevel or "INFO")
+
 
 app = configure(Celery("totalrecall", include=["workers.tasks"]))
 from workers.recovery import RecoveryStep  # noqa: E402 - needs `app`'s module loaded first

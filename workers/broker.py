@@ -19,7 +19,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from common.settings import get_settings, redact_text
+from common.logs import log_event
+from common.settings import get_settings
 from workers.app import FIT_QUEUE, FIT_TASK, SCORE_QUEUE, SCORE_TASK
 
 logger = logging.getLogger(__name__)
@@ -69,7 +70,7 @@ def count_delivery(task_id: str | None) -> int:
         count, _ = client.pipeline().incr(key).expire(key, DELIVERIES_TTL).execute()
         return int(count)
     except Exception as exc:  # never stop scoring because of the counter
-        logger.warning("could not count the delivery of task %s: %s", task_id, redact_text(str(exc)))
+        log_event(logger, logging.WARNING, "delivery_not_counted", task=task_id, error=str(exc))
         return 1
 
 
@@ -118,7 +119,7 @@ def pending_work(client: Any, queues: Iterable[str] = (SCORE_QUEUE, FIT_QUEUE)) 
             payload = json.loads(raw)
             pending.add(payload[0] if wrapped else payload)  # unacked: [payload, exchange, routing key]
         except (ValueError, KeyError, IndexError, TypeError) as exc:  # not a Celery message of ours
-            logger.debug("skipping an unreadable broker message: %s", exc)
+            log_event(logger, logging.DEBUG, "broker_message_skipped", reason="unreadable", error=str(exc))
     return pending
 
 

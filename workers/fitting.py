@@ -17,6 +17,7 @@ complete artifact whose sha256 it records. A worker dying mid-upload leaves the 
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -42,9 +43,12 @@ from common.engine.artifact import BANK_FILE, META_FILE
 from common.engine.config import PatchCoreConfig
 from common.engine.patchcore import PatchCore
 from common.images import IMAGE_SUFFIXES
+from common.logs import log_context, log_event
 from common.settings import get_settings
 from common.storage import list_uris, open_storage, read_uri
-from workers.job_state import lock_job
+from workers.job_state import describe_error, lock_job
+
+logger = logging.getLogger(__name__)
 
 MAX_FAILED_FRACTION = 0.10
 ACTIVATION_RULE = (f"active only if calibrated on >= 1 held-out image and <= {MAX_FAILED_FRACTION:.0%} "
@@ -71,24 +75,50 @@ class FitOutcome:
     sha256: str
     activated: bool
     reason: str
+    images: int = 0  # training images listed
+    failed: int = 0  # of which could not be loaded
 
 
 def fit_job(job_id: int) -> FitOutcome | None:
     """Run the fit job; None if it had already finished (a redelivered task)."""
+    started = time.monotonic()
     target = start_fit(job_id)
     if target is None:
+        log_event(logger, logging.INFO, "fit_skipped", job=job_id, reason="the job has already finished")
         return None
+    with log_context(job=target.job_id, product=target.product, version=target.version):
+        try:
+            outcome = _fit_and_publish(target)
+        except Exception as exc:  # the task retries the fit or fails the job
+            log_event(logger, logging.WARNING, "fit_failed", seconds=time.monotonic() - started,
+                      error=describe_error(exc))
+            raise
+        if outcome is None:
+            log_event(logger, logging.INFO, "fit_skipped", reason="another attempt published this fit")
+        else:
+            log_event(logger, logging.INFO, "fit_finished", images=outcome.images, failed=outcome.failed,
+                      activated=outcome.activated, sha256=outcome.sha256[:12],
+                      seconds=time.monotonic() - started, reason=outcome.reason)
+    return outcome
+
+
+def _fit_and_publish(target: FitTarget) -> FitOutcome | None:
+    """Fit on the product's training images and publish the version; None if another attempt did."""
     uris = list_uris(target.train_uri, IMAGE_SUFFIXES)
     if not uris:
         raise FitError(f"no training images under {target.train_uri}")
-    model = PatchCore(PatchCoreConfig.from_dict(target.fit_config))
+    config = PatchCoreConfig.from_dict(target.fit_config)
+    log_event(logger, logging.INFO, "fit_started", images=len(uris), backbone=config.backbone,
+              image_size=config.image_size)
+    model = PatchCore(config)
     max_bytes = get_settings().max_image_bytes
     stats = model.fit([_loader(uri, max_bytes) for uri in uris])
     passed, reason = check_validation(stats, model, len(uris))
     with TemporaryDirectory(prefix="totalrecall-fit-") as tmp:
         sha256 = model.save(tmp)
         published = publish(target, Path(tmp), model, stats, sha256, passed, reason, len(uris))
-    return FitOutcome(target.version, sha256, passed, reason) if published else None
+    failed = len(stats.get("failed_images", []))
+    return FitOutcome(target.version, sha256, passed, reason, len(uris), failed) if published else None
 
 
 def _loader(uri: str, max_bytes: int) -> Callable[[], bytes]:
@@ -196,20 +226,20 @@ def finish_fit(session: Session, job: Job, version: ModelVersion, model: PatchCo
     job.error = None if passed else f"model version {version.version} is ready but not active: {reason}"
 
 
-def fail_fit(job_id: int, error: str) -> None:
-    """Mark the job failed and its unfinished model version failed (and so never active).
-
-    A fit that has succeeded (a late duplicate attempt failing) is left alone.
+def fail_fit(job_id: int, error: str) -> str | None:
+    """Mark the job failed and its unfinished model version failed (and so never active); returns the
+    product's name if it did. A fit that has succeeded (a late duplicate attempt failing) is left alone.
     """
 
-    def work(session: Session) -> None:
+    def work(session: Session) -> str | None:
         job = session.get(Job, job_id, with_for_update=True)
         if job is None or job.status == JobStatus.SUCCEEDED.value:
-            return
+            return None
         job.status, job.error, job.finished_at = JobStatus.FAILED.value, error, utcnow()
         job.started_at = job.started_at or job.finished_at
         version = job.model_version
         if version is not None and version.status == ModelStatus.TRAINING.value:
             version.status, version.error, version.is_active = ModelStatus.FAILED.value, error, False
+        return job.product.name
 
-    in_transaction(work)
+    return in_transaction(work)

@@ -36,18 +36,19 @@ def mark_running(job_id: int) -> None:
     ))
 
 
-def mark_failed(job_id: int, error: str) -> None:
-    """Mark the job failed with `error`, unless it has already succeeded."""
+def mark_failed(job_id: int, error: str) -> str | None:
+    """Mark the job failed with `error`, unless it has already succeeded; its product's name if it did."""
 
-    def work(session: Session) -> None:
+    def work(session: Session) -> str | None:
         job = session.get(Job, job_id, with_for_update=True)
         if job is None or job.status == JobStatus.SUCCEEDED.value:
-            return
+            return None
         job.status, job.error, job.finished_at = JobStatus.FAILED.value, error, utcnow()
         if job.started_at is None:
             job.started_at = job.finished_at
+        return job.product.name
 
-    in_transaction(work)
+    return in_transaction(work)
 
 
 def lock_job(session: Session, job_id: int) -> Job:

@@ -12,18 +12,23 @@ never read. Every load verifies the artifact against the sha256 recorded in the 
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
 from common.engine.artifact import BANK_FILE, META_FILE, ArtifactError
 from common.engine.patchcore import PatchCore
+from common.logs import log_event
 from common.settings import get_settings
 from common.storage import open_storage
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -58,11 +63,15 @@ class ModelCache:
                 model = self._touch(sha256)
                 if model is not None:
                     return model
-            model = self._load(sha256, artifact_uri)
+            started = time.monotonic()
+            model, source = self._load(sha256, artifact_uri)
             with self._lock:
                 self.stats.loads += 1
                 self._models[sha256] = model
                 self._evict()
+                cached = len(self._models)
+            log_event(logger, logging.INFO, "model_loaded", sha256=sha256[:12], source=source,
+                      seconds=time.monotonic() - started, bytes=_model_bytes(model), cached=cached)
             return model
 
     @property
@@ -90,19 +99,24 @@ class ModelCache:
         """Drop least recently used models until within the bound (the newest always stays)."""
         total = sum(_model_bytes(m) for m in self._models.values())
         while total > self.max_bytes and len(self._models) > 1:
-            _, oldest = self._models.popitem(last=False)
+            sha256, oldest = self._models.popitem(last=False)
             total -= _model_bytes(oldest)
             self.stats.evictions += 1
+            log_event(logger, logging.INFO, "model_evicted", sha256=sha256[:12], bytes=_model_bytes(oldest),
+                      max_bytes=self.max_bytes)
 
-    def _load(self, sha256: str, artifact_uri: str) -> PatchCore:
+    def _load(self, sha256: str, artifact_uri: str) -> tuple[PatchCore, str]:
+        """The model and where it came from: "disk" (the local copy) or "storage" (downloaded)."""
         folder = self.cache_dir / sha256
         if folder.is_dir():
             try:
-                return PatchCore.load(folder, sha256, device=self.device)
-            except ArtifactError:
-                shutil.rmtree(folder, ignore_errors=True)  # damaged copy: fetch it again
+                return PatchCore.load(folder, sha256, device=self.device), "disk"
+            except ArtifactError as exc:
+                log_event(logger, logging.WARNING, "model_copy_damaged", sha256=sha256[:12], error=str(exc),
+                          action="downloading it again")
+                shutil.rmtree(folder, ignore_errors=True)
         self._download(artifact_uri, folder)
-        return PatchCore.load(folder, sha256, device=self.device)
+        return PatchCore.load(folder, sha256, device=self.device), "storage"
 
     def _download(self, artifact_uri: str, folder: Path) -> None:
         self.cache_dir.mkdir(parents=True, exist_ok=True)

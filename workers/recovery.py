@@ -13,7 +13,9 @@ from typing import Any
 
 from celery import bootsteps
 
-from common.settings import get_settings, redact_text
+from common.logs import log_event
+from common.settings import get_settings
+from workers.job_state import describe_error
 
 logger = logging.getLogger(__name__)
 
@@ -60,8 +62,9 @@ def sweep(owner: str) -> list[Any]:
             return []
         recovered = recover_lost_work()
     except Exception as exc:  # the broker or the database is down: next time
-        logger.warning("recovery sweep failed: %s", redact_text(f"{type(exc).__name__}: {exc}"))
+        log_event(logger, logging.WARNING, "recovery_sweep_failed", owner=owner, error=describe_error(exc),
+                  retry_in=settings.recovery_interval)
         return []
     for item in recovered:
-        logger.warning("recovery: %s", item.describe())
+        log_event(logger, logging.WARNING, "work_recovered", **item.log_fields())
     return recovered

@@ -38,6 +38,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from common.db import Job, ResultStatus, images_with_results, in_transaction
 from common.engine.patchcore import ImageResult, PatchCore
+from common.logs import log_context, log_event
 from common.settings import get_settings, redact_text
 from common.storage import Storage, StorageError, StorageUnavailable, open_storage, read_uri
 from workers.job_state import describe_error, mark_running, record_chunk
@@ -103,11 +104,29 @@ def score_chunk(job_id: int, image_uris: Sequence[str], deadline: float | None =
 
     `deadline` (`time.monotonic()` seconds): images not downloaded by then fail, and scoring stops there.
     """
+    started = time.monotonic()
     context = load_context(job_id)
-    mark_running(job_id)
-    uris = list(dict.fromkeys(image_uris))
+    with chunk_log_context(context):
+        try:
+            outcome, stopped = _score_and_record(context, list(dict.fromkeys(image_uris)), deadline)
+        except Exception as exc:  # the task retries the chunk or fails the job
+            log_event(logger, logging.WARNING, "chunk_failed", images=len(image_uris),
+                      seconds=time.monotonic() - started, error=describe_error(exc))
+            raise
+        log_event(logger, logging.WARNING if stopped else logging.INFO, "chunk_scored",
+                  images=outcome.scored + outcome.failed + outcome.skipped, scored=outcome.scored,
+                  failed=outcome.failed, skipped=outcome.skipped, seconds=time.monotonic() - started,
+                  stopped=stopped)
+    return outcome
+
+
+def _score_and_record(context: ChunkContext, uris: list[str], deadline: float | None
+                      ) -> tuple[ChunkOutcome, str | None]:
+    """Score the images without an ok result and record their rows; also why scoring stopped early."""
+    mark_running(context.job_id)
     already = in_transaction(lambda s: images_with_results(s, context.version_id, uris, ok_only=True))
     todo = [u for u in uris if u not in already]
+    log_event(logger, logging.INFO, "chunk_started", images=len(uris), todo=len(todo), skipped=len(already))
     scorer = ChunkScorer(context, todo, deadline)
     try:
         scorer.run()
@@ -118,9 +137,14 @@ def score_chunk(job_id: int, image_uris: Sequence[str], deadline: float | None =
         release_memory()
     rows = scorer.rows()
     if rows:
-        record_chunk(job_id, rows)
+        record_chunk(context.job_id, rows)
     failed = sum(r["status"] == ResultStatus.FAILED.value for r in rows)
-    return ChunkOutcome(len(rows) - failed, failed, len(already))
+    return ChunkOutcome(len(rows) - failed, failed, len(already)), scorer.stopped
+
+
+def chunk_log_context(context: ChunkContext) -> contextlib.AbstractContextManager[None]:
+    """Every event logged while scoring names the job, its product and the model version."""
+    return log_context(job=context.job_id, product=context.product, version=context.version)
 
 
 def release_memory() -> None:
@@ -134,10 +158,13 @@ def give_up(job_id: int, image_uris: Sequence[str], reason: str) -> ChunkOutcome
     """Record a failed row with `reason` for each image of the chunk that has no ok result."""
     context = load_context(job_id)
     uris = list(dict.fromkeys(image_uris))
-    already = in_transaction(lambda s: images_with_results(s, context.version_id, uris, ok_only=True))
-    rows = [_failed_row(context, u, reason) for u in uris if u not in already]
-    if rows:
-        record_chunk(job_id, rows)
+    with chunk_log_context(context):
+        already = in_transaction(lambda s: images_with_results(s, context.version_id, uris, ok_only=True))
+        rows = [_failed_row(context, u, reason) for u in uris if u not in already]
+        if rows:
+            record_chunk(job_id, rows)
+        log_event(logger, logging.ERROR, "chunk_given_up", images=len(uris), failed=len(rows),
+                  skipped=len(already), reason=reason)
     return ChunkOutcome(0, len(rows), len(already))
 
 
@@ -177,6 +204,7 @@ class ChunkScorer:
         self.settings = get_settings()
         self.finished: dict[str, dict[str, Any]] = {}
         self.unfinished_reason = "not processed"
+        self.stopped: str | None = None  # why scoring stopped early (time limit), if it did
 
     def run(self) -> None:
         """Score every image; one image at a time if something in the batch fails unexpectedly."""
@@ -184,9 +212,9 @@ class ChunkScorer:
             self._score(self.uris)
         except CHUNK_ERRORS:
             raise
-        except Exception:
-            logger.exception("job %s: chunk failed as a whole; scoring its images one at a time",
-                             self.context.job_id)
+        except Exception as exc:
+            log_event(logger, logging.ERROR, "chunk_failed_as_a_whole", images=len(self.uris),
+                      error=describe_error(exc), action="scoring its images one at a time", exc_info=True)
             for uri in [u for u in self.uris if u not in self.finished]:
                 try:
                     self._score([uri])
@@ -198,6 +226,7 @@ class ChunkScorer:
     def stop(self, reason: str) -> None:
         """The images without a row yet will get a failed row saying `reason`."""
         self.unfinished_reason = reason
+        self.stopped = reason
 
     def rows(self) -> list[dict[str, Any]]:
         """One row per image, in order: its own, or a failed one with the reason it was not finished."""

@@ -19,7 +19,10 @@ Failure policy (with a broker; in-process there is no broker to retry on, so eve
 
 from __future__ import annotations
 
+import logging
 import random
+import time
+from collections.abc import Callable
 from dataclasses import asdict
 from datetime import date
 from typing import Any
@@ -27,16 +30,16 @@ from typing import Any
 from celery import Task
 from celery.exceptions import SoftTimeLimitExceeded
 from celery.signals import worker_init, worker_process_init
-from celery.utils.log import get_task_logger
 from kombu.exceptions import OperationalError as BrokerError
 
 from common.db import is_transient_db_error
+from common.logs import log_event
 from common.settings import get_settings
 from common.storage import StorageUnavailable
 from workers.app import FIT_TASK, NIGHTLY_TASK, SCORE_TASK, app
 from workers.job_state import describe_error, mark_failed
 
-logger = get_task_logger(__name__)
+logger = logging.getLogger(__name__)
 
 MAX_RETRIES = 5
 RETRY_BASE_SECONDS = 10
@@ -67,11 +70,14 @@ def preload_backbones() -> None:
 
     device = resolve_device("auto")
     for name in get_settings().preload_backbones:
+        started = time.monotonic()
         try:
             pin_backbone(name, device)
-            logger.info("event=backbone_preloaded backbone=%s device=%s", name, device)
+            log_event(logger, logging.INFO, "backbone_preloaded", backbone=name, device=device,
+                      seconds=time.monotonic() - started)
         except Exception as exc:  # e.g. weights not installed: models load it themselves (and say why)
-            logger.warning("event=backbone_preload_failed backbone=%s error=%r", name, describe_error(exc))
+            log_event(logger, logging.WARNING, "backbone_preload_failed", backbone=name, device=device,
+                      error=describe_error(exc))
 
 
 def retry_countdown(retries: int) -> float:
@@ -102,11 +108,16 @@ def _retry(task: Task, exc: BaseException) -> Exception:
     return task.retry(exc=exc, countdown=retry_countdown(task.request.retries))
 
 
-def _mark_failed_quietly(fail: Any, job_id: int, error: str) -> None:
+def _mark_failed_quietly(fail: Callable[[int, str], str | None], job_id: int, error: str) -> None:
+    """`fail(job_id, error)` (returns the job's product if it marked the job failed), logged."""
     try:
-        fail(job_id, error)
+        product = fail(job_id, error)
     except Exception as exc:  # e.g. the database is down too: the recovery sweep will see the job
-        logger.error("job %s: could not record the failure (%s): %s", job_id, describe_error(exc), error)
+        log_event(logger, logging.ERROR, "job_failure_not_recorded", job=job_id, error=error,
+                  cause=describe_error(exc))
+        return
+    if product is not None:
+        log_event(logger, logging.ERROR, "job_failed", job=job_id, product=product, error=error)
 
 
 @app.task(bind=True, name=FIT_TASK, max_retries=MAX_RETRIES)
@@ -146,8 +157,7 @@ def score_chunk(self: Task, job_id: int, image_uris: list[str]) -> dict[str, int
     if interrupted >= MAX_INTERRUPTIONS:
         reason = (f"not scored: the chunk was started {interrupted + 1} times and its worker died each "
                   "time (killed, crashed or out of memory)")
-        logger.error("job %s: %s", job_id, reason)
-        return asdict(scoring.give_up(job_id, image_uris, reason))
+        return asdict(scoring.give_up(job_id, image_uris, reason))  # logs event=chunk_given_up
     deadline = None if self.request.is_eager else scoring.chunk_deadline()
     try:
         return asdict(scoring.score_chunk(job_id, image_uris, deadline))
@@ -169,6 +179,4 @@ def nightly_inspection(run_date: str | None = None) -> dict[str, Any]:
     from scheduler.nightly import schedule_nightly  # the scheduler imports these tasks
 
     run = schedule_nightly(date.fromisoformat(run_date) if run_date else None, enqueued_by="beat")
-    for product, error in run.errors.items():
-        logger.error("nightly %s: %s not scheduled: %s", run.day, product, error)
-    return asdict(run) | {"day": run.day.isoformat()}
+    return asdict(run) | {"day": run.day.isoformat()}  # the scheduler logged each product's outcome
