@@ -4,24 +4,20 @@ run on the embedded default (SQLite, a local folder, tasks in-process)."""
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from common.db import dispose_engines
 from common.engine.config import PatchCoreConfig
 from common.logs import EventFormatter, format_event, log_context, log_event, parse_fields, setup_logging
-from common.migrate import upgrade
-from common.settings import get_settings, reset_settings_cache
+from common.settings import get_settings
 from common.storage import Storage, open_storage
 from common.synthetic import nominal_image, plant_defect, png_bytes
 from scheduler.adhoc import enqueue_fits, score_images
 from scheduler.products import add_product
-from workers.app import app, configure
-from workers.model_cache import reset_model_cache
+from tests.conftest import embedded_default
 
 SIZE = 64
 PRODUCT = "cap-line.2"
@@ -83,26 +79,12 @@ def test_job_and_product_come_first_and_setup_is_idempotent(caplog: pytest.LogCa
 @pytest.fixture
 def embedded(tmp_path: Path) -> Iterator[Storage]:
     """The embedded default in a temporary home, chunks of 4; product `PRODUCT` registered, not fitted."""
-    with pytest.MonkeyPatch.context() as mp:
-        for name in [n for n in os.environ if n.startswith("TOTALRECALL_")]:
-            mp.delenv(name)
-        mp.setenv("TOTALRECALL_HOME", str(tmp_path))
-        mp.setenv("TOTALRECALL_CHUNK_SIZE", "4")
-        _apply_environment()
-        upgrade()
+    with embedded_default(tmp_path, TOTALRECALL_CHUNK_SIZE="4"):
         store = open_storage(get_settings().storage_url)
         for i in range(12):
             store.put_bytes(f"train/cap/n{i:02d}.png", png_bytes(nominal_image(i, SIZE)))
         add_product(PRODUCT, store.uri_for("train/cap"), store.uri_for("archive/{date}/cap"), CONFIG)
         yield store
-        dispose_engines()
-    _apply_environment()
-
-
-def _apply_environment() -> None:
-    reset_settings_cache()
-    configure(app)
-    reset_model_cache()
 
 
 def _events(caplog: pytest.LogCaptureFixture, event: str) -> list[dict[str, str]]:
