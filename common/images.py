@@ -68,6 +68,26 @@ def decode_image(source: bytes | str | Path, max_side: int | None = None) -> np.
     return np.asarray(rgb)
 
 
+def decoded_size(source: bytes | str | Path) -> tuple[int, int] | None:
+    """(height, width) that `decode_image` will return, from the header alone; None if unreadable.
+
+    Exact, except for images above TOTALRECALL_MAX_IMAGE_SIDE: then the size they are reduced to, which
+    a JPEG's draft decoding may undercut by up to half."""
+    max_side = get_settings().max_image_side
+    try:
+        data = Path(source).read_bytes() if isinstance(source, str | Path) else source
+        with Image.open(io.BytesIO(data)) as img:
+            width, height = img.size
+            if img.getexif().get(0x0112) in (5, 6, 7, 8):  # EXIF orientations that turn the image a quarter
+                width, height = height, width
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return None
+    if max(width, height) > max_side:
+        scale = max_side / max(width, height)
+        width, height = max(1, round(width * scale)), max(1, round(height * scale))
+    return height, width
+
+
 def _reduce(img: Image.Image, max_side: int) -> Image.Image:
     """Shrink by an integer factor (box filter) while the longer side stays >= max_side.
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import resource
 import tracemalloc
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -21,7 +22,7 @@ from common.engine.coreset import (
     greedy_coreset,
 )
 from common.engine.knn import NearestNeighbors
-from common.engine.preprocessing import GRID, resized_hw, to_input
+from common.engine.preprocessing import GRID, resized_hw, resolve_resize, to_input
 from common.engine.scoring import image_scores, reweighted_image_score, smooth_maps
 
 # ------------------------------------------------------------------------------------------- Eq. 7
@@ -360,3 +361,52 @@ def test_scale_resize_keeps_pixel_size_constant() -> None:
         assert abs(rh - h * 0.5) <= GRID / 2 and abs(rw - w * 0.5) <= GRID / 2
     with pytest.raises(ValueError):
         PatchCoreConfig(resize="scale", scale=0.0)
+
+
+def test_auto_resize_keeps_aspect_for_one_size_and_scales_varying_sizes() -> None:
+    cfg = PatchCoreConfig(image_size=96)
+    assert cfg.resize == "auto"
+    assert resolve_resize(cfg, [(300, 500)] * 3).resize == "keep_aspect"
+    tiles = resolve_resize(cfg, [(300, 500), (120, 640), (403, 222)])
+    # one factor for all: the largest training tile (300 x 500) gets an area of 96**2
+    assert tiles.resize == "scale" and tiles.scale == pytest.approx(96 / math.sqrt(300 * 500), abs=1e-4)
+    rh, rw = resized_hw(300, 500, tiles)
+    assert abs(rh * rw - 96 * 96) <= 0.2 * 96 * 96
+    explicit = PatchCoreConfig(image_size=96, resize="square")
+    assert resolve_resize(explicit, [(1, 2), (3, 4)]) is explicit  # only "auto" is resolved
+    assert resolve_resize(cfg, []).resize == "keep_aspect"  # nothing readable: fit() says why
+    # a bank built without fit() (extract + set_bank) keeps "auto" unresolved: it means keep_aspect
+    assert resized_hw(300, 500, cfg) == resized_hw(300, 500, replace(cfg, resize="keep_aspect"))
+
+
+def test_decoded_size_reads_headers_with_exif_and_side_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+
+    from PIL import Image
+
+    from common.images import decode_image, decoded_size
+    from common.settings import reset_settings_cache
+
+    def encoded(w: int, h: int, orientation: int | None = None) -> bytes:
+        buf = io.BytesIO()
+        exif = Image.Exif()
+        if orientation:
+            exif[0x0112] = orientation
+        Image.new("RGB", (w, h), (10, 20, 30)).save(buf, format="JPEG", exif=exif)
+        return buf.getvalue()
+
+    for data in (encoded(40, 30), encoded(40, 30, orientation=6)):
+        assert decoded_size(data) == decode_image(data).shape[:2]
+    assert decoded_size(encoded(40, 30, orientation=6)) == (40, 30)  # turned a quarter
+    assert decoded_size(b"not an image") is None and decoded_size(b"") is None
+    monkeypatch.setenv("TOTALRECALL_MAX_IMAGE_SIDE", "20")
+    reset_settings_cache()
+    try:
+        big_png = Image.new("RGB", (40, 30)), io.BytesIO()
+        big_png[0].save(big_png[1], format="PNG")
+        assert decoded_size(big_png[1].getvalue()) == (15, 20) == decode_image(big_png[1].getvalue()).shape[:2]
+        h, w = decode_image(encoded(40, 30)).shape[:2]  # a JPEG may decode smaller (draft mode)
+        assert decoded_size(encoded(40, 30)) == (15, 20) and h <= 15 and w <= 20
+    finally:
+        monkeypatch.delenv("TOTALRECALL_MAX_IMAGE_SIDE")
+        reset_settings_cache()

@@ -525,3 +525,21 @@ def test_cli_error_exit_code(tmp_path) -> None:
                           cwd=Path(__file__).parents[1])
     assert proc.returncode == 2
     assert "error:" in proc.stderr
+
+
+def test_auto_resize_is_resolved_by_fit_and_stored(tmp_path) -> None:
+    rng = np.random.default_rng(5)
+    tiles = [texture(rng)[: 96 + 8 * i, : 128 - 8 * i] for i in range(6)]  # six sizes, like cut tiles
+    sources = [tiles[0], png_bytes(tiles[1]), lambda t=tiles[2]: png_bytes(t), *tiles[3:]]
+    m = PatchCore(PatchCoreConfig(image_size=96, coreset_ratio=0.25, batch_size=4))
+    m.fit(sources)
+    largest = max(t.shape[0] * t.shape[1] for t in tiles)
+    assert m.config.resize == "scale" and m.config.scale == pytest.approx(96 / largest**0.5, abs=1e-4)
+    m.save(tmp_path / "a")
+    assert json.loads((tmp_path / "a" / "model.json").read_text())["config"]["resize"] == "scale"
+    loaded = PatchCore.load(tmp_path / "a")
+    r = loaded.predict([tiles[4]])[0]
+    assert r.ok and r.anomaly_map.shape == tiles[4].shape[:2]
+    same = PatchCore(PatchCoreConfig(image_size=96, coreset_ratio=0.25, batch_size=4))
+    same.fit([t[:88, :88] for t in tiles])  # one size: the whole field of view, as keep_aspect
+    assert same.config.resize == "keep_aspect"

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-RESIZE_MODES = ("keep_aspect", "square", "scale")
+RESIZE_MODES = ("auto", "keep_aspect", "square", "scale")
 INDEX_TYPES = ("flat", "ivf_flat", "ivf_pq")
 
 
@@ -13,13 +13,15 @@ INDEX_TYPES = ("flat", "ivf_flat", "ivf_pq")
 class PatchCoreConfig:
     backbone: str = "efficientnet_lite0"
     layers: tuple[str, ...] | None = None  # None: the backbone's stride-8 and stride-16 stages
-    image_size: int = 224  # keep_aspect: input area is image_size**2; square: image_size x image_size
-    resize: str = "keep_aspect"
+    image_size: int = 288  # keep_aspect: input area is image_size**2; square: image_size x image_size
+    # auto (resolved by fit): keep_aspect when the training images share one size, else scale with the
+    # factor that brings the largest training image to an area of image_size**2 (see preprocessing)
+    resize: str = "auto"
     scale: float = 0.5  # resize="scale": every image is resized by this factor (constant pixel size)
     center_crop: int | None = None  # paper protocol: image_size=256, resize="square", center_crop=224
     embed_dim: int = 1024  # fixed patch-feature dimension budget, split evenly between the layers
     projection_dim: int = 128  # random projection the coreset is computed on
-    coreset_ratio: float = 0.1
+    coreset_ratio: float = 0.01  # at 288 px as accurate as 10 % (docs/benchmarks.md), a tenth of the kNN
     seed: int = 0
     num_neighbors: int = 9  # b of the paper's Eq. 7; 0 turns the reweighting off
     sigma: float = 4.0  # Gaussian smoothing of the anomaly map, in model-input pixels

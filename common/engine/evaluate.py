@@ -59,7 +59,7 @@ def evaluate(data: str | Path, category: str, config: PatchCoreConfig, shots: in
     return {
         "category": category,
         "data": str(data),
-        "config": config.to_dict(),
+        "config": model.config.to_dict(),  # resize="auto" as fit resolved it
         "shots": shots,
         "train_images": fit["train_images"],
         "holdout_images": fit["holdout_images"],

@@ -1,13 +1,14 @@
 """Locally aware patch features (PatchCore paper, section 3.1).
 
-Each stage map is averaged over a 3x3 neighbourhood, the stride-16 map is bilinearly upsampled onto
-the stride-8 grid, and each stage is brought to an equal share of the `embed_dim` budget before
-concatenation:
-- a stage with more channels than its share is reduced by adaptive average pooling over channels
-  (the reference implementation's reduction);
-- a stage with fewer channels keeps them and is scaled by sqrt(share / channels). The reference
-  instead repeats such channels up to the share, which multiplies that stage's squared L2 distance
-  by share / channels: the scaling gives the same distances at a fraction of the memory and kNN cost.
+Each stage map is averaged over a 3x3 neighbourhood (anomalib's reading of the paper's aggregation), the
+stride-16 map is bilinearly upsampled onto the stride-8 grid, and each stage is brought to an equal
+share of the `embed_dim` budget before concatenation:
+- a stage with more channels than its share is reduced by adaptive average pooling over channels;
+- a stage with fewer channels keeps them and is scaled by sqrt(share / channels): repeating its channels
+  up to the share would multiply its squared L2 distances by share / channels, so the scaling gives the
+  same distances at a fraction of the memory and kNN cost.
+The reference code instead keeps the 3x3 neighbourhood's values (it pools the flattened C x 3 x 3 vector
+to its embedding size); README.md says what that measured and why it is not used.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ import torch
 
 from common.engine.config import PatchCoreConfig
 from common.engine.preprocessing import Geometry, to_input
-from common.images import ImageDecodeError, decode_image
+from common.images import ImageDecodeError, decode_image, decoded_size
 
 ImageSource = np.ndarray | str | Path | bytes | Callable[[], Any]
 
@@ -43,6 +43,23 @@ def load_rgb(source: ImageSource) -> np.ndarray:
         if isinstance(source, np.ndarray):
             return source
     return decode_image(source)
+
+
+def source_sizes(images: Sequence[ImageSource], threads: int = 8) -> list[tuple[int, int]]:
+    """(height, width) of every readable image, from headers (a loader is called, i.e. downloaded,
+    once for this); unreadable ones are left out: they fail again, and are reported, when decoded."""
+    def size(source: ImageSource) -> tuple[int, int] | None:
+        try:
+            if callable(source):
+                source = source()
+            if isinstance(source, np.ndarray):
+                return int(source.shape[0]), int(source.shape[1])
+            return decoded_size(source)
+        except (OSError, ValueError, KeyError):
+            return None
+
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        return [s for s in pool.map(size, images) if s is not None]
 
 
 def iter_batches(images: Sequence[ImageSource], config: PatchCoreConfig, mean: tuple[float, ...],

@@ -20,8 +20,9 @@ from common.engine.coreset import StreamingProjection, coreset_size, greedy_from
 from common.engine.features import PatchFeatures
 from common.engine.featurestore import FeatureStore
 from common.engine.knn import IndexSpec, IndexState, NearestNeighbors
-from common.engine.loader import Batch, Failed, ImageSource, iter_batches
+from common.engine.loader import Batch, Failed, ImageSource, iter_batches, source_sizes
 from common.engine.maps import anomaly_map
+from common.engine.preprocessing import resolve_resize
 from common.engine.scoring import image_scores
 
 
@@ -117,8 +118,10 @@ class PatchCore:
         (in `scratch_dir`, default `TMPDIR`) batch by batch while their random projection accumulates
         in memory (N x projection_dim float32); the coreset is chosen on the projection and its rows are
         then read back from the file."""
-        cfg = self.config
         t0 = time.perf_counter()
+        if self.config.resize == "auto":
+            self.config = resolve_resize(self.config, source_sizes(images))
+        cfg = self.config
         bank_ids, hold_ids = calibration.holdout_split(len(images), cfg.holdout_fraction, cfg.seed)
         projection = StreamingProjection(self.features.dim, cfg.projection_dim, cfg.seed, self.device,
                                          folder=scratch_dir)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -23,8 +24,27 @@ class Geometry:
     input_hw: tuple[int, int]
 
 
+def resolve_resize(config: PatchCoreConfig, sizes: Sequence[tuple[int, int]]) -> PatchCoreConfig:
+    """`config` with resize="auto" made concrete for training images of these (height, width) sizes.
+
+    Images of one size (a fixed camera): keep_aspect, the whole field of view at an area of
+    image_size**2. Images of varying sizes (crops, tiles of different extent): scale, one factor for all,
+    so a texture keeps its pixel size from image to image (keep_aspect would zoom each tile differently);
+    the factor brings the largest training image to an area of image_size**2, which bounds the compute
+    per image. Other modes are returned unchanged.
+    """
+    if config.resize != "auto":
+        return config
+    if len(set(sizes)) <= 1:  # none readable: the fit reports why, image by image
+        return replace(config, resize="keep_aspect")
+    largest = max(h * w for h, w in sizes)
+    factor = min(4.0, round(config.image_size / math.sqrt(largest), 4))
+    return replace(config, resize="scale", scale=factor)
+
+
 def resized_hw(h: int, w: int, config: PatchCoreConfig) -> tuple[int, int]:
     """Size the whole image is resized to (before any center crop)."""
+    # resize="auto" is resolved by fit(); a bank built otherwise (extract + set_bank) means keep_aspect
     if config.resize == "square":
         return config.image_size, config.image_size
     if config.resize == "scale":  # same physical pixel size for every image, whatever its extent
