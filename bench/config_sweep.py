@@ -32,7 +32,6 @@ from common.engine.features import PatchFeatures  # noqa: E402
 from common.engine.maps import anomaly_map  # noqa: E402
 from common.engine.metrics import PixelMetrics, image_auroc  # noqa: E402
 from common.engine.patchcore import PatchCore  # noqa: E402
-from common.engine.scoring import image_scores  # noqa: E402
 
 REFERENCE_STAGE_DIM = 1024  # patchcore-inspection's pretrain_embed_dimension
 
@@ -63,15 +62,10 @@ def patch_scores(model: PatchCore, tests: list[mvtec.TestImage]) -> tuple[list, 
     """Per test image: (position, (h, w) patch distances, input size, geometry); and the image scores."""
     grids, scores = [], np.zeros(len(tests))
     for batch in model._batches([t.path for t in tests]):
-        feats = model.embed(batch.tensor)
-        b, h, w, d = feats.shape
-        flat = feats.reshape(-1, d).cpu().numpy()
-        dist, ids = model.index.search(flat, 1)
-        dist, ids = dist.reshape(b, h * w), ids.reshape(b, h * w)
-        s = image_scores(flat.reshape(b, h * w, d), dist, ids, model.index, model.config.num_neighbors)
+        dist, s = model.patch_scores(batch)
         input_hw = (int(batch.tensor.shape[-2]), int(batch.tensor.shape[-1]))
         for i, (pos, geo) in enumerate(zip(batch.positions, batch.geometries, strict=True)):
-            grids.append((pos, dist[i].reshape(h, w), input_hw, geo))
+            grids.append((pos, dist[i], input_hw, geo))
             scores[pos] = s[i]
     return grids, scores
 

@@ -226,18 +226,23 @@ class PatchCore:
                 yield from zip(item.positions, self._score_batch(item), strict=True)
                 bar.update(len(item.positions))
 
-    def _score_batch(self, batch: Batch) -> list[ImageResult]:
+    def patch_scores(self, batch: Batch) -> tuple[np.ndarray, np.ndarray]:
+        """(B, h, w) distances of each patch to its nearest bank feature, and the (B,) Eq. 7 image scores."""
         feats = self._embed(batch)
         b, h, w, d = feats.shape
         flat = feats.reshape(-1, d).cpu().numpy()
         dist, ids = self.index.search(flat, 1)
         dist, ids = dist.reshape(b, h * w), ids.reshape(b, h * w)
         scores = image_scores(flat.reshape(b, h * w, d), dist, ids, self.index, self.config.num_neighbors)
+        return dist.reshape(b, h, w), scores
+
+    def _score_batch(self, batch: Batch) -> list[ImageResult]:
+        dist, scores = self.patch_scores(batch)
         input_hw = (int(batch.tensor.shape[-2]), int(batch.tensor.shape[-1]))
         out = []
         for i, geo in enumerate(batch.geometries):
             top, left, bh, bw = geo.box
-            amap = anomaly_map(dist[i].reshape(h, w), input_hw, (bh, bw), self.config.sigma)
+            amap = anomaly_map(dist[i], input_hw, (bh, bw), self.config.sigma)
             mask = amap > self.pixel_threshold
             y, x = np.unravel_index(int(np.argmax(amap)), amap.shape)
             out.append(ImageResult(
