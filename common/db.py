@@ -64,6 +64,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
 from sqlalchemy.types import JSON
 
+from common.logs import log_event
 from common.settings import get_settings, redact_text
 
 logger = logging.getLogger(__name__)
@@ -384,7 +385,7 @@ def _connect_retrying(dialect: Any, _record: Any, cargs: Any, cparams: Any) -> A
         except Exception as exc:
             if not is_transient_db_error(exc) or time.monotonic() + delay > deadline:
                 raise
-            logger.warning("database unreachable (%s); retrying in %.1f s", _first_line(exc), delay)
+            log_event(logger, logging.WARNING, "database_unreachable", error=_first_line(exc), retry_in_s=delay)
             time.sleep(delay)
             delay = min(2 * delay, 2.0)
 
@@ -495,7 +496,8 @@ def in_transaction(work: Callable[[Session], T], url: str | None = None) -> T:
         except Exception as exc:
             if not is_transient_db_error(exc) or time.monotonic() + delay > deadline:
                 raise
-            logger.warning("database transaction interrupted (%s); retrying in %.1f s", _first_line(exc), delay)
+            log_event(logger, logging.WARNING, "database_transaction_interrupted", error=_first_line(exc),
+                      retry_in_s=delay)
             time.sleep(delay)
             delay = min(2 * delay, 5.0)
 

@@ -195,5 +195,5 @@ def test_database_restart_mid_run(c: Cluster) -> None:
     assert all(r.status == "ok" for r in rows)
     c.assert_outputs_complete(rows)
     logs = "".join(w.text() for w in c.workers.values())
-    assert "database unreachable" in logs or "database transaction interrupted" in logs
+    assert "event=database_unreachable" in logs or "event=database_transaction_interrupted" in logs
     assert all(w.alive() for w in c.workers.values())
