@@ -100,8 +100,9 @@ def format_failures(job_id: int, limit: int = 100) -> str:
     return "\n".join(lines)
 
 
-def wait_for_jobs(job_ids: Sequence[int], poll_seconds: float = 1.0) -> list[JobView]:
-    """Poll the jobs table until every job has finished, showing a progress bar over their images."""
+def wait_for_jobs(job_ids: Sequence[int], poll_seconds: float = 0.25) -> list[JobView]:
+    """Poll the jobs table (one small query by id, 4 a second) until every job has finished, showing a
+    progress bar over their images."""
     with tqdm(total=0, unit="img", desc="waiting", dynamic_ncols=True) as bar:
         while True:
             views = load_jobs(job_ids)
