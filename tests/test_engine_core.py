@@ -152,6 +152,17 @@ def test_coreset_size(n: int, ratio: float) -> None:
     assert selected.min() >= 0 and selected.max() < n
 
 
+def test_coreset_minimum_size_keeps_small_sets_covered() -> None:
+    x = np.random.default_rng(3).standard_normal((2000, 8)).astype(np.float32)
+    assert coreset_size(2000, 0.01, minimum=300) == 300  # 1 % would be 20
+    assert coreset_size(200_000, 0.01, minimum=300) == 2000  # the ratio wins on large sets
+    assert coreset_size(100, 0.01, minimum=300) == 100  # never more than all features
+    small = greedy_coreset(x, 0.01, seed=0, minimum=300)
+    assert len(small) == 300 and np.array_equal(small[:20], greedy_coreset(x, 0.01, seed=0))  # same order
+    with pytest.raises(ValueError):
+        PatchCoreConfig(coreset_min_size=-1)
+
+
 def test_greedy_coreset_covers_better_than_random() -> None:
     x = _clustered(2000, 20, 8, seed=5)
     selected = greedy_coreset(x, 0.01, projection_dim=128, seed=0)  # 8-d: no projection

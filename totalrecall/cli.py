@@ -27,6 +27,8 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                    "--resize square --center-crop 224")
     p.add_argument("--embed-dim", type=int, default=d.embed_dim)
     p.add_argument("--coreset-ratio", type=float, default=d.coreset_ratio)
+    p.add_argument("--coreset-min-size", type=int, default=d.coreset_min_size,
+                   help="the bank keeps at least this many features (or all of them)")
     p.add_argument("--projection-dim", type=int, default=d.projection_dim)
     p.add_argument("--num-neighbors", type=int, default=d.num_neighbors, help="b of Eq. 7 (0 = off)")
     p.add_argument("--holdout-fraction", type=float, default=d.holdout_fraction)
@@ -47,7 +49,8 @@ def config_from_args(a: argparse.Namespace) -> PatchCoreConfig:
     return PatchCoreConfig(
         backbone=a.backbone, layers=tuple(a.layers.split(",")) if a.layers else None,
         image_size=a.image_size, resize=a.resize, scale=a.scale, center_crop=a.center_crop, embed_dim=a.embed_dim,
-        coreset_ratio=a.coreset_ratio, projection_dim=a.projection_dim, num_neighbors=a.num_neighbors,
+        coreset_ratio=a.coreset_ratio, coreset_min_size=a.coreset_min_size, projection_dim=a.projection_dim,
+        num_neighbors=a.num_neighbors,
         holdout_fraction=a.holdout_fraction, batch_size=a.batch_size, seed=a.seed,
         index=a.index, index_min_bank=a.index_min_bank, index_nlist=a.index_nlist, index_nprobe=a.index_nprobe,
         index_pq_m=a.index_pq_m,

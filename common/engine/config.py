@@ -22,6 +22,8 @@ class PatchCoreConfig:
     embed_dim: int = 1024  # fixed patch-feature dimension budget, split evenly between the layers
     projection_dim: int = 128  # random projection the coreset is computed on
     coreset_ratio: float = 0.01  # at 288 px as accurate as 10 % (docs/benchmarks.md), a tenth of the kNN
+    # but never fewer features than this (or all of them): a small training set keeps its coverage
+    coreset_min_size: int = 1000
     seed: int = 0
     num_neighbors: int = 9  # b of the paper's Eq. 7; 0 turns the reweighting off
     sigma: float = 4.0  # Gaussian smoothing of the anomaly map, in model-input pixels
@@ -40,6 +42,8 @@ class PatchCoreConfig:
             raise ValueError("scale must be in (0, 4]")
         if not 0 < self.coreset_ratio <= 1:
             raise ValueError("coreset_ratio must be in (0, 1]")
+        if self.coreset_min_size < 0:
+            raise ValueError("coreset_min_size must be >= 0")
         if self.num_neighbors == 1 or self.num_neighbors < 0:
             raise ValueError("num_neighbors (b of Eq. 7) must be 0 (off) or >= 2")
         if not 0 <= self.holdout_fraction < 1:

@@ -129,24 +129,26 @@ def random_projection(features: np.ndarray | torch.Tensor, dim: int, seed: int) 
     return proj.finish()
 
 
-def coreset_size(n: int, ratio: float) -> int:
-    return max(1, min(n, round(n * ratio)))
+def coreset_size(n: int, ratio: float, minimum: int = 0) -> int:
+    """ratio x n features, but at least `minimum` (and at least one, at most all n)."""
+    return max(1, min(n, max(round(n * ratio), minimum)))
 
 
 def greedy_coreset(features: np.ndarray | torch.Tensor, ratio: float, projection_dim: int = 128,
-                   seed: int = 0, progress: ProgressFn | None = None) -> np.ndarray:
+                   seed: int = 0, progress: ProgressFn | None = None, minimum: int = 0) -> np.ndarray:
     """Indices (into `features`) of the greedy k-center coreset, in selection order."""
-    return greedy_from_projection(random_projection(features, projection_dim, seed), ratio, seed, progress)
+    return greedy_from_projection(random_projection(features, projection_dim, seed), ratio, seed, progress,
+                                  minimum)
 
 
 def greedy_from_projection(projected: torch.Tensor, ratio: float, seed: int = 0,
-                           progress: ProgressFn | None = None) -> np.ndarray:
+                           progress: ProgressFn | None = None, minimum: int = 0) -> np.ndarray:
     """The greedy coreset of already projected features (`StreamingProjection.finish()`).
 
     Takes ownership of `projected`: it is centred and rotated in place, so the CPU selection needs no
     copy of it (memory: N x dim float32 plus O(N) vectors and the k selected centres)."""
     n = len(projected)
-    k = coreset_size(n, ratio)
+    k = coreset_size(n, ratio, minimum)
     projected -= projected.mean(dim=0)  # distances unchanged; float32 |x|^2 - 2xc + |c|^2 more exact
     start = int(torch.randint(n, (1,), generator=torch.Generator().manual_seed(seed)).item())
     if projected.is_cuda:

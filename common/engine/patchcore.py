@@ -141,9 +141,10 @@ class PatchCore:
                 projection.close()
             t1 = time.perf_counter()
             n_patches, store_mb = len(store), store.nbytes / 2**20
-            k = coreset_size(n_patches, cfg.coreset_ratio)
+            k = coreset_size(n_patches, cfg.coreset_ratio, cfg.coreset_min_size)
             with tqdm(total=k, desc="coreset", disable=not progress, unit="pt") as bar:
-                selected = greedy_from_projection(projected, cfg.coreset_ratio, cfg.seed, bar.update)
+                selected = greedy_from_projection(projected, cfg.coreset_ratio, cfg.seed, bar.update,
+                                                  cfg.coreset_min_size)
                 bar.update(k - bar.n)
             del projected, projection
             bank = store.gather(selected)
