@@ -33,6 +33,11 @@ of the rows' created_at (first to last chunk commit: bounded by scoring, not by 
 `pg_active_s` = delta of pg_stat_database.active_time for the benchmark database (time the server spent
 executing statements of every session: the workers' writes and reads, the scheduler, --wait and this
 script's poller), so `pg_rows_per_active_s` is a lower bound on what the database can absorb.
+
+CPU figures: `cpu_s_during_nightly` = CPU seconds each process group (moto, PostgreSQL with its backends,
+Redis, the workers with their pool processes) used during the timed nightly, against `cpu_s_available`
+(wall x cores) and the engine's own `engine_cpu_s`: on one machine the services take their share of the
+same cores, which a plant's separate S3 and database machines would not.
 """
 
 from __future__ import annotations
@@ -72,6 +77,39 @@ def services_env() -> dict[str, str]:
             key, value = line[len("export "):].split("=", 1)
             env[key] = shlex.split(value)[0]
     return env
+
+
+def service_pids() -> dict[str, int]:
+    """Main pid of each dev service (from dev-services.sh's state folder); missing ones are left out."""
+    state = Path(os.environ.get("TOTALRECALL_SERVICES_DIR", "/tmp/totalrecall-services"))
+    files = {"moto_s3": state / "moto" / "moto.pid", "redis": state / "redis" / "redis.pid",
+             "postgres": state / "postgres" / "data" / "postmaster.pid"}
+    pids = {}
+    for name, path in files.items():
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            pids[name] = int(path.read_text().split()[0])
+    return pids
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU seconds (user + system) of a process, its reaped children and its live descendants."""
+    import psutil
+
+    try:
+        proc = psutil.Process(pid)
+        t = proc.cpu_times()
+        total = t.user + t.system + t.children_user + t.children_system
+        for child in proc.children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                c = child.cpu_times()
+                total += c.user + c.system
+        return total
+    except psutil.Error:
+        return 0.0
+
+
+def cpu_by_process(groups: dict[str, list[int]]) -> dict[str, float]:
+    return {name: sum(cpu_seconds(pid) for pid in pids) for name, pids in groups.items()}
 
 
 def make_images(n: int, size: int, defect_every: int, offset: int) -> list[tuple[bytes, bool]]:
@@ -241,12 +279,13 @@ def run(a: argparse.Namespace, load_before: tuple[float, ...], t_script: float) 
                 t = time.monotonic()
                 model = PatchCore.load(art, sha256, device="cpu")
                 load_s = time.monotonic() - t
-                t = time.monotonic()
+                t, c = time.monotonic(), time.process_time()
                 results = model.predict(blobs)
-                engine_s = time.monotonic() - t
+                engine_s, engine_cpu_s = time.monotonic() - t, time.process_time() - c
                 assert all(r.ok for r in results), [r.error for r in results if not r.ok][:3]
                 engine_scores = {f"s3://{bucket}/{k}": r.score for k, r in zip(akeys, results, strict=True)}
                 engine = {"engine_s": round(engine_s, 2), "engine_ips": round(a.images / engine_s, 2),
+                          "engine_cpu_s": round(engine_cpu_s, 2),
                           "engine_load_s": round(load_s, 2), "engine_torch_threads": torch.get_num_threads(),
                           "engine_batch_size": model.config.batch_size}
                 log(f"engine alone: {a.images} images in {engine_s:.1f}s = {a.images / engine_s:.1f} img/s")
@@ -292,6 +331,9 @@ def run(a: argparse.Namespace, load_before: tuple[float, ...], t_script: float) 
                         time.sleep(0.05)
                 eng.dispose()
 
+            groups = {name: [pid] for name, pid in service_pids().items()}
+            groups["workers"] = [proc.pid for proc in workers]
+            cpu0 = cpu_by_process(groups)
             wall_start = datetime.now(UTC)
             t0 = time.monotonic()
             poller = threading.Thread(target=poll, args=(t0,), daemon=True)
@@ -299,6 +341,7 @@ def run(a: argparse.Namespace, load_before: tuple[float, ...], t_script: float) 
             r = subprocess.run([sys.executable, "-m", "totalrecall.cli", "nightly", "--date", str(day), "--wait"],
                                env=env, capture_output=True, text=True, timeout=7200)
             wall = time.monotonic() - t0
+            cpu_s = {name: round(v - cpu0[name], 2) for name, v in cpu_by_process(groups).items()}
             stop.set()
             poller.join(5)
             if r.returncode != 0:
@@ -354,6 +397,8 @@ def run(a: argparse.Namespace, load_before: tuple[float, ...], t_script: float) 
                 "pg_rows_per_active_s": round(len(rows) / active_s, 1) if active_s > 0 else None,
                 "pg_xact_commit": stats1["xact_commit"] - stats0["xact_commit"],
                 "pg_tup_inserted": stats1["tup_inserted"] - stats0["tup_inserted"],
+                "cpu_s_during_nightly": cpu_s,  # per process group, over the nightly's wall time
+                "cpu_s_available": round(wall * cores, 1),
                 **engine,
                 "overhead": round(1 - system_ips / engine["engine_ips"], 3) if engine else None,
                 "overhead_goal": "< 0.20",

@@ -122,8 +122,8 @@ def list_image_files(folder: str | Path) -> list[Path]:
     return sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
-def png_bytes(image: np.ndarray) -> bytes:
-    """PNG encoding of an (H, W) or (H, W, 3) uint8 array."""
+def png_bytes(image: np.ndarray, compress_level: int = 6) -> bytes:
+    """PNG encoding of an (H, W) or (H, W, 3) uint8 array (zlib level 0-9: 6 is Pillow's default)."""
     buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="PNG")
+    Image.fromarray(image).save(buf, format="PNG", compress_level=compress_level)
     return buf.getvalue()

@@ -20,6 +20,9 @@ from common.storage import split_uri
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 ROWS = 256  # rows per block when scaling a heatmap
+# zlib level of heatmaps: level 3 encodes a 900 x 900 map in half the time of Pillow's default 6, for
+# files about a quarter larger (masks are nearly all zeros and stay at the default)
+HEATMAP_COMPRESS_LEVEL = 3
 
 
 def relative_image_key(image_uri: str, images_uri: str | None) -> str:
@@ -79,4 +82,4 @@ def heatmap_png(result: ImageResult, pixel_threshold: float) -> bytes:
         block = amap[top:top + ROWS] * factor
         np.clip(block, 0, 255, out=block)
         grey[top:top + ROWS] = block
-    return png_bytes(_full_size(grey, result))
+    return png_bytes(_full_size(grey, result), HEATMAP_COMPRESS_LEVEL)
