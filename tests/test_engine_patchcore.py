@@ -36,7 +36,7 @@ from tests.synthetic import (
     texture,
 )
 
-CFG = PatchCoreConfig(image_size=96, coreset_ratio=0.25, batch_size=4)
+CFG = PatchCoreConfig(image_size=96, coreset_ratio=0.25, coreset_min_size=0, batch_size=4)  # ratio alone
 N_TRAIN = 10
 SEGMENTS = [((30, 20), (40, 90), 255), ((90, 30), (60, 100), 0), ((20, 100), (100, 110), 255)]
 

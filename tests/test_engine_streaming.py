@@ -121,7 +121,8 @@ def test_streamed_fit_gives_the_in_memory_bank(tmp_path) -> None:
     bank_ids, _ = calibration.holdout_split(len(images), cfg.holdout_fraction, cfg.seed)
     feats, failures = model.extract([images[i] for i in bank_ids])
     assert not failures and stats["patch_features"] == len(feats)
-    reference = feats[greedy_coreset(feats, cfg.coreset_ratio, cfg.projection_dim, cfg.seed)]
+    reference = feats[greedy_coreset(feats, cfg.coreset_ratio, cfg.projection_dim, cfg.seed,
+                                     minimum=cfg.coreset_min_size)]  # the 1000-feature floor applies
     assert model.index.bank.shape == reference.shape == (stats["bank_size"], model.features.dim)
     assert np.array_equal(model.index.bank, reference)
     assert stats["feature_store_mb"] == pytest.approx(feats.nbytes / 2**20, abs=0.1)
