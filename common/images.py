@@ -62,10 +62,16 @@ def decode_image(source: bytes | str | Path, max_side: int | None = None) -> np.
     if min(rgb.size) < 8:
         raise ImageDecodeError(f"image is {rgb.size[0]}x{rgb.size[1]} pixels, too small to inspect")
     if max(rgb.size) > max_side:
-        scale = max_side / max(rgb.size)
-        rgb = rgb.resize((max(1, round(rgb.size[0] * scale)), max(1, round(rgb.size[1] * scale))),
-                         Image.Resampling.BILINEAR, reducing_gap=3.0)
+        rgb = rgb.resize(_side_limited(rgb.size, max_side), Image.Resampling.BILINEAR, reducing_gap=3.0)
     return np.asarray(rgb)
+
+
+def _side_limited(size: tuple[int, int], max_side: int) -> tuple[int, int]:
+    """(width, height) scaled so the longer side is at most `max_side` (unchanged if it already is)."""
+    if max(size) <= max_side:
+        return size
+    scale = max_side / max(size)
+    return max(1, round(size[0] * scale)), max(1, round(size[1] * scale))
 
 
 def decoded_size(source: bytes | str | Path) -> tuple[int, int] | None:
@@ -73,18 +79,14 @@ def decoded_size(source: bytes | str | Path) -> tuple[int, int] | None:
 
     Exact, except for images above TOTALRECALL_MAX_IMAGE_SIDE: then the size they are reduced to, which
     a JPEG's draft decoding may undercut by up to half."""
-    max_side = get_settings().max_image_side
-    try:
-        data = Path(source).read_bytes() if isinstance(source, str | Path) else source
-        with Image.open(io.BytesIO(data)) as img:
+    try:  # a path is opened, not read: Pillow reads only the header
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
             width, height = img.size
             if img.getexif().get(0x0112) in (5, 6, 7, 8):  # EXIF orientations that turn the image a quarter
                 width, height = height, width
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
         return None
-    if max(width, height) > max_side:
-        scale = max_side / max(width, height)
-        width, height = max(1, round(width * scale)), max(1, round(height * scale))
+    width, height = _side_limited((width, height), get_settings().max_image_side)
     return height, width
 
 

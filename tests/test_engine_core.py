@@ -390,7 +390,8 @@ def test_auto_resize_keeps_aspect_for_one_size_and_scales_varying_sizes() -> Non
     assert resized_hw(300, 500, cfg) == resized_hw(300, 500, replace(cfg, resize="keep_aspect"))
 
 
-def test_decoded_size_reads_headers_with_exif_and_side_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_decoded_size_reads_headers_with_exif_and_side_limit(monkeypatch: pytest.MonkeyPatch,
+                                                              tmp_path) -> None:
     import io
 
     from PIL import Image
@@ -410,6 +411,9 @@ def test_decoded_size_reads_headers_with_exif_and_side_limit(monkeypatch: pytest
         assert decoded_size(data) == decode_image(data).shape[:2]
     assert decoded_size(encoded(40, 30, orientation=6)) == (40, 30)  # turned a quarter
     assert decoded_size(b"not an image") is None and decoded_size(b"") is None
+    (tmp_path / "turned.jpg").write_bytes(encoded(40, 30, orientation=6))
+    assert decoded_size(tmp_path / "turned.jpg") == decoded_size(str(tmp_path / "turned.jpg")) == (40, 30)
+    assert decoded_size(tmp_path / "missing.png") is None
     monkeypatch.setenv("TOTALRECALL_MAX_IMAGE_SIDE", "20")
     reset_settings_cache()
     try:
