@@ -62,7 +62,7 @@ def celery_config(settings: Settings) -> dict:
     fit_soft, fit_hard = settings.fit_time_limits
     hour, minute = settings.nightly_time
     return {
-        "broker_url": settings.broker_url or "memory://",
+        "broker_url": settings.broker_url or "memory://localhost/",  # with a host: kombu warns without one
         "broker_connection_retry_on_startup": True,
         "broker_connection_retry": True,
         "broker_connection_max_retries": None,  # a worker waits for the broker for ever
