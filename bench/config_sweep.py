@@ -6,7 +6,8 @@ for several smoothing sigmas from the same patch scores (the sweep behind docs/b
     python bench/config_sweep.py ... --reference-aggregation     # the reference code's patch features
 
 Each `--config` is a JSON object of `PatchCoreConfig` fields over the defaults. One JSON line per config
-on stdout: image AUROC, and (pixel AUROC, AUPRO@0.3) per sigma. Times are wall seconds of this process
+on stdout: image AUROC, and (pixel AUROC, AUPRO@0.3, per-defect-type pixel AUROC with each type's share of the
+defect pixels) per sigma. Times are wall seconds of this process
 (no metric work in `score_s`). `--reference-aggregation` replaces the 3x3 average of each stage by what
 patchcore-inspection does: the 3x3 neighbourhood flattened (C x 3 x 3) and pooled to 1024 values per
 stage, the stages then pooled together to `embed_dim` (1024-d features).
@@ -90,9 +91,12 @@ def run(data: Path, category: str, overrides: dict, sigmas: list[float], referen
         for pos, grid, input_hw, geo in grids:
             top, left, h, w = geo.box
             pixels.update(anomaly_map(grid, input_hw, (h, w), sigma),
-                          mvtec.load_mask(tests[pos], geo.orig_hw)[top: top + h, left: left + w])
+                          mvtec.load_mask(tests[pos], geo.orig_hw)[top: top + h, left: left + w],
+                          tests[pos].defect_type)
         out[f"sigma_{sigma:g}"] = {"pixel_auroc": round(pixels.pixel_auroc(), 4),
-                                   "aupro": round(pixels.aupro(0.3), 4)}
+                                   "aupro": round(pixels.aupro(0.3), 4),
+                                   "pixel_auroc_per_type": {t: {k: round(v, 4) for k, v in d.items()} for t, d
+                                                            in pixels.pixel_auroc_by_group().items()}}
     return out
 
 

@@ -147,6 +147,23 @@ def test_pixel_auroc_matches_pairwise():
     assert fed(maps, masks).pixel_auroc() == pytest.approx(pairwise_auroc(pos, neg), abs=1e-12)
 
 
+def test_pixel_auroc_by_group_is_pairwise_per_group_and_decomposes_the_total():
+    maps, masks = random_maps(3)
+    groups = ["a" if i % 2 else "b" for i in range(len(maps))]
+    pm = PixelMetrics()
+    for amap, mask, group in zip(maps, masks, groups, strict=True):
+        pm.update(amap, mask, group)
+    _, neg = split_pixels(maps, masks)  # every defect-free pixel, whatever the group
+    by_group = pm.pixel_auroc_by_group()
+    for g in ("a", "b"):
+        pos_g, _ = split_pixels([m for m, gg in zip(maps, groups, strict=True) if gg == g],
+                                [k for k, gg in zip(masks, groups, strict=True) if gg == g])
+        assert by_group[g]["pixel_auroc"] == pytest.approx(pairwise_auroc(pos_g, neg), abs=1e-12)
+    assert sum(v["positive_pixel_share"] for v in by_group.values()) == pytest.approx(1.0)
+    weighted = sum(v["positive_pixel_share"] * v["pixel_auroc"] for v in by_group.values())
+    assert weighted == pytest.approx(pm.pixel_auroc(), abs=1e-12)
+
+
 def test_pixel_f1_max_matches_image_f1_on_concatenated_pixels():
     maps, masks = random_maps(2)
     pos, neg = split_pixels(maps, masks)

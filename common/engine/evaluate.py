@@ -50,7 +50,8 @@ def evaluate(data: str | Path, category: str, config: PatchCoreConfig, shots: in
         labels.append(item.label)
         types.append(item.defect_type)
         top, left, h, w = r.box
-        pixels.update(r.anomaly_map, mvtec.load_mask(item, r.image_hw)[top: top + h, left: left + w])
+        pixels.update(r.anomaly_map, mvtec.load_mask(item, r.image_hw)[top: top + h, left: left + w],
+                      item.defect_type)
         metric_seconds += time.perf_counter() - t_metric
     score_seconds = time.perf_counter() - t0 - metric_seconds
     image_f1, _ = f1_max(np.array(scores), np.array(labels))
@@ -68,6 +69,7 @@ def evaluate(data: str | Path, category: str, config: PatchCoreConfig, shots: in
         "image_auroc": image_auroc(np.array(scores), np.array(labels)),
         "pixel_auroc": pixels.pixel_auroc(),
         "image_auroc_per_type": _per_type_auroc(np.array(scores), np.array(types)),
+        "pixel_auroc_per_type": pixels.pixel_auroc_by_group(),
         "aupro": pixels.aupro(0.3),
         "image_f1_max": image_f1,
         "pixel_f1_max": pixel_f1,

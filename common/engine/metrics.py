@@ -65,6 +65,17 @@ def score_from_code(code: int) -> float:
     return float(np.array(code, dtype=np.uint16).view(np.float16))
 
 
+def _hist_auroc(pos_hist: np.ndarray, neg_hist: np.ndarray) -> float:
+    """ROC AUC of positive vs negative score histograms over the same bins (ties within a bin count 1/2)."""
+    n_pos, n_neg = int(pos_hist.sum()), int(neg_hist.sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    neg = neg_hist.astype(np.float64)
+    neg_below = np.cumsum(neg) - neg
+    wins = np.sum(pos_hist * (neg_below + 0.5 * neg))
+    return float(wins / (float(n_pos) * float(n_neg)))
+
+
 def _trapezoid_to(x: np.ndarray, y: np.ndarray, x_max: float) -> float:
     """Area under the polyline (x non-decreasing) from x[0] to x_max, interpolating at x_max."""
     keep = int(np.searchsorted(x, x_max, side="right"))
@@ -84,9 +95,11 @@ class PixelMetrics:
         self.neg_hist = np.zeros(N_BINS, dtype=np.int64)
         self.pro_weight = np.zeros(N_BINS, dtype=np.float64)  # per bin: sum of 1/|R| over region pixels
         self.region_count = 0
+        self.pos_hist_by_group: dict[str, np.ndarray] = {}  # defect pixels per group (e.g. defect type)
 
-    def update(self, anomaly_map: np.ndarray, mask: np.ndarray | None = None) -> None:
-        """Add one (H, W) score map and its defect mask (None or all-zero: defect-free image)."""
+    def update(self, anomaly_map: np.ndarray, mask: np.ndarray | None = None, group: str | None = None) -> None:
+        """Add one (H, W) score map and its defect mask (None or all-zero: defect-free image); `group`
+        (e.g. the defect type) also counts the defect pixels under that name for `pixel_auroc_by_group`."""
         code = score_to_code(anomaly_map)
         if code.ndim != 2:
             raise ValueError(f"anomaly_map must be 2-D, got shape {code.shape}")
@@ -97,7 +110,11 @@ class PixelMetrics:
         if m.shape != code.shape:
             raise ValueError(f"mask shape {m.shape} != anomaly_map shape {code.shape}")
         self.neg_hist += np.bincount(code[~m], minlength=N_BINS)
-        self.pos_hist += np.bincount(code[m], minlength=N_BINS)
+        positives = np.bincount(code[m], minlength=N_BINS)
+        self.pos_hist += positives
+        if group is not None:
+            self.pos_hist_by_group.setdefault(group, np.zeros(N_BINS, dtype=np.int64))
+            self.pos_hist_by_group[group] += positives
         regions, n_regions = ndimage.label(m)
         if n_regions:
             inv_size = 1.0 / np.bincount(regions.ravel())[regions[m]]
@@ -106,13 +123,15 @@ class PixelMetrics:
 
     def pixel_auroc(self) -> float:
         """ROC AUC over all pixels seen (ties within a bin count 1/2); NaN without positives or negatives."""
-        n_pos, n_neg = int(self.pos_hist.sum()), int(self.neg_hist.sum())
-        if n_pos == 0 or n_neg == 0:
-            return float("nan")
-        neg = self.neg_hist.astype(np.float64)
-        neg_below = np.cumsum(neg) - neg
-        wins = np.sum(self.pos_hist * (neg_below + 0.5 * neg))
-        return float(wins / (float(n_pos) * float(n_neg)))
+        return _hist_auroc(self.pos_hist, self.neg_hist)
+
+    def pixel_auroc_by_group(self) -> dict[str, dict[str, float]]:
+        """Per group: the AUROC of its defect pixels against every defect-free pixel, and its share of all
+        defect pixels. The overall pixel AUROC is exactly the share-weighted sum of these AUROCs, so a group
+        with most of the defect pixels bounds it."""
+        n_pos = max(1, int(self.pos_hist.sum()))
+        return {g: {"pixel_auroc": _hist_auroc(h, self.neg_hist), "positive_pixel_share": int(h.sum()) / n_pos}
+                for g, h in sorted(self.pos_hist_by_group.items())}
 
     def aupro(self, fpr_limit: float = 0.3) -> float:
         """Area under the PRO-vs-FPR curve up to fpr_limit, normalised by fpr_limit (perfect = 1.0)."""
