@@ -363,6 +363,19 @@ def test_normalisation_and_input_checks() -> None:
         to_input(np.zeros((40, 60, 3), np.float32), PatchCoreConfig(image_size=64), MEAN, STD)
 
 
+@pytest.mark.parametrize(("h", "w"), [(300, 500), (40, 30)])  # downscaled, upscaled
+def test_uint8_resize_matches_the_float_antialiased_resize(h: int, w: int) -> None:
+    # a smooth image with an edge, so a transposed or shifted resize would differ by far more than a level
+    yy, xx = np.mgrid[0:h, 0:w]
+    image = np.stack([(yy * 255 // h), (xx * 255 // w), 255 * (xx > w // 3)], -1).astype(np.uint8)
+    cfg = PatchCoreConfig(image_size=96)
+    x, geo = to_input(image, cfg, MEAN, STD)
+    ref = torch.nn.functional.interpolate(torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255,
+                                          size=geo.input_hw, mode="bilinear", antialias=True)[0]
+    got = x * 0.5 + 0.5  # undo the (0.5, 0.5) normalisation
+    assert float((got - ref).abs().max()) <= 1.5 / 255
+
+
 def test_scale_resize_keeps_pixel_size_constant() -> None:
     cfg = PatchCoreConfig(resize="scale", scale=0.5)
     # every image shrinks by the same factor (to multiples of 16), so textures keep one scale

@@ -76,13 +76,18 @@ def to_input(image: np.ndarray, config: PatchCoreConfig, mean: tuple[float, ...]
     geo = geometry(h, w, config)
     if not image.flags.writeable or not image.flags.c_contiguous:
         image = np.array(image)  # torch wants writable memory; decoded PIL arrays are read-only
-    x = torch.from_numpy(image).permute(2, 0, 1)[None].float().div_(255.0)
+    # Resized while still uint8 and channels-last (an (H, W, 3) array seen as (1, 3, H, W)): torch's
+    # vectorised uint8 antialiased bilinear kernel, several times faster than the float path and within
+    # one grey level of it; the float conversion then runs on the (usually smaller) resized image.
+    x = torch.from_numpy(image).permute(2, 0, 1)[None]
     rh, rw = resized_hw(h, w, config)
-    x = F.interpolate(x, size=(rh, rw), mode="bilinear", align_corners=False, antialias=True)[0]
+    if (rh, rw) != (h, w):
+        x = F.interpolate(x, size=(rh, rw), mode="bilinear", align_corners=False, antialias=True)
+    x = x[0]
     if config.center_crop is not None:
         c = config.center_crop
         top, left = (rh - c) // 2, (rw - c) // 2
         x = x[:, top: top + c, left: left + c]
-    m = torch.tensor(mean, dtype=torch.float32)[:, None, None]
-    s = torch.tensor(std, dtype=torch.float32)[:, None, None]
-    return ((x - m) / s).contiguous(), geo
+    s = torch.tensor(std, dtype=torch.float32)[:, None, None] * 255.0
+    m = torch.tensor(mean, dtype=torch.float32)[:, None, None] * 255.0
+    return x.float().sub_(m).div_(s).contiguous(), geo
