@@ -48,6 +48,10 @@ DEFAULT_MAX_IMAGE_SIDE = 4096
 DEFAULT_MAX_IMAGE_BYTES = 256 * 2**20
 # Backbones a worker process builds when it starts, so the first chunk of a night does not wait for them.
 DEFAULT_PRELOAD_BACKBONES = ("efficientnet_lite0",)
+# Which scored images get their mask and heatmap PNGs written: "findings" (an anomalous verdict or a
+# non-empty mask), "all", or "none" (result rows only). Every scored image gets its row either way.
+SAVE_MAPS_CHOICES = ("findings", "all", "none")
+DEFAULT_SAVE_MAPS = "findings"
 
 REDACTED = "***"
 # Query parameters whose values are secrets (e.g. `?password=` accepted by libpq and redis-py).
@@ -88,6 +92,7 @@ class Settings:
     max_image_side: int = DEFAULT_MAX_IMAGE_SIDE
     max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
     preload_backbones: tuple[str, ...] = DEFAULT_PRELOAD_BACKBONES  # built when a worker process starts
+    save_maps: str = DEFAULT_SAVE_MAPS  # which scored images get mask and heatmap PNGs (SAVE_MAPS_CHOICES)
     # Fault-injection tests only: seconds a scoring task sleeps after each image (and a fit before each
     # training image), so that "in the middle of a chunk" lasts long enough to kill a worker in.
     test_chunk_delay: float = 0.0
@@ -121,6 +126,7 @@ class Settings:
             max_image_side=_positive_int(env, "MAX_IMAGE_SIDE", DEFAULT_MAX_IMAGE_SIDE),
             max_image_bytes=_positive_int(env, "MAX_IMAGE_BYTES", DEFAULT_MAX_IMAGE_BYTES),
             preload_backbones=_names(env, "PRELOAD_BACKBONES", DEFAULT_PRELOAD_BACKBONES),
+            save_maps=_choice(env, "SAVE_MAPS", SAVE_MAPS_CHOICES, DEFAULT_SAVE_MAPS),
             test_chunk_delay=_seconds(env, "TEST_CHUNK_DELAY"),
         )._checked()
 
@@ -166,6 +172,7 @@ class Settings:
             "s3_timeout": f"{self.s3_timeout} s",
             "image_limits": f"{self.max_image_pixels} px, side {self.max_image_side}, {self.max_image_bytes} B",
             "preload_backbones": ",".join(self.preload_backbones) or "(none)",
+            "save_maps": self.save_maps,
             "test_chunk_delay": f"{self.test_chunk_delay:g} s",
         }
 
@@ -255,6 +262,15 @@ def _names(env: Mapping[str, str], name: str, default: tuple[str, ...]) -> tuple
         return default
     names = tuple(n.strip() for n in raw.split(",") if n.strip())
     return () if names == ("none",) else names
+
+
+def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...], default: str) -> str:
+    raw = _get(env, name)
+    if raw is None:
+        return default
+    if raw.lower() not in choices:
+        raise SettingsError(f"{PREFIX}{name} must be one of {', '.join(choices)}, got {raw!r}")
+    return raw.lower()
 
 
 def _seconds(env: Mapping[str, str], name: str) -> float:

@@ -70,6 +70,7 @@ def test_explicit_values_and_empty_means_unset(tmp_path: Path) -> None:
         ("TOTALRECALL_NIGHTLY_AT", "24:00"),
         ("TOTALRECALL_NIGHTLY_AT", "2am"),
         ("TOTALRECALL_NIGHTLY_AT", "02:60"),
+        ("TOTALRECALL_SAVE_MAPS", "some"),
     ],
 )
 def test_invalid_values_name_the_variable(name: str, value: str) -> None:
@@ -131,6 +132,8 @@ def test_worker_settings_defaults_and_overrides() -> None:
     s = Settings.from_env({"TOTALRECALL_FIT_SOFT_TIME_LIMIT": "20000", "TOTALRECALL_VISIBILITY_TIMEOUT": "60",
                            "TOTALRECALL_DOWNLOAD_THREADS": "2"})
     assert s.fit_time_limits == (20000, 20060) and s.visibility_timeout == 60 and s.download_threads == 2
+    assert Settings.from_env({}).save_maps == "findings"
+    assert Settings.from_env({"TOTALRECALL_SAVE_MAPS": "ALL"}).save_maps == "all"
 
 
 def test_soft_time_limit_must_be_below_the_hard_one() -> None:

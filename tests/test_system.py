@@ -178,10 +178,16 @@ def test_nightly_scores_every_archive_image_once(system: System) -> None:
         labels = [system.truth[r.image_uri] for r in ok]
         assert all(r.is_anomalous for r, bad in zip(ok, labels, strict=True) if bad)
         assert image_auroc(np.array([r.score for r in ok]), np.array(labels)) >= 0.95
-        for r in ok:
+        for r in ok:  # masks and heatmaps in S3 for what was found (TOTALRECALL_SAVE_MAPS=findings)
+            if not (r.is_anomalous or r.defect_fraction):
+                assert r.mask_uri is None and r.heatmap_uri is None
+                continue
             for uri in (r.mask_uri, r.heatmap_uri):
                 assert uri.startswith(f"s3://{system.bucket}/store/results/{name}/1/{DAY}/img-")
                 system.s3.head_object(Bucket=system.bucket, Key=uri.split("/", 3)[3])
+        listed = system.s3.list_objects_v2(Bucket=system.bucket, Prefix=f"store/results/{name}/1/{DAY}/")
+        saved = [o["Key"] for o in listed.get("Contents", []) if o["Key"].endswith("_mask.png")]
+        assert len(saved) == sum(r.mask_uri is not None for r in ok) >= sum(labels)
     (failed,) = [r for r in results if r.status == "failed"]
     assert failed.image_uri == broken and failed.score is None and "ImageDecodeError" in failed.error
 

@@ -30,7 +30,7 @@ from common.db import (
 from common.engine.artifact import BANK_FILE, META_FILE, ArtifactError, sha256_file
 from common.engine.config import PatchCoreConfig
 from common.engine.patchcore import ImageResult, PatchCore
-from common.settings import Settings, get_settings
+from common.settings import Settings, get_settings, reset_settings_cache
 from common.storage import Storage, StorageUnavailable, open_storage
 from common.synthetic import nominal_image, plant_defect, png_bytes
 from scheduler.adhoc import enqueue_fits, score_images
@@ -179,15 +179,42 @@ def test_nightly_records_each_image_once_with_outputs(embedded: Embedded) -> Non
     failed = [r for r in rows if r.status == ResultStatus.FAILED.value]
     assert [r.image_uri.rsplit("/", 1)[1] for r in failed] == ["corrupt.png"]
     assert failed[0].score is None and "ImageDecodeError" in failed[0].error
-    for row in rows:
-        if row.status == ResultStatus.OK.value:
-            assert row.captured_date == day and row.threshold == pytest.approx(_active_version().image_threshold)
-            mask = np.asarray(Image.open(row.mask_uri))
-            assert mask.shape == (SIZE, SIZE) and set(np.unique(mask)) <= {0, 255}
-            assert np.asarray(Image.open(row.heatmap_uri)).shape == (SIZE, SIZE)
-            assert f"/results/{PRODUCT}/1/{day.isoformat()}/sub_dir/" in row.mask_uri
-            assert truth[row.image_uri] is not None
+    ok = [r for r in rows if r.status == ResultStatus.OK.value]
+    for row in ok:
+        assert row.captured_date == day and row.threshold == pytest.approx(_active_version().image_threshold)
+        if not (row.is_anomalous or row.defect_fraction):  # nothing found: its row only (SAVE_MAPS=findings)
+            assert row.mask_uri is None and row.heatmap_uri is None
+            continue
+        mask = np.asarray(Image.open(row.mask_uri))
+        assert mask.shape == (SIZE, SIZE) and set(np.unique(mask)) <= {0, 255} and mask.max() == 255
+        assert np.asarray(Image.open(row.heatmap_uri)).shape == (SIZE, SIZE)
+        assert f"/results/{PRODUCT}/1/{day.isoformat()}/sub_dir/" in row.mask_uri
+    assert any(r.is_anomalous for r in ok if truth[r.image_uri])
+    saved = {str(p) for p in (embedded.home / "storage/results").rglob(f"{day.isoformat()}/**/*.png")}
+    assert saved == {u for r in ok for u in (r.mask_uri, r.heatmap_uri) if u}  # nothing unreferenced
+    assert 0 < len(saved) < 2 * len(ok)  # the defects' maps, not the nominal images'
     assert cache.stats.loads - loads_before <= 1  # 3 chunks, one model load
+
+
+@pytest.mark.parametrize(("policy", "day"), [("all", date(2026, 3, 11)), ("none", date(2026, 3, 12))])
+def test_save_maps_all_or_none(embedded: Embedded, monkeypatch: pytest.MonkeyPatch, policy: str,
+                               day: date) -> None:
+    truth = _write_archive(embedded, day, corrupt=False)
+    monkeypatch.setenv("TOTALRECALL_SAVE_MAPS", policy)
+    reset_settings_cache()
+    try:
+        (scheduled,) = schedule_nightly(day).jobs
+    finally:
+        monkeypatch.delenv("TOTALRECALL_SAVE_MAPS")
+        reset_settings_cache()
+    rows = [r for r in _results(scheduled.job_id) if r.status == ResultStatus.OK.value]
+    assert len(rows) == len(truth) and any(r.is_anomalous for r in rows)
+    for row in rows:
+        if policy == "none":
+            assert row.mask_uri is None and row.heatmap_uri is None and row.score is not None
+        else:
+            assert np.asarray(Image.open(row.mask_uri)).shape == (SIZE, SIZE)
+            assert np.asarray(Image.open(row.heatmap_uri)).shape == (SIZE, SIZE)
 
 
 def test_second_nightly_for_the_same_date_adds_nothing(embedded: Embedded) -> None:

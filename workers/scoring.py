@@ -9,7 +9,8 @@ so the image that causes it fails alone.
 Per chunk: storage that does not answer (`StorageUnavailable`) and database errors propagate, so the task
 retries the whole chunk; a model that cannot be loaded (`ModelUnusable`) or outputs that cannot be written
 fail the job. A chunk stopped by its soft time limit records what it finished and a failed row for the
-rest. Rows are written in one transaction, only for images whose mask and heatmap are already stored.
+rest. Rows are written in one transaction, only for images whose mask and heatmap are already stored
+(which images get them: `TOTALRECALL_SAVE_MAPS`, see `saves_maps`).
 
 Memory stays bounded whatever the chunk and image sizes: at most `download_threads` images are
 downloaded ahead of the model, decoding is bounded by the image limits (`common.images`), at most
@@ -263,10 +264,12 @@ class ChunkScorer:
 
     def _finish(self, store: Storage, uploads: ThreadPoolExecutor, writes: deque, model: PatchCore,
                 uri: str, result: ImageResult) -> None:
+        c = self.context
         if not result.ok:
-            self.finished[uri] = _failed_row(self.context, uri, result.error or "not processed")
+            self.finished[uri] = _failed_row(c, uri, result.error or "not processed")
+        elif not saves_maps(self.settings.save_maps, result, nightly=c.run_date is not None):
+            self.finished[uri] = _ok_row(c, uri, result, model, None, None)
         else:
-            c = self.context
             mask_key, heatmap_key = output_keys(c.product, c.version, c.folder, uri, c.images_uri)
             row = _ok_row(c, uri, result, model, store.uri_for(mask_key), store.uri_for(heatmap_key))
             writes.append((uri, row, uploads.submit(_write_outputs, store, mask_key, heatmap_key, result,
@@ -335,6 +338,19 @@ class Prefetcher:
                 self._submitted += 1
 
 
+def saves_maps(policy: str, result: ImageResult, nightly: bool) -> bool:
+    """Whether a scored image gets its mask and heatmap PNGs under `TOTALRECALL_SAVE_MAPS`.
+
+    "findings" (default): in nightly jobs, images with an anomalous verdict or a non-empty mask, the ones
+    an inspector opens; a nominal image's row (score, verdict, defect fraction 0, location of its
+    maximum) says what its empty mask would, and skipping its two PNGs saves two uploads and their storage
+    per image. Ad-hoc jobs (`totalrecall score`) keep every image's maps: whoever names images wants to
+    see them, e.g. to ask why one was not flagged."""
+    if policy == "all" or (policy == "findings" and not nightly):
+        return True
+    return policy == "findings" and bool(result.is_anomalous or result.defect_fraction)
+
+
 def _write_outputs(store: Storage, mask_key: str, heatmap_key: str, result: ImageResult,
                    pixel_threshold: float) -> None:
     store.put_bytes(mask_key, mask_png(result), "image/png")
@@ -352,8 +368,8 @@ def _row(context: ChunkContext, uri: str, **values: Any) -> dict[str, Any]:
     return row
 
 
-def _ok_row(context: ChunkContext, uri: str, result: ImageResult, model: PatchCore, mask_uri: str,
-            heatmap_uri: str) -> dict[str, Any]:
+def _ok_row(context: ChunkContext, uri: str, result: ImageResult, model: PatchCore, mask_uri: str | None,
+            heatmap_uri: str | None) -> dict[str, Any]:
     y, x = result.max_location
     return _row(context, uri, score=result.score, threshold=model.image_threshold,
                 is_anomalous=result.is_anomalous, mask_uri=mask_uri, heatmap_uri=heatmap_uri,
