@@ -20,7 +20,9 @@ What it does, all on fresh state (a new PostgreSQL database, a new moto bucket, 
   2. `totalrecall db upgrade`, `totalrecall product add`, `totalrecall fit --wait` in-process (not timed);
   3. engine alone: downloads the artifact and the N PNGs from S3 beforehand, `PatchCore.load`, then times
      `predict` over the PNG bytes in this one process (same batch size as the product's fit config,
-     torch threads = CPU count, so it uses the same cores as the workers together);
+     torch threads = CPU count, so it uses the same cores as the workers together); it is timed again
+     after step 5 on the same bytes, and `engine_ips` is the mean rate of the two runs (the speed of a
+     shared machine drifts between phases; `engine_ips_before` / `engine_ips_after` are both kept);
   4. starts `--workers` real `totalrecall worker --queues fit,score --concurrency C` processes (default:
      2 processes x concurrency 1, each with OMP/MKL/NUMBA threads = cores / workers, so two processes share
      the cores fairly; separate model caches, as on separate machines) and waits until they are ready;
@@ -142,6 +144,13 @@ def pg_db_stats(url: str, dbname: str) -> dict[str, float]:
         engine.dispose()
 
 
+def timed_predict(model, blobs: list[bytes]) -> tuple[float, float, list]:
+    """(wall s, CPU s of this process, results) of the engine scoring `blobs` in this one process."""
+    t, c = time.monotonic(), time.process_time()
+    results = model.predict(blobs)
+    return time.monotonic() - t, time.process_time() - c, results
+
+
 def wait_for(cond, seconds: float, poll: float = 0.2) -> None:
     deadline = time.monotonic() + seconds
     while not cond():
@@ -162,6 +171,8 @@ def main() -> int:
                    help="OMP/MKL/NUMBA threads per worker pool process (default: cores / total pool size)")
     p.add_argument("--chunk-size", type=int, default=None, help="TOTALRECALL_CHUNK_SIZE (default: system's)")
     p.add_argument("--batch-size", type=int, default=None, help="engine batch size (default: fit config's)")
+    p.add_argument("--save-maps", choices=["findings", "all", "none"], default=None,
+                   help="TOTALRECALL_SAVE_MAPS of the workers (default: the system's, findings)")
     p.add_argument("--date", default="2026-11-27")
     p.add_argument("--redis-db", type=int, default=7)
     p.add_argument("--manage-services", action="store_true",
@@ -217,6 +228,8 @@ def run(a: argparse.Namespace, load_before: tuple[float, ...], t_script: float) 
             }
             if a.chunk_size:
                 env["TOTALRECALL_CHUNK_SIZE"] = str(a.chunk_size)
+            if a.save_maps:
+                env["TOTALRECALL_SAVE_MAPS"] = a.save_maps
 
             def cli(*args: str, extra: dict | None = None, timeout: float = 3600) -> str:
                 r = subprocess.run([sys.executable, "-m", "totalrecall.cli", *args], env=env | (extra or {}),
@@ -279,9 +292,7 @@ def run(a: argparse.Namespace, load_before: tuple[float, ...], t_script: float) 
                 t = time.monotonic()
                 model = PatchCore.load(art, sha256, device="cpu")
                 load_s = time.monotonic() - t
-                t, c = time.monotonic(), time.process_time()
-                results = model.predict(blobs)
-                engine_s, engine_cpu_s = time.monotonic() - t, time.process_time() - c
+                engine_s, engine_cpu_s, results = timed_predict(model, blobs)
                 assert all(r.ok for r in results), [r.error for r in results if not r.ok][:3]
                 engine_scores = {f"s3://{bucket}/{k}": r.score for k, r in zip(akeys, results, strict=True)}
                 engine = {"engine_s": round(engine_s, 2), "engine_ips": round(a.images / engine_s, 2),
@@ -289,7 +300,7 @@ def run(a: argparse.Namespace, load_before: tuple[float, ...], t_script: float) 
                           "engine_load_s": round(load_s, 2), "engine_torch_threads": torch.get_num_threads(),
                           "engine_batch_size": model.config.batch_size}
                 log(f"engine alone: {a.images} images in {engine_s:.1f}s = {a.images / engine_s:.1f} img/s")
-                del blobs, results, model
+                del results
 
             # 4. workers
             wenv = env | {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
@@ -359,13 +370,22 @@ def run(a: argparse.Namespace, load_before: tuple[float, ...], t_script: float) 
                     proc.wait()
             time.sleep(1.0)
             stats1 = pg_db_stats(pg_url, dbname)
+            if engine:  # the engine again, after the system: the machine's speed drifts between the phases
+                after_s, after_cpu_s, _ = timed_predict(model, blobs)
+                log(f"engine alone again: {a.images / after_s:.1f} img/s")
+                engine |= {"engine_ips_before": engine["engine_ips"],
+                           "engine_ips_after": round(a.images / after_s, 2),
+                           "engine_cpu_s_after": round(after_cpu_s, 2),
+                           "engine_ips": round(2 * a.images / (engine_s + after_s), 2)}
+                del blobs, model
             chunks = sum(line.rstrip().endswith("received") and "score_chunk[" in line
                          for wlog in logs for line in wlog.read_text(errors="replace").splitlines())
             per_worker = [sum(line.rstrip().endswith("received") and "score_chunk[" in line
                               for line in wlog.read_text(errors="replace").splitlines()) for wlog in logs]
 
             with session_scope(pg_url) as s:
-                rows = s.execute(sa.select(Result.image_uri, Result.status, Result.score, Result.created_at)).all()
+                rows = s.execute(sa.select(Result.image_uri, Result.status, Result.score, Result.created_at,
+                                           Result.mask_uri)).all()
             ok = [r for r in rows if r.status == "ok"]
             created = sorted(r.created_at for r in rows)
             span = (created[-1] - created[0]).total_seconds() if created else 0.0
@@ -386,6 +406,8 @@ def run(a: argparse.Namespace, load_before: tuple[float, ...], t_script: float) 
                 "chunks_per_worker": per_worker, "backbone": config.get("backbone"),
                 "coreset_ratio": config.get("coreset_ratio"), "batch_size": config.get("batch_size"),
                 "fit_s": round(fit_s, 1),
+                "save_maps": env.get("TOTALRECALL_SAVE_MAPS", "findings (default)"),
+                "images_with_maps": sum(r.mask_uri is not None for r in ok),
                 "system_wall_s": round(wall, 2), "system_ips": round(system_ips, 2),
                 "first_row_s_poll": round(first_row[0], 2) if first_row else None,
                 "first_row_s_created_at": round(first_commit, 2) if first_commit is not None else None,
