@@ -65,7 +65,7 @@ def _setup(tmp_path: Path, extra_failures: dict[str, str] | None = None) -> Scen
     archive, results = tmp_path / "archive", tmp_path / "storage" / "results"
     archive.mkdir()
     results.mkdir(parents=True)
-    scored: list[tuple[str, float, bool, str, str]] = []  # uri, score, anomalous, mask, heatmap
+    scored: list[tuple[str, float, bool, str | None, str | None]] = []  # uri, score, anomalous, mask, heatmap
     for i in range(8):
         image = nominal_image(i, SIZE)
         anomalous = i < 4
@@ -78,7 +78,10 @@ def _setup(tmp_path: Path, extra_failures: dict[str, str] | None = None) -> Scen
         mask_path.write_bytes(mask_png_bytes(mask))
         heat_path.write_bytes(png_bytes(_heatmap(mask)))
         score = 2.6 - 0.2 * i if anomalous else 0.9 - 0.1 * i
-        scored.append((str(uri), score, anomalous, str(mask_path), str(heat_path)))
+        if anomalous:
+            scored.append((str(uri), score, anomalous, str(mask_path), str(heat_path)))
+        else:  # nothing found: no PNGs, as TOTALRECALL_SAVE_MAPS=findings writes them
+            scored.append((str(uri), score, anomalous, None, None))
     missing_heatmap = scored[1][0]
     Path(scored[1][4]).unlink()  # fetched by the report: must become a placeholder, not a crash
     failed = {str(archive / name): reason for name, reason in (FAILURES | (extra_failures or {})).items()}
@@ -183,8 +186,9 @@ def test_report_content(tmp_path: Path) -> None:
 
     # The deleted heatmap is a placeholder naming the cause; the other pictures are embedded.
     assert "heatmap unavailable: no object at" in text
+    assert "no heatmap saved for this image" in text and "no mask saved for this image" in text  # nominal card
     images = [attrs for tag, attrs in dom.tags if tag == "img"]
-    assert len(images) == 3 * TOP_N - 1
+    assert len(images) == 3 * TOP_N - 3
     for attrs in images:
         src = attrs["src"] or ""
         assert src.startswith(("data:image/jpeg;base64,", "data:image/png;base64,"))

@@ -158,7 +158,8 @@ class PictureError(Exception):
 def thumbnail(uri: str | None, what: str, max_side: int = THUMB_SIDE) -> Image.Image:
     """The image at `uri` as RGB, longest side at most `max_side` (PictureError says why not)."""
     if not uri:
-        raise PictureError(f"no {what} recorded for this image")
+        raise PictureError(f"no {what} saved for this image (TOTALRECALL_SAVE_MAPS: by default only "
+                           "images with a finding keep their mask and heatmap)")
     try:
         return Image.fromarray(decode_image(read_uri(uri), max_side=max_side))
     except Exception as exc:  # any storage or decoding trouble becomes a placeholder, never a crash
