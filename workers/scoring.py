@@ -346,9 +346,11 @@ def saves_maps(policy: str, result: ImageResult, nightly: bool) -> bool:
     maximum) says what its empty mask would, and skipping its two PNGs saves two uploads and their storage
     per image. Ad-hoc jobs (`totalrecall score`) keep every image's maps: whoever names images wants to
     see them, e.g. to ask why one was not flagged."""
-    if policy == "all" or (policy == "findings" and not nightly):
+    if policy == "none":
+        return False
+    if policy == "all" or not nightly:
         return True
-    return policy == "findings" and bool(result.is_anomalous or result.defect_fraction)
+    return bool(result.is_anomalous or result.defect_fraction)
 
 
 def _write_outputs(store: Storage, mask_key: str, heatmap_key: str, result: ImageResult,
