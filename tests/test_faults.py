@@ -157,10 +157,12 @@ def test_storage_outage_mid_chunk(c: Cluster) -> None:
     day = date(2026, 6, 4)
     images = c.archive(day, 8)
     gone = images[5]
+    # Taken before the nightly: copying every object takes seconds, long enough for the chunks to finish
+    # before the outage on a slow machine. No chunk commits before S3 stops, so none of its outputs is lost.
+    saved = c.snapshot()
     job_id, seen = _nightly(c, day)
     _running_chunk(c, seen)
     time.sleep(1.0)
-    saved = c.snapshot()
     c.service("stop-s3")  # moto keeps objects in memory: they are gone until restored
     time.sleep(6)
     for worker in c.workers.values():  # freeze the workers while S3 comes back and is refilled
