@@ -107,9 +107,9 @@ def profile(model, images: list[bytes]) -> dict:
     for start in range(0, len(images), cfg.batch_size):
         chunk = images[start: start + cfg.batch_size]
         t = [time.perf_counter()]
-        rgb = [load_rgb(b) for b in chunk]
+        rgb = [load_rgb(b, cfg) for b in chunk]
         t.append(time.perf_counter())
-        inputs = [to_input(im, cfg, model.mean, model.std) for im in rgb]
+        inputs = [to_input(im, cfg, model.mean, model.std, full_hw) for im, full_hw in rgb]
         x = torch.stack([i for i, _ in inputs])
         t.append(time.perf_counter())
         feats = model.embed(x)

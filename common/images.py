@@ -27,8 +27,15 @@ class ImageDecodeError(ValueError):
     """The bytes are not a usable image; the message says why."""
 
 
-def decode_image(source: bytes | str | Path, max_side: int | None = None) -> np.ndarray:
-    """Decode an image to an (H, W, 3) uint8 RGB array, oriented as a viewer shows it."""
+def decode_image(source: bytes | str | Path, max_side: int | None = None,
+                 at_least: tuple[int, int] | None = None) -> np.ndarray:
+    """Decode an image to an (H, W, 3) uint8 RGB array, oriented as a viewer shows it.
+
+    `at_least` (height, width, as shown) says the caller needs no more pixels than that (it resizes the
+    image to that size or smaller): a JPEG is then decoded at 1/2, 1/4 or 1/8 scale (the DCT's own
+    downscaling, several times cheaper than a full decode) as long as the result stays at least that
+    large, and the array is smaller than `decoded_size(source)`, which stays the image's size.
+    """
     settings = get_settings()
     max_pixels, max_side = settings.max_image_pixels, max_side or settings.max_image_side
     Image.MAX_IMAGE_PIXELS = max_pixels  # Pillow's own bomb check (it refuses above twice this) follows ours
@@ -43,10 +50,10 @@ def decode_image(source: bytes | str | Path, max_side: int | None = None) -> np.
                     f"image is {width}x{height} = {width * height:,} pixels, above the limit of "
                     f"{max_pixels:,} (TOTALRECALL_MAX_IMAGE_PIXELS); refused without decoding"
                 )
-            if img.format == "JPEG" and max(width, height) > max_side:
-                # Decode at 1/2, 1/4 or 1/8 scale: the smallest one whose longer side stays >= max_side / 2.
-                scale = max_side / 2 / max(width, height)
-                img.draft("RGB", (max(1, int(width * scale)), max(1, int(height * scale))))
+            if img.format == "JPEG":
+                request = _draft_request(img, max_side, at_least)
+                if request is not None:
+                    img.draft("RGB", request)
             img.load()
             img = _reduce(img, max_side)
             img = ImageOps.exif_transpose(img)
@@ -66,6 +73,29 @@ def decode_image(source: bytes | str | Path, max_side: int | None = None) -> np.
     return np.asarray(rgb)
 
 
+def _draft_request(img: Image.Image, max_side: int, at_least: tuple[int, int] | None) -> tuple[int, int] | None:
+    """Smallest (width, height), as stored, that a JPEG's reduced-scale decoding must still reach; None:
+    decode in full. Pillow's draft picks the largest of 1/2, 1/4, 1/8 that keeps both sides >= it."""
+    width, height = img.size
+    needs = []
+    if max(width, height) > max_side:  # reduced to max_side later: at least half of it decoded
+        scale = max_side / 2 / max(width, height)
+        needs.append((max(1, int(width * scale)), max(1, int(height * scale))))
+    if at_least is not None:
+        h, w = at_least
+        if _turned_a_quarter(img):  # the request is in stored orientation
+            h, w = w, h
+        needs.append((w, h))
+    if not needs:
+        return None
+    return max(w for w, _ in needs), max(h for _, h in needs)
+
+
+def _turned_a_quarter(img: Image.Image) -> bool:
+    """Whether the EXIF orientation shows the image turned by 90 degrees (width and height swapped)."""
+    return img.getexif().get(0x0112) in (5, 6, 7, 8)
+
+
 def _side_limited(size: tuple[int, int], max_side: int) -> tuple[int, int]:
     """(width, height) scaled so the longer side is at most `max_side` (unchanged if it already is)."""
     if max(size) <= max_side:
@@ -75,14 +105,13 @@ def _side_limited(size: tuple[int, int], max_side: int) -> tuple[int, int]:
 
 
 def decoded_size(source: bytes | str | Path) -> tuple[int, int] | None:
-    """(height, width) that `decode_image` will return, from the header alone; None if unreadable.
-
-    Exact, except for images above TOTALRECALL_MAX_IMAGE_SIDE: then the size they are reduced to, which
-    a JPEG's draft decoding may undercut by up to half."""
+    """(height, width) of the image as shown, reduced to TOTALRECALL_MAX_IMAGE_SIDE, from the header
+    alone; None if unreadable. Maps and masks have this size. `decode_image` returns it exactly, except
+    for a JPEG decoded at a reduced scale (`at_least`, or above the side limit: up to half smaller)."""
     try:  # a path is opened, not read: Pillow reads only the header
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
             width, height = img.size
-            if img.getexif().get(0x0112) in (5, 6, 7, 8):  # EXIF orientations that turn the image a quarter
+            if _turned_a_quarter(img):
                 width, height = height, width
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
         return None

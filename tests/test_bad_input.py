@@ -106,7 +106,7 @@ def _bad_inputs() -> tuple[dict[str, bytes], dict[str, str], dict[str, tuple[int
         "cmyk.jpg": _jpeg(good.convert("CMYK")),
         "palette.png": _png(good.convert("P")),
         "exif-rotated.jpg": _jpeg(wide, exif=exif.tobytes()),
-        "huge.jpg": _jpeg(big),  # 48 megapixels: decoded at 1/8 scale
+        "huge.jpg": _jpeg(big),  # 48 megapixels: decoded at 1/8 scale, its mask at the side-limited size
         "huge.png": _png(big.resize((6000, 4000)), compress_level=1),  # 24 megapixels: decoded, reduced
     }
     failing = {
@@ -121,7 +121,7 @@ def _bad_inputs() -> tuple[dict[str, bytes], dict[str, str], dict[str, tuple[int
     shapes = {"good-1.png": (SIZE, SIZE), "good-2.png": (SIZE, SIZE), "gray-16-bit.png": (SIZE, SIZE),
               "rgba.png": (SIZE, SIZE), "cmyk.jpg": (SIZE, SIZE), "palette.png": (SIZE, SIZE),
               "exif-rotated.jpg": (128, 64),  # as a viewer shows it
-              "huge.jpg": (750, 1000), "huge.png": (683, MAX_SIDE)}
+              "huge.jpg": (768, MAX_SIDE), "huge.png": (683, MAX_SIDE)}
     assert set(files) == set(failing) | set(shapes)
     return files, failing, shapes
 

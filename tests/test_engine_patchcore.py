@@ -216,6 +216,32 @@ def test_every_mode_scores_with_the_images_own_size(model, tmp_path) -> None:
         assert 0 <= r.max_location[0] < hw[0] and 0 <= r.max_location[1] < hw[1], name
 
 
+def test_large_jpeg_is_decoded_only_as_large_as_the_input_needs(model, scenes) -> None:
+    """A JPEG four times the model's input is decoded at 1/4 scale (DCT downscaling): the same ranking
+    and nearly the same scores as from the full decode, maps and masks at the image's own size."""
+    from common.engine.loader import load_rgb
+
+    images = scenes["nominal"] + scenes["defects"]
+    data = [jpeg_bytes(Image.fromarray(im).resize((512, 384), Image.Resampling.BICUBIC)) for im in images]
+    reduced, full_hw = load_rgb(data[0], model.config)
+    assert full_hw == (384, 512) and reduced.shape == (96, 128, 3)  # the input is 80 x 112: 1/4 still covers it
+    assert decode_image(data[0]).shape == (384, 512, 3)  # without the model's need: full decode
+    stored = np.asarray(Image.fromarray(images[0]).resize((512, 384), Image.Resampling.BICUBIC))
+    turned, full_hw = load_rgb(_exif_rotated_jpeg(stored), model.config)  # shown 512 high, 384 wide
+    assert full_hw == (512, 384) and turned.shape == (128, 96, 3)  # input 112 x 80: 1/4, in either orientation
+    assert decode_image(png_bytes(images[0]), at_least=(16, 16)).shape == (128, 128, 3)  # PNG: always full
+
+    from_jpeg = model.predict(data)
+    from_full = model.predict([decode_image(d) for d in data])
+    n = len(scenes["nominal"])
+    for results in (from_jpeg, from_full):
+        assert all(r.ok and r.anomaly_map.shape == r.mask.shape == (384, 512) for r in results)
+        scores = [r.score for r in results]
+        assert min(scores[n:]) > max(scores[:n])  # every defect above every nominal image
+    a, b = np.array([r.score for r in from_jpeg]), np.array([r.score for r in from_full])
+    assert np.max(np.abs(a - b) / b) < 0.05, (a, b)  # measured: at most 0.03
+
+
 # -------------------------------------------------------------------------------- bad input
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 def test_bad_inputs_fail_alone(model, scenes) -> None:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from common.engine.config import PatchCoreConfig
-from common.engine.preprocessing import Geometry, to_input
+from common.engine.preprocessing import Geometry, resized_hw, to_input
 from common.images import ImageDecodeError, decode_image, decoded_size
 
 ImageSource = np.ndarray | str | Path | bytes | Callable[[], Any]
@@ -35,14 +35,21 @@ class Failed:
     error: str
 
 
-def load_rgb(source: ImageSource) -> np.ndarray:
-    if isinstance(source, np.ndarray):
-        return source
+def load_rgb(source: ImageSource, config: PatchCoreConfig | None = None) -> tuple[np.ndarray, tuple[int, int]]:
+    """The RGB array of an image and the image's own (height, width).
+
+    With a config, a JPEG is decoded only as large as the model's input for it (`decode_image`'s
+    `at_least`): a 5-megapixel photo is then decoded at 1/4 scale, the array is smaller than the image,
+    and the size returned is the image's, which maps and masks keep."""
     if callable(source):
         source = source()
-        if isinstance(source, np.ndarray):
-            return source
-    return decode_image(source)
+    if isinstance(source, np.ndarray):
+        return source, (int(source.shape[0]), int(source.shape[1]))
+    full = decoded_size(source) if config is not None else None
+    if full is None:  # no config, or an unreadable header: a full decode says why
+        image = decode_image(source)
+        return image, (int(image.shape[0]), int(image.shape[1]))
+    return decode_image(source, at_least=resized_hw(*full, config)), full
 
 
 def source_sizes(images: Sequence[ImageSource], threads: int = 8) -> list[tuple[int, int]]:
@@ -67,7 +74,8 @@ def iter_batches(images: Sequence[ImageSource], config: PatchCoreConfig, mean: t
                  prefetch: int = 16) -> Iterator[Batch | Failed]:
     def prepare(pos: int) -> tuple[int, torch.Tensor | None, Geometry | None, str | None]:
         try:
-            x, geo = to_input(load_rgb(images[pos]), config, mean, std)
+            image, full_hw = load_rgb(images[pos], config)
+            x, geo = to_input(image, config, mean, std, full_hw)
             return pos, x, geo, None
         except (ImageDecodeError, ValueError, OSError, KeyError) as exc:
             return pos, None, None, f"{exc.__class__.__name__}: {exc}"

@@ -67,20 +67,23 @@ def geometry(h: int, w: int, config: PatchCoreConfig) -> Geometry:
     return Geometry((h, w), box, (c, c))
 
 
-def to_input(image: np.ndarray, config: PatchCoreConfig, mean: tuple[float, ...],
-             std: tuple[float, ...]) -> tuple[torch.Tensor, Geometry]:
-    """(H, W, 3) uint8 RGB -> (3, h, w) float32 normalised tensor and its geometry."""
+def to_input(image: np.ndarray, config: PatchCoreConfig, mean: tuple[float, ...], std: tuple[float, ...],
+             full_hw: tuple[int, int] | None = None) -> tuple[torch.Tensor, Geometry]:
+    """(H, W, 3) uint8 RGB -> (3, h, w) float32 normalised tensor and its geometry.
+
+    `full_hw`: the image's own size when `image` was decoded at a reduced scale (at least the input
+    size, see `common.images.decode_image`); the geometry, and so maps and masks, refer to it."""
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"expected an (H, W, 3) uint8 RGB array, got {image.shape} {image.dtype}")
     h, w = image.shape[:2]
-    geo = geometry(h, w, config)
+    geo = geometry(*(full_hw or (h, w)), config)
     if not image.flags.writeable or not image.flags.c_contiguous:
         image = np.array(image)  # torch wants writable memory; decoded PIL arrays are read-only
     # Resized while still uint8 and channels-last (an (H, W, 3) array seen as (1, 3, H, W)): torch's
     # vectorised uint8 antialiased bilinear kernel, several times faster than the float path and within
     # one grey level of it; the float conversion then runs on the (usually smaller) resized image.
     x = torch.from_numpy(image).permute(2, 0, 1)[None]
-    rh, rw = resized_hw(h, w, config)
+    rh, rw = resized_hw(*geo.orig_hw, config)
     if (rh, rw) != (h, w):
         x = F.interpolate(x, size=(rh, rw), mode="bilinear", align_corners=False, antialias=True)
     x = x[0]
