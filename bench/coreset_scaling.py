@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from benchlib import record
 
 
 def make_features(source: Path, n: int, seed: int = 0) -> np.ndarray:
@@ -81,9 +82,7 @@ def main() -> None:
         for n in a.sizes:
             line = subprocess.run([sys.executable, __file__, "--features", str(a.features), "--one", str(n),
                                    str(ratio)], check=True, capture_output=True, text=True).stdout.strip()
-            print(line, flush=True)
-            with a.out.open("a") as f:
-                f.write(line + "\n")
+            record(line, a.out)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
+from benchlib import record
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -125,9 +126,7 @@ def main() -> None:
     for cmd in runs:
         out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=a.repo).stdout
         lines.append(json.dumps({**json.loads(out.strip().splitlines()[-1]), "code": str(a.repo.resolve())}))
-        print(lines[-1], flush=True)
-        with a.out.open("a") as f:
-            f.write(lines[-1] + "\n")
+        record(lines[-1], a.out)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ Exit status 1 if a check fails. One JSON line goes to --out.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -28,6 +27,7 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
+from benchlib import record
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -152,11 +152,7 @@ def main() -> int:
     row["rates"]["gpu_ratio_predict_to_backbone"] = round(row["rates"]["gpu_predict_ips"]
                                                           / row["rates"]["gpu_backbone_ips"], 3)
     row["failures"] = failures
-    line = json.dumps(row)
-    print(line)
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    with a.out.open("a") as f:
-        f.write(line + "\n")
+    record(row, a.out)
     print("gpu_check: " + ("OK" if not failures else "FAILED: " + "; ".join(failures)))
     return 1 if failures else 0
 

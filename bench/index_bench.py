@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from benchlib import record
 
 REPO = Path(__file__).resolve().parents[1]
 KINDS = ("flat", "ivf_flat", "ivf_pq")
@@ -136,9 +137,7 @@ def main() -> None:
         out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=REPO).stdout
         for line in out.strip().splitlines():
             if line.startswith("{"):
-                print(line, flush=True)
-                with a.out.open("a") as f:
-                    f.write(line + "\n")
+                record(line, a.out)
 
 
 if __name__ == "__main__":

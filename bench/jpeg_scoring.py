@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
+from benchlib import best_of, record
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -42,14 +41,10 @@ def photos(n: int, width: int, height: int, quality: int) -> list[bytes]:
     return out
 
 
-def best(fn, repeat: int, n: int) -> tuple[float, float]:
+def ms_per_item(fn, repeat: int, n: int) -> tuple[float, float]:
     """Best-of-`repeat` (wall, cpu) milliseconds per item of fn()."""
-    result = (float("inf"), float("inf"))
-    for _ in range(repeat):
-        t, c = time.perf_counter(), time.process_time()
-        fn()
-        result = min(result, (time.perf_counter() - t, time.process_time() - c))
-    return round(1000 * result[0] / n, 1), round(1000 * result[1] / n, 1)
+    wall, cpu = best_of(fn, repeat)
+    return round(1000 * wall / n, 1), round(1000 * cpu / n, 1)
 
 
 def main() -> None:
@@ -78,15 +73,11 @@ def main() -> None:
     model.predict(data[:8])  # warm-up
     row = {"image_hw": [a.height, a.width], "jpeg_kb": round(np.mean([len(d) for d in data]) / 1024, 1),
            "input_hw": list(need), "reduced_decode_hw": list(reduced), "bank": len(model.index),
-           "decode_full_ms": best(lambda: [decode_image(d) for d in data], a.repeat, len(data)),
-           "decode_reduced_ms": best(lambda: [decode_image(d, at_least=need) for d in data], a.repeat, len(data)),
-           "predict_ms": best(lambda: model.predict(data), a.repeat, len(data)),
+           "decode_full_ms": ms_per_item(lambda: [decode_image(d) for d in data], a.repeat, len(data)),
+           "decode_reduced_ms": ms_per_item(lambda: [decode_image(d, at_least=need) for d in data], a.repeat, len(data)),
+           "predict_ms": ms_per_item(lambda: model.predict(data), a.repeat, len(data)),
            "loadavg": round(os.getloadavg()[0], 2), "cpus": os.cpu_count()}
-    line = json.dumps(row)
-    print(line, flush=True)
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    with a.out.open("a") as f:
-        f.write(line + "\n")
+    record(row, a.out)
 
 
 if __name__ == "__main__":

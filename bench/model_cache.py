@@ -16,7 +16,6 @@ and reports RSS after each phase, with the cache bounded by `--cache-mb` (TOTALR
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -26,6 +25,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from benchlib import record
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -106,11 +106,7 @@ def main() -> None:
                "models_in_memory": len(cache.cached()), "cache_bytes_used_mb": round(cache.bytes_used / 2**20, 1),
                "rss_start_mb": round(rss_start, 1), "rss_before_cache_mb": round(rss_before, 1),
                "loadavg": round(os.getloadavg()[0], 2)}
-        line = json.dumps(row)
-        print(line, flush=True)
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        with a.out.open("a") as f:
-            f.write(line + "\n")
+        record(row, a.out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -15,7 +15,6 @@ coreset of 200 images); scoring cost depends on the bank's size, not on how its 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -25,18 +24,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from benchlib import best_of, record
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _timed(fn: Callable[[], object], repeat: int) -> tuple[float, float]:
-    """Best-of-`repeat` (wall, cpu) seconds of fn()."""
-    best = (float("inf"), float("inf"))
-    for _ in range(repeat):
-        t, c = time.perf_counter(), time.process_time()
-        fn()
-        best = min(best, (time.perf_counter() - t, time.process_time() - c))
-    return best
 
 
 def build_model(a: argparse.Namespace):
@@ -85,7 +75,7 @@ def rates(model, images: list[bytes], input_hw: tuple[int, int], repeat: int) ->
     best = {name: (float("inf"), float("inf")) for name in runs}
     for _ in range(repeat):
         for name, (fn, _) in runs.items():
-            best[name] = min(best[name], _timed(fn, 1))
+            best[name] = min(best[name], best_of(fn, 1))
     out = {}
     for name, (_, n) in runs.items():
         out[f"{name}_ips"] = round(n / best[name][0], 2)
@@ -172,11 +162,7 @@ def main() -> None:
            "loadavg_start": round(load0, 2), "loadavg_end": round(os.getloadavg()[0], 2), "cpus": os.cpu_count()}
     if a.profile:
         row["profile"] = profile(model, images)
-    line = json.dumps(row)
-    print(line, flush=True)
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    with a.out.open("a") as f:
-        f.write(line + "\n")
+    record(row, a.out)
 
 
 if __name__ == "__main__":
