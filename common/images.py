@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -92,8 +93,38 @@ def _draft_request(img: Image.Image, max_side: int, at_least: tuple[int, int] | 
 
 
 def _turned_a_quarter(img: Image.Image) -> bool:
-    """Whether the EXIF orientation shows the image turned by 90 degrees (width and height swapped)."""
+    """Whether the EXIF orientation shows the image turned by 90 degrees (width and height swapped),
+    read without decoding pixels."""
+    if img.format == "PNG" and "exif" not in img.info:
+        # Pillow's getexif() decodes a whole PNG to look for an eXIf chunk after the image data
+        data = _png_chunk(img.fp, b"eXIf")
+        if data is None:
+            return False
+        exif = Image.Exif()
+        exif.load(data)
+        return exif.get(0x0112) in (5, 6, 7, 8)
     return img.getexif().get(0x0112) in (5, 6, 7, 8)
+
+
+def _png_chunk(fp: IO[bytes], kind: bytes) -> bytes | None:
+    """Data of a PNG file's first `kind` chunk, found by skipping from chunk to chunk (nothing is inflated);
+    None if absent or cut off. The file position is restored."""
+    start = fp.tell()
+    try:
+        fp.seek(8)  # the PNG signature
+        while True:
+            head = fp.read(8)
+            if len(head) < 8:
+                return None
+            length, found = int.from_bytes(head[:4], "big"), head[4:]
+            if found == kind:
+                data = fp.read(length)
+                return data if len(data) == length else None
+            if found == b"IEND":
+                return None
+            fp.seek(length + 4, io.SEEK_CUR)  # data and CRC
+    finally:
+        fp.seek(start)
 
 
 def _side_limited(size: tuple[int, int], max_side: int) -> tuple[int, int]:

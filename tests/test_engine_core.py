@@ -409,7 +409,7 @@ def test_decoded_size_reads_headers_with_exif_and_side_limit(monkeypatch: pytest
 
     from PIL import Image
 
-    from common.images import decode_image, decoded_size
+    from common.images import ImageDecodeError, decode_image, decoded_size
     from common.settings import reset_settings_cache
 
     def encoded(w: int, h: int, orientation: int | None = None) -> bytes:
@@ -427,6 +427,14 @@ def test_decoded_size_reads_headers_with_exif_and_side_limit(monkeypatch: pytest
     (tmp_path / "turned.jpg").write_bytes(encoded(40, 30, orientation=6))
     assert decoded_size(tmp_path / "turned.jpg") == decoded_size(str(tmp_path / "turned.jpg")) == (40, 30)
     assert decoded_size(tmp_path / "missing.png") is None
+    # a PNG's eXIf chunk may follow the image data: found by skipping chunks, never by decoding pixels,
+    # so a PNG whose pixel data is corrupt still has its size (decoding it then says what is wrong)
+    turned_png = _png_with_exif_after_data(40, 30, orientation=6)
+    assert decoded_size(turned_png) == (40, 30) == decode_image(turned_png).shape[:2]
+    assert decoded_size(_png_with_exif_after_data(40, 30, orientation=6, corrupt_pixels=True)) == (40, 30)
+    with pytest.raises(ImageDecodeError):
+        decode_image(_png_with_exif_after_data(40, 30, orientation=6, corrupt_pixels=True))
+    assert decoded_size(_png_with_exif_after_data(40, 30, orientation=None)) == (30, 40)
     monkeypatch.setenv("TOTALRECALL_MAX_IMAGE_SIDE", "20")
     reset_settings_cache()
     try:
@@ -438,3 +446,28 @@ def test_decoded_size_reads_headers_with_exif_and_side_limit(monkeypatch: pytest
     finally:
         monkeypatch.delenv("TOTALRECALL_MAX_IMAGE_SIDE")
         reset_settings_cache()
+
+
+def _png_with_exif_after_data(w: int, h: int, orientation: int | None, corrupt_pixels: bool = False) -> bytes:
+    """A PNG (w x h as stored) with an eXIf chunk between its image data and IEND, where the PNG
+    specification allows it and Pillow's encoder never puts it."""
+    import io
+    import zlib
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), (10, 20, 30)).save(buf, format="PNG")
+    data = buf.getvalue()
+    chunks, pos = [], 8
+    while pos < len(data):
+        length = int.from_bytes(data[pos:pos + 4], "big")
+        kind, body = data[pos + 4:pos + 8], data[pos + 8:pos + 8 + length]
+        chunks.append((kind, bytes(reversed(body)) if corrupt_pixels and kind == b"IDAT" else body))
+        pos += 12 + length
+    if orientation is not None:
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        chunks.insert(len(chunks) - 1, (b"eXIf", exif.tobytes().removeprefix(b"Exif\x00\x00")))
+    return data[:8] + b"".join(len(body).to_bytes(4, "big") + kind + body
+                               + zlib.crc32(kind + body).to_bytes(4, "big") for kind, body in chunks)
