@@ -1,4 +1,5 @@
-"""Backbones: pretrained weights really are the ImageNet ones, local weight files, BN folding, errors."""
+"""Backbones: pretrained weights really are the ImageNet ones, local weight files, BN folding, copy-free TF
+padding, errors."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from common.engine.backbones import (
     load_classifier,
     load_extractor,
     map_lukemelas_to_timm,
+    static_same_padding,
 )
 
 CAT_CLASSES = set(range(281, 286))  # tabby, tiger cat, Persian, Siamese, Egyptian cat
@@ -215,6 +217,30 @@ def test_fold_batchnorm_resnet18(resnet18_weights) -> None:
     extractor, _ = load_extractor("resnet18", weights=path)
     _assert_fold_keeps_outputs(extractor, x)
     _assert_fold_keeps_outputs(load_classifier("resnet18", weights=path), x)
+
+
+# ------------------------------------------------------------------------------ TF "same" padding
+@pytest.mark.parametrize("hw", [(288, 288), (290, 286), (289, 301), (64, 97)])
+def test_static_same_padding_keeps_outputs_without_padding_copies(hw, monkeypatch) -> None:
+    """Even sides (TF pads one more at the end), odd sides (symmetric) and one of each: the converted
+    network gives timm's outputs, and no input is copied into a padded tensor any more."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, *hw)
+    extractor, _ = load_extractor("efficientnet_lite0", layers=("blocks.2", "blocks.4", "blocks.5"))
+    pads = []
+    real_pad = F.pad
+    monkeypatch.setattr(F, "pad", lambda *a, **k: pads.append(a[0].shape) or real_pad(*a, **k))
+    with torch.no_grad():
+        reference = extractor(x)
+        assert len(pads) == 5  # timm copies the input of its five strided convolutions
+        pads.clear()
+        converted = static_same_padding(copy.deepcopy(extractor))
+        out = converted(x)
+    assert pads == []
+    assert not any(type(m).__name__ == "Conv2dSame" for m in converted.modules())
+    for r, o in zip(reference, out, strict=True):
+        assert o.shape == r.shape
+        torch.testing.assert_close(o, r, rtol=1e-4, atol=1e-5 * float(r.abs().max()))
 
 
 # ------------------------------------------------------------------------------------------- errors

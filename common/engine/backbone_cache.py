@@ -13,17 +13,18 @@ from pathlib import Path
 
 import torch
 
-from common.engine.backbones import fold_batchnorm, get_spec, load_extractor
+from common.engine.backbones import fold_batchnorm, get_spec, load_extractor, static_same_padding
 from common.engine.features import probe_channels
 
 
 class Backbone:
-    """A ready (BatchNorm-folded, channels-last, on its device) truncated backbone and its input norm."""
+    """A ready truncated backbone (BatchNorm folded, TF padding without copies, channels-last, on its
+    device) and its input normalisation."""
 
     def __init__(self, name: str, layers: tuple[str, ...] | None, weights: str | Path | None,
                  device: torch.device) -> None:
         extractor, spec = load_extractor(name, layers, weights)
-        extractor = fold_batchnorm(extractor).to(device)
+        extractor = static_same_padding(fold_batchnorm(extractor)).to(device)
         if device.type in ("cpu", "cuda"):
             extractor = extractor.to(memory_format=torch.channels_last)
         self.extractor = extractor

@@ -8,11 +8,13 @@ torchvision's download cache; EfficientNet-Lite models load the ImageNet weights
 from __future__ import annotations
 
 import importlib
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -206,3 +208,47 @@ def _activation_of(bn: nn.Module) -> nn.Module:
     drop = getattr(bn, "drop", None)
     parts = [m for m in (drop, act) if m is not None and not isinstance(m, nn.Identity)]
     return nn.Sequential(*parts) if parts else nn.Identity()
+
+
+class StaticSamePadConv2d(nn.Conv2d):
+    """TensorFlow "SAME" convolution that pads inside the convolution instead of copying its input.
+
+    timm's `Conv2dSame` (the strided convolutions of the `tf_` EfficientNets) copies its whole input into
+    a padded tensor before every call: on the multiple-of-16 inputs this engine uses, TF pads even sides
+    asymmetrically (one more row and column at the end), which `nn.Conv2d` cannot express. Here the
+    convolution pads symmetrically: by half of TF's total padding when that total is even, and otherwise
+    by TF's leading padding plus one stride, dropping the first output row or column that the extra
+    stride adds. The kept windows and their zeros are TF's, so outputs equal timm's up to float
+    summation order, without the copy of the largest activation of the network.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        (pad_h, drop_h), (pad_w, drop_w) = (self._plan(x.shape[-2], 0), self._plan(x.shape[-1], 1))
+        y = F.conv2d(x, self.weight, self.bias, self.stride, (pad_h, pad_w), self.dilation, self.groups)
+        if drop_h or drop_w:
+            out_h, out_w = (math.ceil(x.shape[-2] / self.stride[0]), math.ceil(x.shape[-1] / self.stride[1]))
+            y = y[..., drop_h:drop_h + out_h, drop_w:drop_w + out_w]
+        return y
+
+    def _plan(self, size: int, dim: int) -> tuple[int, int]:
+        """(symmetric padding, leading outputs to drop) that give TF "SAME" windows along one side."""
+        stride, span = self.stride[dim], (self.kernel_size[dim] - 1) * self.dilation[dim] + 1
+        total = max((math.ceil(size / stride) - 1) * stride + span - size, 0)
+        if total % 2 == 0:
+            return total // 2, 0
+        return total // 2 + stride, 1
+
+
+def static_same_padding(module: nn.Module) -> nn.Module:
+    """Replace every timm `Conv2dSame` in `module` by a `StaticSamePadConv2d` with the same weights."""
+    from timm.layers import Conv2dSame
+
+    for name, child in module.named_children():
+        if isinstance(child, Conv2dSame):
+            conv = StaticSamePadConv2d(child.in_channels, child.out_channels, child.kernel_size, child.stride,
+                                       0, child.dilation, child.groups, child.bias is not None)
+            conv.weight, conv.bias = child.weight, child.bias
+            setattr(module, name, conv)
+        else:
+            static_same_padding(child)
+    return module
