@@ -448,6 +448,46 @@ def test_decoded_size_reads_headers_with_exif_and_side_limit(monkeypatch: pytest
         reset_settings_cache()
 
 
+def test_plain_pngs_decode_through_libpng_to_pillows_values(monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+
+    import imagecodecs
+    from PIL import Image
+
+    from common import images
+
+    calls = []
+    real_decode = imagecodecs.png_decode
+    monkeypatch.setattr(imagecodecs, "png_decode", lambda data: calls.append(len(data)) or real_decode(data))
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    pixels[:, :20] //= 8  # some flat areas, so the encoder uses more than one row filter
+
+    def png(image: Image.Image, **kwargs: object) -> bytes:
+        buf = io.BytesIO()
+        image.save(buf, format="PNG", **kwargs)
+        return buf.getvalue()
+
+    plain = {"rgb": png(Image.fromarray(pixels)), "grey": png(Image.fromarray(pixels[..., 0])),
+             "stored": png(Image.fromarray(pixels), compress_level=0)}
+    converted = {"palette": png(Image.fromarray(pixels).convert("P")),
+                 "rgba": png(Image.fromarray(pixels).convert("RGBA")),
+                 "grey-16-bit": png(Image.fromarray(pixels[..., 0].astype(np.uint16) * 257)),
+                 "grey-transparent": png(Image.fromarray(pixels[..., 0]), transparency=5)}
+    for name, data in plain.items():
+        with Image.open(io.BytesIO(data)) as img:
+            expected = np.asarray(img.convert("RGB"))
+        calls.clear()
+        np.testing.assert_array_equal(images.decode_image(data), expected, err_msg=name)
+        assert calls == [len(data)], name  # decoded by libpng
+    for name, data in converted.items():  # Pillow's conversions (alpha, 16-bit scaling, palette) apply
+        calls.clear()
+        assert images.decode_image(data).shape == (37, 53, 3) and calls == [], name
+    corrupt = bytearray(plain["rgb"])
+    corrupt[60:80] = bytes(20)  # inside the image data; the chunk structure is intact
+    with pytest.raises(images.ImageDecodeError, match="corrupt or truncated"):
+        images.decode_image(bytes(corrupt))
+
 def _png_with_exif_after_data(w: int, h: int, orientation: int | None, corrupt_pixels: bool = False) -> bytes:
     """A PNG (w x h as stored) with an eXIf chunk between its image data and IEND, where the PNG
     specification allows it and Pillow's encoder never puts it."""
