@@ -88,6 +88,9 @@ def test_defects_score_above_nominal_and_are_localised(model, scenes) -> None:
         # the map is higher on the defect than on the rest of the image
         assert r.anomaly_map[mask].mean() > np.percentile(r.anomaly_map[~mask], 90)
         assert r.defect_fraction == pytest.approx(r.mask.mean())
+        # plain Python numbers: database drivers such as psycopg2 cannot adapt numpy scalars
+        assert type(r.defect_fraction) is float and type(r.score) is float
+        assert all(type(v) is int for v in r.max_location)
 
 
 def test_border_defect_keep_aspect_vs_center_crop(model, train) -> None:

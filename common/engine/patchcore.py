@@ -249,7 +249,7 @@ class PatchCore:
             out.append(ImageResult(
                 score=float(scores[i]), is_anomalous=bool(scores[i] > self.image_threshold),
                 anomaly_map=amap, mask=mask, max_location=(int(y) + top, int(x) + left),
-                defect_fraction=np.count_nonzero(mask) / mask.size, box=geo.box, image_hw=geo.orig_hw,
+                defect_fraction=float(np.count_nonzero(mask) / mask.size), box=geo.box, image_hw=geo.orig_hw,
             ))
         return out
 
