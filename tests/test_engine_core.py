@@ -484,9 +484,10 @@ def test_plain_pngs_decode_through_libpng_to_pillows_values(monkeypatch: pytest.
         calls.clear()
         assert images.decode_image(data).shape == (37, 53, 3) and calls == [], name
     corrupt = bytearray(plain["rgb"])
-    corrupt[60:80] = bytes(20)  # inside the image data; the chunk structure is intact
+    corrupt[60:80] = bytes(20)  # inside the image data (chunk lengths intact, the CRC no longer matches)
     with pytest.raises(images.ImageDecodeError, match="corrupt or truncated"):
         images.decode_image(bytes(corrupt))
+
 
 def _png_with_exif_after_data(w: int, h: int, orientation: int | None, corrupt_pixels: bool = False) -> bytes:
     """A PNG (w x h as stored) with an eXIf chunk between its image data and IEND, where the PNG
