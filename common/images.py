@@ -15,6 +15,7 @@ about 4 bytes x MAX_IMAGE_PIXELS (a PNG must be decoded whole; a JPEG is decoded
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
@@ -40,6 +41,18 @@ def decode_image(source: bytes | str | Path, max_side: int | None = None,
     downscaling, several times cheaper than a full decode) as long as the result stays at least that
     large, and the array is smaller than `decoded_size(source)`, which stays the image's size.
     """
+    return _decode(source, max_side, None if at_least is None else lambda h, w: at_least)[0]
+
+
+def decode_for(source: bytes | str | Path,
+               needed: Callable[[int, int], tuple[int, int]]) -> tuple[np.ndarray, tuple[int, int]]:
+    """`decode_image` with `at_least = needed(*size)` for the image's own size, and that size
+    (`decoded_size`), from one reading of the header."""
+    return _decode(source, None, needed)
+
+
+def _decode(source: bytes | str | Path, max_side: int | None,
+            needed: Callable[[int, int], tuple[int, int]] | None) -> tuple[np.ndarray, tuple[int, int]]:
     settings = get_settings()
     max_pixels, max_side = settings.max_image_pixels, max_side or settings.max_image_side
     Image.MAX_IMAGE_PIXELS = max_pixels  # Pillow's own bomb check (it refuses above twice this) follows ours
@@ -54,11 +67,13 @@ def decode_image(source: bytes | str | Path, max_side: int | None = None,
                     f"image is {width}x{height} = {width * height:,} pixels, above the limit of "
                     f"{max_pixels:,} (TOTALRECALL_MAX_IMAGE_PIXELS); refused without decoding"
                 )
-            if _is_plain_png(img, data, max_side):
+            orientation = _orientation(img)
+            shown = _shown_size(img.size, orientation, max_side)
+            if _is_plain_png(img, data, max_side, orientation):
                 _check_inspectable(width, height)
-                return _decode_plain_png(data)
+                return _decode_plain_png(data), shown
             if img.format == "JPEG":
-                request = _draft_request(img, max_side, at_least)
+                request = _draft_request(img, orientation, max_side, needed and needed(*shown))
                 if request is not None:
                     img.draft("RGB", request)
             img.load()
@@ -76,7 +91,7 @@ def decode_image(source: bytes | str | Path, max_side: int | None = None,
     _check_inspectable(*rgb.size)
     if max(rgb.size) > max_side:
         rgb = rgb.resize(_side_limited(rgb.size, max_side), Image.Resampling.BILINEAR, reducing_gap=3.0)
-    return np.asarray(rgb)
+    return np.asarray(rgb), shown
 
 
 def _check_inspectable(width: int, height: int) -> None:
@@ -84,11 +99,11 @@ def _check_inspectable(width: int, height: int) -> None:
         raise ImageDecodeError(f"image is {width}x{height} pixels, too small to inspect")
 
 
-def _is_plain_png(img: Image.Image, data: bytes, max_side: int) -> bool:
+def _is_plain_png(img: Image.Image, data: bytes, max_side: int, orientation: int | None) -> bool:
     """A non-interlaced 8-bit grey or RGB PNG without transparency or orientation, within the side limit:
     the usual archive image, whose pixels need no conversion."""
     return (img.format == "PNG" and data[24] == 8 and data[25] in (0, 2) and data[28] == 0  # from IHDR
-            and "transparency" not in img.info and max(img.size) <= max_side and _orientation(img) in (None, 1))
+            and "transparency" not in img.info and max(img.size) <= max_side and orientation in (None, 1))
 
 
 def _decode_plain_png(data: bytes) -> np.ndarray:
@@ -104,7 +119,8 @@ def _decode_plain_png(data: bytes) -> np.ndarray:
     return pixels
 
 
-def _draft_request(img: Image.Image, max_side: int, at_least: tuple[int, int] | None) -> tuple[int, int] | None:
+def _draft_request(img: Image.Image, orientation: int | None, max_side: int,
+                   at_least: tuple[int, int] | None) -> tuple[int, int] | None:
     """Smallest (width, height), as stored, that a JPEG's reduced-scale decoding must still reach; None:
     decode in full. Pillow's draft picks the largest of 1/2, 1/4, 1/8 that keeps both sides >= it."""
     width, height = img.size
@@ -114,7 +130,7 @@ def _draft_request(img: Image.Image, max_side: int, at_least: tuple[int, int] | 
         needs.append((max(1, int(width * scale)), max(1, int(height * scale))))
     if at_least is not None:
         h, w = at_least
-        if _turned_a_quarter(img):  # the request is in stored orientation
+        if _turned_a_quarter(orientation):  # the request is in stored orientation
             h, w = w, h
         needs.append((w, h))
     if not needs:
@@ -122,9 +138,18 @@ def _draft_request(img: Image.Image, max_side: int, at_least: tuple[int, int] | 
     return max(w for w, _ in needs), max(h for _, h in needs)
 
 
-def _turned_a_quarter(img: Image.Image) -> bool:
-    """Whether the EXIF orientation shows the image turned by 90 degrees (width and height swapped)."""
-    return _orientation(img) in (5, 6, 7, 8)
+def _turned_a_quarter(orientation: int | None) -> bool:
+    """Whether an EXIF orientation shows the image turned by 90 degrees (width and height swapped)."""
+    return orientation in (5, 6, 7, 8)
+
+
+def _shown_size(size: tuple[int, int], orientation: int | None, max_side: int) -> tuple[int, int]:
+    """(height, width) of an image of stored (width, height) `size` as shown, reduced to `max_side`."""
+    width, height = size
+    if _turned_a_quarter(orientation):
+        width, height = height, width
+    width, height = _side_limited((width, height), max_side)
+    return height, width
 
 
 def _orientation(img: Image.Image) -> int | None:
@@ -175,13 +200,9 @@ def decoded_size(source: bytes | str | Path) -> tuple[int, int] | None:
     for a JPEG decoded at a reduced scale (`at_least`, or above the side limit: up to half smaller)."""
     try:  # a path is opened, not read: Pillow reads only the header
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
-            width, height = img.size
-            if _turned_a_quarter(img):
-                width, height = height, width
+            return _shown_size(img.size, _orientation(img), get_settings().max_image_side)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
         return None
-    width, height = _side_limited((width, height), get_settings().max_image_side)
-    return height, width
 
 
 def _reduce(img: Image.Image, max_side: int) -> Image.Image:

@@ -17,7 +17,7 @@ import torch
 
 from common.engine.config import PatchCoreConfig
 from common.engine.preprocessing import Geometry, resized_hw, to_input
-from common.images import ImageDecodeError, decode_image, decoded_size
+from common.images import ImageDecodeError, decode_for, decode_image, decoded_size
 
 ImageSource = np.ndarray | str | Path | bytes | Callable[[], Any]
 
@@ -38,18 +38,17 @@ class Failed:
 def load_rgb(source: ImageSource, config: PatchCoreConfig | None = None) -> tuple[np.ndarray, tuple[int, int]]:
     """The RGB array of an image and the image's own (height, width).
 
-    With a config, a JPEG is decoded only as large as the model's input for it (`decode_image`'s
-    `at_least`): a 5-megapixel photo is then decoded at 1/4 scale, the array is smaller than the image,
-    and the size returned is the image's, which maps and masks keep."""
+    With a config, a JPEG is decoded only as large as the model's input for it (`decode_for`): a
+    5-megapixel photo is then decoded at 1/4 scale, the array is smaller than the image, and the size
+    returned is the image's, which maps and masks keep. The header is read once for both."""
     if callable(source):
         source = source()
     if isinstance(source, np.ndarray):
         return source, (int(source.shape[0]), int(source.shape[1]))
-    full = decoded_size(source) if config is not None else None
-    if full is None:  # no config, or an unreadable header: a full decode says why
+    if config is None:
         image = decode_image(source)
         return image, (int(image.shape[0]), int(image.shape[1]))
-    return decode_image(source, at_least=resized_hw(*full, config)), full
+    return decode_for(source, lambda h, w: resized_hw(h, w, config))
 
 
 def source_sizes(images: Sequence[ImageSource], threads: int = 8) -> list[tuple[int, int]]:
