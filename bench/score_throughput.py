@@ -34,7 +34,8 @@ def build_model(a: argparse.Namespace):
     from common.engine.patchcore import PatchCore
     from common.synthetic import nominal_image
 
-    cfg = PatchCoreConfig(batch_size=a.batch_size, index=a.index, index_min_bank=0, index_nprobe=a.nprobe)
+    cfg = PatchCoreConfig(batch_size=a.batch_size, index=a.index, index_min_bank=0, index_nprobe=a.nprobe,
+                          precision=a.precision)
     model = PatchCore(cfg, device=a.device)
     feats, _ = model.extract([partial(nominal_image, i, a.side) for i in range(a.train)])
     rng = np.random.default_rng(0)
@@ -48,6 +49,8 @@ def build_model(a: argparse.Namespace):
 def rates(model, images: list[bytes], input_hw: tuple[int, int], repeat: int) -> dict:
     """Best-of-`repeat` images/second of predict, the bare backbone and backbone + patch features,
     measured in turns (so a change of machine load affects all three alike)."""
+    from common.engine.patchcore import uses_bf16
+
     batch = model.config.batch_size
     batches = max(1, len(images) // batch)
     x = torch.randn(batch, 3, *input_hw).to(model.device).contiguous(memory_format=torch.channels_last)
@@ -63,10 +66,9 @@ def rates(model, images: list[bytes], input_hw: tuple[int, int], repeat: int) ->
         return run
 
     def backbone(t: torch.Tensor) -> object:
-        if model.device.type == "cuda":
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                return extractor(t)
-        return extractor(t)
+        with torch.autocast(model.device.type, dtype=torch.bfloat16,
+                            enabled=uses_bf16(model.config.precision, model.device)):
+            return extractor(t)
 
     runs = {"predict": (lambda: model.predict(images), len(images)),
             "backbone": (loop(backbone), batch * batches), "features": (loop(model.embed), batch * batches)}
@@ -127,8 +129,12 @@ def profile(model, images: list[bytes]) -> dict:
 
 
 def main() -> None:
+    from common.engine.config import PRECISIONS
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="backbone arithmetic (PatchCoreConfig.precision), for both figures")
     p.add_argument("--index", default="flat", choices=["flat", "ivf_flat", "ivf_pq"])
     p.add_argument("--nprobe", type=int, default=16, help="IVF lists searched per query")
     p.add_argument("--bank", type=int, default=14_112)
@@ -155,7 +161,7 @@ def main() -> None:
     results = model.predict(images)
     assert all(r.ok for r in results), [r.error for r in results if not r.ok][:3]
     input_hw = resized_hw(a.side, a.side, model.config)
-    row = {"device": str(model.device), "index": model.index.spec.to_dict(), "bank": len(model.index),
+    row = {"device": str(model.device), "precision": a.precision, "index": model.index.spec.to_dict(), "bank": len(model.index),
            "images": a.images, "image_side": a.side, "input_hw": list(input_hw), "batch_size": a.batch_size,
            "torch_threads": torch.get_num_threads(), "index_build_s": round(index_s, 2),
            **rates(model, images, input_hw, a.repeat),

@@ -12,10 +12,13 @@ import struct
 import subprocess
 import sys
 import time
+import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from common.engine import calibration, mvtec
@@ -306,6 +309,31 @@ def test_artifact_round_trip_is_bit_identical(model, scenes, tmp_path) -> None:
         assert a.is_anomalous == b.is_anomalous and a.max_location == b.max_location
 
 
+def test_bf16_precision_detects_as_fp32_does_and_is_stored(model, train, scenes, tmp_path) -> None:
+    x = torch.rand(2, 3, 96, 96)
+    fp32 = model.embed(x)
+    assert torch.equal(PatchCore(replace(CFG, precision="fp32")).embed(x), fp32)  # auto on CPU is fp32
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # CPUs without native bf16 emulate it (slow)
+        m = PatchCore(replace(CFG, precision="bf16"))
+    bf16 = m.embed(x)
+    assert bf16.dtype == torch.float32 and not torch.equal(bf16, fp32)  # the backbone ran in bf16
+    assert float((bf16 - fp32).norm() / fp32.norm()) < 0.05
+    m.fit(train)
+    nominal, defects = m.predict(scenes["nominal"]), m.predict(scenes["defects"])
+    assert min(r.score for r in defects) > max(r.score for r in nominal)
+    for r, mask in zip(defects, scenes["masks"], strict=True):
+        assert _distance_to(mask, r.max_location) <= 6.0
+    m.save(tmp_path / "bf16")
+    assert json.loads((tmp_path / "bf16" / "model.json").read_text())["config"]["precision"] == "bf16"
+    loaded = PatchCore.load(tmp_path / "bf16")
+    assert [r.score for r in loaded.predict(scenes["defects"])] == [r.score for r in defects]
+    with pytest.raises(ValueError, match="precision"):
+        PatchCoreConfig(precision="fp16")
+    old = {k: v for k, v in CFG.to_dict().items() if k != "precision"}  # artifacts from before the setting
+    assert PatchCoreConfig.from_dict(old).precision == "auto"
+
+
 def test_artifact_has_no_pickle(model, tmp_path) -> None:
     folder = tmp_path / "art"
     model.save(folder)
@@ -528,7 +556,7 @@ def test_cli_evaluate(dataset, tmp_path) -> None:
     out = tmp_path / "report" / "r.json"
     cmd = [sys.executable, "-m", "totalrecall.cli", "evaluate", "--data", str(dataset["root"]),
            "--category", dataset["category"], "--image-size", "96", "--coreset-ratio", "0.25",
-           "--batch-size", "4", "--index", "ivf_flat", "--index-min-bank", "0", "--quiet", "--json", str(out)]
+           "--batch-size", "4", "--index", "ivf_flat", "--index-min-bank", "0", "--precision", "fp32", "--quiet", "--json", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[1])
     assert proc.returncode == 0, proc.stderr
     assert "image AUROC" in proc.stdout
@@ -545,6 +573,7 @@ def test_cli_evaluate(dataset, tmp_path) -> None:
     assert report["failed_images"] == []
     assert report["config"]["image_size"] == 96 and report["config"]["coreset_ratio"] == 0.25
     assert report["config"]["index"] == report["index"] == "ivf_flat"  # the fit option reached the model
+    assert report["config"]["precision"] == "fp32"
     assert report["index_seconds"] >= 0 and report["calibrate_seconds"] >= 0
 
 

@@ -9,7 +9,7 @@ import sys
 from datetime import date
 from pathlib import Path
 
-from common.engine.config import INDEX_TYPES, RESIZE_MODES, PatchCoreConfig
+from common.engine.config import INDEX_TYPES, PRECISIONS, RESIZE_MODES, PatchCoreConfig
 from totalrecall.report import add_report_command
 
 
@@ -34,6 +34,8 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--holdout-fraction", type=float, default=d.holdout_fraction)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--precision", choices=PRECISIONS, default=d.precision,
+                   help="backbone arithmetic: auto (bf16 on CUDA, fp32 on CPU), fp32, or bf16 (fast on AMX CPUs)")
     p.add_argument("--index", choices=INDEX_TYPES, default=d.index,
                    help="kNN index: flat (exact), ivf_flat or ivf_pq (approximate, for large banks)")
     p.add_argument("--index-min-bank", type=int, default=d.index_min_bank,
@@ -51,7 +53,7 @@ def config_from_args(a: argparse.Namespace) -> PatchCoreConfig:
         image_size=a.image_size, resize=a.resize, scale=a.scale, center_crop=a.center_crop, embed_dim=a.embed_dim,
         coreset_ratio=a.coreset_ratio, coreset_min_size=a.coreset_min_size, projection_dim=a.projection_dim,
         num_neighbors=a.num_neighbors,
-        holdout_fraction=a.holdout_fraction, batch_size=a.batch_size, seed=a.seed,
+        holdout_fraction=a.holdout_fraction, batch_size=a.batch_size, seed=a.seed, precision=a.precision,
         index=a.index, index_min_bank=a.index_min_bank, index_nlist=a.index_nlist, index_nprobe=a.index_nprobe,
         index_pq_m=a.index_pq_m,
     )

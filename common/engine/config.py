@@ -7,6 +7,7 @@ from typing import Any
 
 RESIZE_MODES = ("auto", "keep_aspect", "square", "scale")
 INDEX_TYPES = ("flat", "ivf_flat", "ivf_pq")
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,10 @@ class PatchCoreConfig:
     sigma: float = 4.0  # Gaussian smoothing of the anomaly map, in model-input pixels
     holdout_fraction: float = 0.1  # nominal images kept out of the bank to calibrate thresholds
     batch_size: int = 8
+    # backbone arithmetic: auto = bfloat16 autocast on CUDA, float32 on the CPU; fp32 everywhere gives the
+    # same scores on every device; bf16 everywhere halves the backbone's CPU time on CPUs with AMX
+    # (docs/benchmarks.md section 4) at a small accuracy cost
+    precision: str = "auto"
     index: str = "flat"  # kNN index: "flat" (exact), "ivf_flat" or "ivf_pq" (approximate, large banks)
     index_min_bank: int = 100_000  # banks smaller than this always get the exact index
     index_nlist: int = 0  # IVF coarse lists; 0: about 4 * sqrt(bank size)
@@ -53,6 +58,8 @@ class PatchCoreConfig:
         if self.center_crop is not None and self.resize != "square":
             raise ValueError("center_crop needs resize='square' (the paper's 256 -> 224 protocol); "
                              "keep_aspect keeps the whole field of view")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, not {self.precision!r}")
         if self.index not in INDEX_TYPES:
             raise ValueError(f"index must be one of {INDEX_TYPES}, not {self.index!r}")
         if min(self.index_min_bank, self.index_nlist, self.index_pq_m) < 0 or self.index_nprobe < 1:

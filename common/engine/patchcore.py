@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +56,16 @@ def resolve_device(device: str | None) -> torch.device:
     return torch.device(device)
 
 
+def uses_bf16(precision: str, device: torch.device) -> bool:
+    """Whether the backbone runs under bfloat16 autocast (`PatchCoreConfig.precision`)."""
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+
+
+def _cpu_has_native_bf16() -> bool:
+    probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None)  # private torch API: may go away
+    return bool(probe()) if probe else False
+
+
 class PatchCore:
     def __init__(self, config: PatchCoreConfig | None = None, device: str | None = "auto",
                  weights: str | Path | None = None):
@@ -67,15 +78,17 @@ class PatchCore:
         self.image_threshold = float("nan")
         self.pixel_threshold = float("nan")
         self.stats: dict[str, Any] = {}
+        if self.config.precision == "bf16" and self.device.type == "cpu" and not _cpu_has_native_bf16():
+            warnings.warn("precision bf16 on a CPU without native bfloat16 instructions is emulated and "
+                          "slower than fp32", RuntimeWarning, stacklevel=2)
 
     # ----------------------------------------------------------------------------------- features
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) normalised inputs -> (B, H/8, W/8, D) float32 patch features, on the device."""
         x = x.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-        if self.device.type == "cuda":
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                return self.features(x)
-        return self.features(x)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16,
+                            enabled=uses_bf16(self.config.precision, self.device)):
+            return self.features(x)
 
     def _embed(self, batch: Batch) -> torch.Tensor:
         return self.embed(batch.tensor)
