@@ -30,8 +30,8 @@ class PatchCoreConfig:
     sigma: float = 4.0  # Gaussian smoothing of the anomaly map, in model-input pixels
     holdout_fraction: float = 0.1  # nominal images kept out of the bank to calibrate thresholds
     batch_size: int = 8
-    # backbone arithmetic: auto = bfloat16 autocast on CUDA, float32 on the CPU; fp32 everywhere gives the
-    # same scores on every device; bf16 everywhere halves the backbone's CPU time on CPUs with AMX
+    # backbone arithmetic: auto = bfloat16 autocast on CUDA, float32 on the CPU; fp32 everywhere (the
+    # closest scores across devices); bf16 everywhere halves the backbone's CPU time on CPUs with AMX
     # (docs/benchmarks.md section 4) at a small accuracy cost
     precision: str = "auto"
     index: str = "flat"  # kNN index: "flat" (exact), "ivf_flat" or "ivf_pq" (approximate, large banks)
