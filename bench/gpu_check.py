@@ -2,17 +2,18 @@
 
     python bench/gpu_check.py                     # about 2-4 minutes on one GPU
     python bench/gpu_check.py --train 100 --test 32 --cpu-images 16   # quicker
+    python bench/gpu_check.py --precision fp32 --score-tol 0.005      # float32 on both devices
 
 Without a CUDA GPU it prints why and exits with status 0 (nothing to check); `--require-gpu` makes that
 status 1. On the GPU it runs, on generated 256 x 256 parts (`common.synthetic`, a quarter of the test
 images with a planted defect):
-1. fit on CUDA: bf16 autocast channels-last backbone, the projection and the dense greedy coreset on the
-   GPU, faiss GPU index when `faiss.get_num_gpus() > 0`;
+1. fit on CUDA: bf16 autocast (float32 with `--precision fp32`) channels-last backbone, the projection
+   and the dense greedy coreset on the GPU, faiss GPU index when `faiss.get_num_gpus() > 0`;
 2. coreset: the GPU dense loop and the CPU pruned loop on the same features select the same greedy
    sequence (covering radii equal within --radius-tol; float rounding may reorder near-ties);
-3. scores: the GPU-fitted model saved, loaded on the CPU (float32 backbone, CPU faiss) and both score
-   the same PNG bytes: image scores agree within --score-tol (relative), anomaly-map maxima too, and
-   every verdict but near-threshold ones is the same;
+3. scores: the GPU-fitted model saved, loaded on the CPU (float32 backbone unless `--precision bf16`, CPU
+   faiss) and both score the same PNG bytes: image scores agree within --score-tol (relative),
+   anomaly-map maxima too, and every verdict but near-threshold ones is the same;
 4. images/second: GPU predict on PNG bytes, GPU bare backbone (same batch and input size), CPU predict.
 Exit status 1 if a check fails. One JSON line goes to --out.
 """
@@ -42,6 +43,8 @@ def _rate(fn, n: int, sync) -> float:
 
 
 def main() -> int:
+    from common.engine.config import PRECISIONS
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--train", type=int, default=300)
     p.add_argument("--test", type=int, default=96)
@@ -51,6 +54,8 @@ def main() -> int:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--coreset-check-rows", type=int, default=100_000)
     p.add_argument("--score-tol", type=float, default=0.03, help="relative, bf16 backbone vs float32")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="PatchCoreConfig.precision of the model (auto: bf16 on the GPU, float32 on the CPU)")
     p.add_argument("--radius-tol", type=float, default=1e-3, help="relative")
     p.add_argument("--require-gpu", action="store_true")
     p.add_argument("--device", default="cuda", help="cpu: dry run of this script's logic without a GPU")
@@ -68,7 +73,7 @@ def main() -> int:
 
     from common.engine.config import PatchCoreConfig
     from common.engine.coreset import covering_radius, greedy_coreset
-    from common.engine.patchcore import PatchCore
+    from common.engine.patchcore import PatchCore, uses_bf16
     from common.engine.preprocessing import resized_hw
     from common.synthetic import encoded_parts, nominal_image
 
@@ -80,9 +85,9 @@ def main() -> int:
             torch.cuda.synchronize()
 
     row: dict = {"gpu": torch.cuda.get_device_name(0) if cuda else "none (dry run)", "torch": torch.__version__, "faiss": faiss.__version__,
-                 "faiss_gpus": faiss_gpus, "train_images": a.train, "test_images": a.test}
+                 "faiss_gpus": faiss_gpus, "train_images": a.train, "test_images": a.test, "precision": a.precision}
     failures: list[str] = []
-    cfg = PatchCoreConfig(coreset_ratio=a.ratio, batch_size=a.batch_size)
+    cfg = PatchCoreConfig(coreset_ratio=a.ratio, batch_size=a.batch_size, precision=a.precision)
     train = [partial(nominal_image, i, a.side) for i in range(a.train)]
     tests = encoded_parts(a.test, a.side, seed=50_000)
 
@@ -141,7 +146,8 @@ def main() -> int:
     batches = max(1, a.test // a.batch_size)
 
     def backbone() -> None:
-        with torch.inference_mode(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cuda):
+        with torch.inference_mode(), torch.autocast(dev.type, dtype=torch.bfloat16,
+                                                    enabled=uses_bf16(cfg.precision, dev)):
             for _ in range(batches):
                 gpu.features.extractor(xb)
 
