@@ -1,4 +1,5 @@
-"""`totalrecall product add --index ...`: the kNN index chosen per product, stored, fitted and loaded.
+"""`totalrecall product add --index ... --precision ...`: the kNN index and the backbone arithmetic chosen
+per product, stored, fitted and loaded.
 
 In-process on the embedded default (SQLite, local folder, tasks run eagerly): the CLI's own `main`.
 """
@@ -6,6 +7,7 @@ In-process on the embedded default (SQLite, local folder, tasks run eagerly): th
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -60,6 +62,23 @@ def test_index_options_are_stored_and_the_fit_builds_that_index(store: Storage) 
     model = PatchCore.load(folder, version.sha256, device="cpu")
     assert model.index.spec.kind == "ivf_flat" and model.index.state is not None
     assert model.index.spec.nprobe == min(2, model.index.spec.nlist)
+
+
+def test_precision_option_is_stored_and_the_model_keeps_it(store: Storage) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # CPUs without native bf16 emulate it (slow)
+        assert _add(store, "part-bf16", "--precision", "bf16") == 0
+        assert _fit_config("part-bf16")["precision"] == "bf16"
+        assert main(["fit", "part-bf16", "--wait"]) == 0
+        with session_scope() as session:
+            product = session.scalars(select(Product).where(Product.name == "part-bf16")).one()
+            version = session.scalars(select(ModelVersion).where(ModelVersion.product_id == product.id,
+                                                                 ModelVersion.is_active)).one()
+        folder = Path(version.artifact_uri)
+        assert json.loads((folder / META_FILE).read_text())["config"]["precision"] == "bf16"
+        assert PatchCore.load(folder, version.sha256, device="cpu").config.precision == "bf16"
+    assert _add(store, "part-auto") == 0
+    assert _fit_config("part-auto")["precision"] == "auto"
 
 
 def test_default_is_the_exact_index(store: Storage) -> None:
