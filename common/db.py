@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import threading
 import time
 import uuid
 import warnings
@@ -65,6 +63,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, rela
 from sqlalchemy.types import JSON
 
 from common.logs import log_event
+from common.per_process import PerProcess
 from common.settings import get_settings, redact_text
 
 logger = logging.getLogger(__name__)
@@ -303,8 +302,8 @@ READONLY_ROLE = "totalrecall_readonly"  # PostgreSQL role allowed to SELECT the 
 
 # --- engines and sessions -------------------------------------------------------------------------------
 
-_engines: dict[str, Engine] = {}
-_engines_lock = threading.Lock()
+# in a forked child, the parent's engines are dropped without closing the parent's connections
+_engines: PerProcess[str, Engine] = PerProcess(forget=lambda engine: engine.dispose(close=False))
 
 
 def make_engine(url: str, **kwargs: Any) -> Engine:
@@ -402,33 +401,15 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 def get_engine(url: str | None = None) -> Engine:
     """The process-wide engine for `url` (default: settings' database URL)."""
     url = url or get_settings().database_url
-    with _engines_lock:
-        engine = _engines.get(url)
-        if engine is None:
-            engine = _engines[url] = make_engine(url)
-        return engine
+    return _engines.get(url, lambda: make_engine(url))
 
 
 def dispose_engines(url: str | None = None) -> None:
     """Close pooled connections of cached engines (all, or the one for `url`) and forget them."""
-    with _engines_lock:
-        urls = [url] if url is not None else list(_engines)
-        for key in urls:
-            engine = _engines.pop(key, None)
-            if engine is not None:
-                engine.dispose()
-
-
-def _forget_engines_after_fork() -> None:
-    # A forked child (Celery prefork) must not use or close the parent's sockets, nor wait on a held lock.
-    global _engines_lock
-    for engine in _engines.values():
-        engine.dispose(close=False)
-    _engines.clear()
-    _engines_lock = threading.Lock()
-
-
-os.register_at_fork(after_in_child=_forget_engines_after_fork)
+    for key in [url] if url is not None else _engines.keys():
+        engine = _engines.pop(key)
+        if engine is not None:
+            engine.dispose()
 
 
 # --- server administration (tests, benchmarks) -----------------------------------------------------------

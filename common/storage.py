@@ -18,12 +18,12 @@ import mimetypes
 import os
 import shutil
 import tempfile
-import threading
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+from common.per_process import PerProcess
 from common.settings import aws_endpoint_url, s3_max_attempts, s3_timeout
 
 _TMP_PREFIX = ".totalrecall-tmp-"
@@ -324,38 +324,25 @@ _TRANSIENT_CODES = {
 }
 _NOT_FOUND_CODES = {"NoSuchKey", "404", "NotFound"}
 
-_clients: dict[tuple[Any, ...], Any] = {}
-_clients_lock = threading.Lock()
-
-
-def _reset_clients_after_fork() -> None:
-    # A forked child (Celery prefork) must not share the parent's connection pools or a held lock.
-    global _clients_lock
-    _clients.clear()
-    _clients_lock = threading.Lock()
-
-
-os.register_at_fork(after_in_child=_reset_clients_after_fork)
+_clients: PerProcess[tuple[Any, ...], Any] = PerProcess()
 
 
 def _s3_client(endpoint_url: str | None, max_attempts: int, timeout: int) -> Any:
     """A shared boto3 S3 client per (process, endpoint, attempts, timeout); clients are thread-safe."""
-    key = (os.getpid(), endpoint_url, max_attempts, timeout)
-    with _clients_lock:
-        client = _clients.get(key)
-        if client is None:
-            import boto3
-            from botocore.config import Config
 
-            config = Config(
-                retries={"max_attempts": max_attempts, "mode": "standard"},
-                connect_timeout=min(5, timeout),
-                read_timeout=timeout,
-                max_pool_connections=32,
-            )
-            client = boto3.session.Session().client("s3", endpoint_url=endpoint_url, config=config)
-            _clients[key] = client
-        return client
+    def make() -> Any:
+        import boto3
+        from botocore.config import Config
+
+        config = Config(
+            retries={"max_attempts": max_attempts, "mode": "standard"},
+            connect_timeout=min(5, timeout),
+            read_timeout=timeout,
+            max_pool_connections=32,
+        )
+        return boto3.session.Session().client("s3", endpoint_url=endpoint_url, config=config)
+
+    return _clients.get((endpoint_url, max_attempts, timeout), make)
 
 
 class S3Storage(Storage):

@@ -13,13 +13,12 @@ from __future__ import annotations
 import base64
 import json
 import logging
-import os
-import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from common.logs import log_event
+from common.per_process import PerProcess
 from common.settings import get_settings
 from workers.app import FIT_QUEUE, FIT_TASK, SCORE_QUEUE, SCORE_TASK
 
@@ -30,17 +29,7 @@ DELIVERIES_PREFIX = "totalrecall:deliveries:"
 DELIVERIES_TTL = 7 * 24 * 3600
 PAGE = 500
 
-_clients: dict[str, Any] = {}
-_lock = threading.Lock()
-
-
-def _reset_after_fork() -> None:
-    global _lock
-    _clients.clear()
-    _lock = threading.Lock()
-
-
-os.register_at_fork(after_in_child=_reset_after_fork)
+_clients: PerProcess[str, Any] = PerProcess()
 
 
 def redis_client() -> Any | None:
@@ -48,13 +37,13 @@ def redis_client() -> Any | None:
     url = get_settings().broker_url
     if not url or not url.startswith(("redis://", "rediss://", "unix://")):
         return None
-    with _lock:
-        client = _clients.get(url)
-        if client is None:
-            import redis
 
-            client = _clients[url] = redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5)
-        return client
+    def make() -> Any:
+        import redis
+
+        return redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5)
+
+    return _clients.get(url, make)
 
 
 def count_delivery(task_id: str | None) -> int:
