@@ -160,6 +160,8 @@ def wait_for(cond, seconds: float, poll: float = 0.2) -> None:
 
 
 def main() -> int:
+    from common.engine.config import PRECISIONS
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", type=int, default=1000, help="archive images to score (N)")
     p.add_argument("--image-size", type=int, default=256)
@@ -171,6 +173,8 @@ def main() -> int:
                    help="OMP/MKL/NUMBA threads per worker pool process (default: cores / total pool size)")
     p.add_argument("--chunk-size", type=int, default=None, help="TOTALRECALL_CHUNK_SIZE (default: system's)")
     p.add_argument("--batch-size", type=int, default=None, help="engine batch size (default: fit config's)")
+    p.add_argument("--precision", choices=PRECISIONS, default=None,
+                   help="the product's backbone arithmetic (default: the fit config's default)")
     p.add_argument("--save-maps", choices=["findings", "all", "none"], default=None,
                    help="TOTALRECALL_SAVE_MAPS of the workers (default: the system's, findings)")
     p.add_argument("--date", default="2026-11-27")
@@ -262,6 +266,8 @@ def run(a: argparse.Namespace, load_before: tuple[float, ...], t_script: float) 
                    "--archive", f"s3://{bucket}/archive/{{date}}/{PRODUCT}/", "--image-size", str(a.image_size)]
             if a.batch_size:
                 add += ["--batch-size", str(a.batch_size)]
+            if a.precision:
+                add += ["--precision", a.precision]
             cli(*add)
             t = time.monotonic()
             cli("fit", PRODUCT, "--wait", extra={"TOTALRECALL_BROKER_URL": ""})
@@ -405,7 +411,7 @@ def run(a: argparse.Namespace, load_before: tuple[float, ...], t_script: float) 
                 "chunk_size": int(env.get("TOTALRECALL_CHUNK_SIZE", 64)), "score_chunks": chunks,
                 "chunks_per_worker": per_worker, "backbone": config.get("backbone"),
                 "coreset_ratio": config.get("coreset_ratio"), "batch_size": config.get("batch_size"),
-                "fit_s": round(fit_s, 1),
+                "precision": config.get("precision"), "fit_s": round(fit_s, 1),
                 "save_maps": env.get("TOTALRECALL_SAVE_MAPS", "findings (default)"),
                 "images_with_maps": sum(r.mask_uri is not None for r in ok),
                 "system_wall_s": round(wall, 2), "system_ips": round(system_ips, 2),
