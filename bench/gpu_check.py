@@ -73,7 +73,7 @@ def main() -> int:
 
     from common.engine.config import PatchCoreConfig
     from common.engine.coreset import covering_radius, greedy_coreset
-    from common.engine.patchcore import PatchCore, uses_bf16
+    from common.engine.patchcore import PatchCore
     from common.engine.preprocessing import resized_hw
     from common.synthetic import encoded_parts, nominal_image
 
@@ -146,8 +146,7 @@ def main() -> int:
     batches = max(1, a.test // a.batch_size)
 
     def backbone() -> None:
-        with torch.inference_mode(), torch.autocast(dev.type, dtype=torch.bfloat16,
-                                                    enabled=uses_bf16(cfg.precision, dev)):
+        with torch.inference_mode(), gpu.autocast():
             for _ in range(batches):
                 gpu.features.extractor(xb)
 

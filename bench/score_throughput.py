@@ -49,8 +49,6 @@ def build_model(a: argparse.Namespace):
 def rates(model, images: list[bytes], input_hw: tuple[int, int], repeat: int) -> dict:
     """Best-of-`repeat` images/second of predict, the bare backbone and backbone + patch features,
     measured in turns (so a change of machine load affects all three alike)."""
-    from common.engine.patchcore import uses_bf16
-
     batch = model.config.batch_size
     batches = max(1, len(images) // batch)
     x = torch.randn(batch, 3, *input_hw).to(model.device).contiguous(memory_format=torch.channels_last)
@@ -66,8 +64,7 @@ def rates(model, images: list[bytes], input_hw: tuple[int, int], repeat: int) ->
         return run
 
     def backbone(t: torch.Tensor) -> object:
-        with torch.autocast(model.device.type, dtype=torch.bfloat16,
-                            enabled=uses_bf16(model.config.precision, model.device)):
+        with model.autocast():
             return extractor(t)
 
     runs = {"predict": (lambda: model.predict(images), len(images)),

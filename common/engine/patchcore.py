@@ -56,11 +56,6 @@ def resolve_device(device: str | None) -> torch.device:
     return torch.device(device)
 
 
-def uses_bf16(precision: str, device: torch.device) -> bool:
-    """Whether the backbone runs under bfloat16 autocast (`PatchCoreConfig.precision`)."""
-    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
-
-
 def _cpu_has_native_bf16() -> bool:
     probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None)  # private torch API: may go away
     return bool(probe()) if probe else False
@@ -83,11 +78,16 @@ class PatchCore:
                           "slower than fp32", RuntimeWarning, stacklevel=2)
 
     # ----------------------------------------------------------------------------------- features
+    def autocast(self) -> torch.autocast:
+        """The arithmetic the backbone runs under: bfloat16 autocast or none (`PatchCoreConfig.precision`)."""
+        precision = self.config.precision
+        bf16 = precision == "bf16" or (precision == "auto" and self.device.type == "cuda")
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16)
+
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) normalised inputs -> (B, H/8, W/8, D) float32 patch features, on the device."""
         x = x.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16,
-                            enabled=uses_bf16(self.config.precision, self.device)):
+        with self.autocast():
             return self.features(x)
 
     def _embed(self, batch: Batch) -> torch.Tensor:
