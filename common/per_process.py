@@ -1,5 +1,5 @@
 """Objects made once per process and shared by its threads: storage clients, database engines, the Redis
-client.
+client, the worker's model cache.
 
 A forked child (Celery's prefork pool forks its workers) starts with none of its parent's objects and a
 fresh lock: it must not use the parent's sockets or connection pools, nor wait forever on a lock that a

@@ -25,6 +25,7 @@ from pathlib import Path
 from common.engine.artifact import BANK_FILE, META_FILE, ArtifactError
 from common.engine.patchcore import PatchCore
 from common.logs import log_event
+from common.per_process import PerProcess
 from common.settings import get_settings
 from common.storage import open_storage
 
@@ -140,25 +141,20 @@ def _model_bytes(model: PatchCore) -> int:
     return model.index.nbytes if model.index is not None else 0
 
 
-_cache: ModelCache | None = None
-_cache_lock = threading.Lock()
+_cache: PerProcess[str, ModelCache] = PerProcess()  # one cache per process: a forked child starts empty
+_THE_CACHE = "models"
 
 
 def get_model_cache() -> ModelCache:
     """The process's model cache, bounded and placed by the settings."""
-    global _cache
-    with _cache_lock:
-        if _cache is None:
-            settings = get_settings()
-            _cache = ModelCache(settings.cache_dir, settings.model_cache_mb * 2**20)
-        return _cache
+
+    def make() -> ModelCache:
+        settings = get_settings()
+        return ModelCache(settings.cache_dir, settings.model_cache_mb * 2**20)
+
+    return _cache.get(_THE_CACHE, make)
 
 
 def reset_model_cache() -> None:
-    """Forget the process's cache (tests; a forked child must not reuse its parent's models)."""
-    global _cache, _cache_lock
-    _cache = None
-    _cache_lock = threading.Lock()
-
-
-os.register_at_fork(after_in_child=reset_model_cache)
+    """Forget the process's cache (tests: the next `get_model_cache` follows the current settings)."""
+    _cache.pop(_THE_CACHE)
