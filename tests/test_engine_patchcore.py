@@ -334,6 +334,19 @@ def test_bf16_precision_detects_as_fp32_does_and_is_stored(model, train, scenes,
     assert PatchCoreConfig.from_dict(old).precision == "auto"
 
 
+def test_bf16_warns_only_on_cpus_that_emulate_it(monkeypatch) -> None:
+    from common.engine import patchcore
+
+    monkeypatch.setattr(patchcore, "_cpu_has_native_bf16", lambda: False)  # this CPU's flags are fixed
+    with pytest.warns(RuntimeWarning, match="emulated.*fp32"):
+        PatchCore(replace(CFG, precision="bf16"), device="cpu")
+    monkeypatch.setattr(patchcore, "_cpu_has_native_bf16", lambda: True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        PatchCore(replace(CFG, precision="bf16"), device="cpu")
+        PatchCore(replace(CFG, precision="auto"), device="cpu")
+
+
 def test_artifact_has_no_pickle(model, tmp_path) -> None:
     folder = tmp_path / "art"
     model.save(folder)

