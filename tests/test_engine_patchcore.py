@@ -614,3 +614,33 @@ def test_auto_resize_is_resolved_by_fit_and_stored(tmp_path) -> None:
     same = PatchCore(PatchCoreConfig(image_size=96, coreset_ratio=0.25, batch_size=4))
     same.fit([t[:88, :88] for t in tiles])  # one size: the whole field of view, as keep_aspect
     assert same.config.resize == "keep_aspect"
+
+
+def test_auto_resize_fit_calls_each_loader_once(train, tmp_path) -> None:
+    """resize=auto reads every size before any feature: loaders (downloads) are spooled, not called twice."""
+    from common.storage import ObjectTooLarge
+
+    calls = [0] * len(train)
+
+    def loader(i: int):
+        def load():
+            calls[i] += 1
+            if i == bad:
+                raise ObjectTooLarge("s3://b/k is 9 bytes, above the limit of 1")
+            return train[i] if i == 0 else png_bytes(train[i])  # bytes, and an array once
+
+        return load
+
+    bank_ids, _ = calibration.holdout_split(len(train), CFG.holdout_fraction, CFG.seed)
+    bad = int(bank_ids[1])
+    cfg = replace(CFG, resize="auto")
+    m = PatchCore(cfg)
+    stats = m.fit([loader(i) for i in range(len(train))], scratch_dir=tmp_path)
+    assert calls == [1] * len(train)
+    assert stats["failed_images"] == [{"position": bad, "error": "ObjectTooLarge: s3://b/k is 9 bytes, "
+                                                                   "above the limit of 1"}]
+    assert list(tmp_path.iterdir()) == []  # spooled files and feature store are gone
+    direct = PatchCore(cfg)
+    direct.fit([t if i != bad else b"" for i, t in enumerate(train)])  # same images, no loaders
+    assert m.config == direct.config and np.array_equal(m.index.bank, direct.index.bank)
+    assert m.image_threshold == direct.image_threshold

@@ -7,6 +7,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from tempfile import TemporaryDirectory
 from typing import Any
 
 import numpy as np
@@ -25,6 +26,7 @@ from common.engine.loader import Batch, Failed, ImageSource, iter_batches, sourc
 from common.engine.maps import anomaly_map
 from common.engine.preprocessing import resolve_resize
 from common.engine.scoring import image_scores
+from common.engine.spool import needs_spool, spool
 
 
 @dataclass
@@ -132,8 +134,15 @@ class PatchCore:
         Memory stays bounded whatever the number of images: patch features go to a temporary file
         (in `scratch_dir`, default `TMPDIR`) batch by batch while their random projection accumulates
         in memory (N x projection_dim float32); the coreset is chosen on the projection and its rows are
-        then read back from the file."""
+        then read back from the file. With `resize="auto"`, loaders are called once each (`spool`)."""
         t0 = time.perf_counter()
+        if self.config.resize == "auto" and needs_spool(images):
+            with TemporaryDirectory(prefix="totalrecall-spool-", dir=scratch_dir) as folder:
+                return self._fit(spool(images, Path(folder), progress=progress), progress, scratch_dir, t0)
+        return self._fit(images, progress, scratch_dir, t0)
+
+    def _fit(self, images: Sequence[ImageSource], progress: bool, scratch_dir: str | Path | None,
+             t0: float) -> dict[str, Any]:
         if self.config.resize == "auto":
             self.config = resolve_resize(self.config, source_sizes(images))
         cfg = self.config
