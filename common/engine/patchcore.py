@@ -138,8 +138,15 @@ class PatchCore:
         t0 = time.perf_counter()
         if self.config.resize == "auto" and needs_spool(images):
             with TemporaryDirectory(prefix="totalrecall-spool-", dir=scratch_dir) as folder:
-                return self._fit(spool(images, Path(folder), progress=progress), progress, scratch_dir, t0)
+                spooled = spool(images, Path(folder), self._feature_store_bound(len(images)), progress=progress)
+                return self._fit(spooled, progress, scratch_dir, t0)
         return self._fit(images, progress, scratch_dir, t0)
+
+    def _feature_store_bound(self, n_images: int) -> int:
+        """Bytes the fit's feature store may take, with room to spare: an `auto` input has an area of
+        about image_size**2 (sides rounded to multiples of 16), on a grid of stride 8 at the finest."""
+        patches = 1.25 * (self.config.image_size / 8) ** 2
+        return int(n_images * patches * self.features.dim * 4) + 256 * 2**20
 
     def _fit(self, images: Sequence[ImageSource], progress: bool, scratch_dir: str | Path | None,
              t0: float) -> dict[str, Any]:

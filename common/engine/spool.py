@@ -9,6 +9,7 @@ download each, and RAM stays bounded (the folder holds the training set's encode
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -29,11 +30,15 @@ def needs_spool(images: Sequence[ImageSource]) -> bool:
     return any(callable(source) for source in images)
 
 
-def spool(images: Sequence[ImageSource], folder: Path, threads: int = 8,
+def spool(images: Sequence[ImageSource], folder: Path, reserve_bytes: int = 0, threads: int = 8,
           progress: bool = False) -> list[ImageSource]:
     """`images` with every loader called once (in parallel): bytes it returns become a file in
     `folder` and arrays a .npy file, replaced by their path or a loader of that file; a loader that
-    fails is replaced by one that raises the same error again. Other sources are kept as they are."""
+    fails is replaced by one that raises the same error again. Other sources are kept as they are.
+
+    The disk is never filled for this: an image that would leave less than `reserve_bytes` free (the
+    fit's feature store still needs room), or that cannot be written, keeps its loader, which the fit
+    then calls again."""
     def fetch(item: tuple[int, ImageSource]) -> ImageSource:
         pos, source = item
         if not callable(source):
@@ -42,15 +47,21 @@ def spool(images: Sequence[ImageSource], folder: Path, threads: int = 8,
             data = source()
         except IMAGE_ERRORS as exc:
             return _raiser(exc)
-        if isinstance(data, bytes):
-            path = folder / f"{pos:07d}"
-            path.write_bytes(data)
-            return path
-        if isinstance(data, np.ndarray):
-            path = folder / f"{pos:07d}.npy"
+        if not isinstance(data, bytes | np.ndarray):
+            return data  # a path or another source: read as given
+        is_array = isinstance(data, np.ndarray)
+        path = folder / (f"{pos:07d}.npy" if is_array else f"{pos:07d}")
+        try:
+            if shutil.disk_usage(folder).free - (data.nbytes if is_array else len(data)) < reserve_bytes:
+                return source
+            if not is_array:
+                path.write_bytes(data)
+                return path
             np.save(path, data, allow_pickle=False)
-            return lambda: np.load(path, allow_pickle=False)
-        return data  # a path or another source: read as given
+        except OSError:
+            path.unlink(missing_ok=True)
+            return source
+        return lambda: np.load(path, allow_pickle=False)
 
     with ThreadPoolExecutor(max_workers=threads) as pool, \
             tqdm(total=len(images), desc="download", disable=not progress, unit="img") as bar:
