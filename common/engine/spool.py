@@ -22,7 +22,7 @@ from common.engine.loader import ImageSource
 
 # What a loader may raise for one bad image (missing object, over the size limit, unreadable file):
 # the fit records it for that image, as `iter_batches` does. Anything else (a storage service that is
-# down, a full disk while spooling) fails the fit.
+# down) fails the fit, which is retried.
 IMAGE_ERRORS = (ValueError, OSError, KeyError)
 
 
