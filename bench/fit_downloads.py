@@ -24,7 +24,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchlib import record  # noqa: E402
+from benchlib import HostShares, record  # noqa: E402
 
 
 def free_port() -> int:
@@ -109,14 +109,14 @@ def run(a: argparse.Namespace) -> None:
             counted.update(gets=0, bytes=0)
             model = PatchCore(PatchCoreConfig())
             with tempfile.TemporaryDirectory() as scratch:
-                t = time.perf_counter()
+                host, t = HostShares(), time.perf_counter()
                 stats = model.fit([lambda u=u: read_uri(u) for u in uris], scratch_dir=scratch)
                 wall = time.perf_counter() - t
             record({"arm": arm, "round": round_, "images": len(uris), "train_mb": round(total_mb, 1),
                     "s3_gets": counted["gets"], "s3_mb": round(counted["bytes"] / 2**20, 1),
                     "fit_s": round(wall, 1), "extract_s": stats["extract_seconds"],
                     "resize": model.config.resize, "bank": stats["bank_size"],
-                    "loadavg": round(os.getloadavg()[0], 2), "cpus": os.cpu_count()}, a.out)
+                    "loadavg": round(os.getloadavg()[0], 2), "cpus": os.cpu_count(), **host.shares()}, a.out)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from benchlib import best_of, record
+from benchlib import HostShares, best_of, record
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -152,7 +152,7 @@ def main() -> None:
     from common.engine.preprocessing import resized_hw
     from common.synthetic import encoded_parts
 
-    load0 = os.getloadavg()[0]
+    load0, host = os.getloadavg()[0], HostShares()
     model, index_s = build_model(a)
     images = encoded_parts(a.images, a.side, seed=10_000)
     results = model.predict(images)
@@ -162,7 +162,8 @@ def main() -> None:
            "images": a.images, "image_side": a.side, "input_hw": list(input_hw), "batch_size": a.batch_size,
            "torch_threads": torch.get_num_threads(), "index_build_s": round(index_s, 2),
            **rates(model, images, input_hw, a.repeat),
-           "loadavg_start": round(load0, 2), "loadavg_end": round(os.getloadavg()[0], 2), "cpus": os.cpu_count()}
+           "loadavg_start": round(load0, 2), "loadavg_end": round(os.getloadavg()[0], 2), "cpus": os.cpu_count(),
+           **host.shares()}
     if a.profile:
         row["profile"] = profile(model, images)
     record(row, a.out)
