@@ -452,6 +452,7 @@ def test_fit_stats_time_each_stage_once(model) -> None:
     parts = s["extract_seconds"] + s["coreset_seconds"] + s["index_seconds"] + s["calibrate_seconds"]
     assert parts == pytest.approx(s["fit_seconds"], abs=0.005)
     assert s["index"] == "flat" and min(s["index_seconds"], s["calibrate_seconds"]) >= 0
+    assert s["download_seconds"] == 0.0  # arrays: nothing to fetch
 
 
 def test_nominal_threshold_rule() -> None:
@@ -640,6 +641,7 @@ def test_auto_resize_fit_calls_each_loader_once(train, tmp_path) -> None:
     assert stats["failed_images"] == [{"position": bad, "error": "ObjectTooLarge: s3://b/k is 9 bytes, "
                                                                    "above the limit of 1"}]
     assert list(tmp_path.iterdir()) == []  # spooled files and feature store are gone
+    assert 0 < stats["download_seconds"] <= stats["extract_seconds"] and m.stats is stats
     direct = PatchCore(cfg)
     direct.fit([t if i != bad else b"" for i, t in enumerate(train)])  # same images, no loaders
     assert m.config == direct.config and np.array_equal(m.index.bank, direct.index.bank)

@@ -139,8 +139,12 @@ class PatchCore:
         if self.config.resize == "auto" and needs_spool(images):
             with TemporaryDirectory(prefix="totalrecall-spool-", dir=scratch_dir) as folder:
                 spooled = spool(images, Path(folder), self._feature_store_bound(len(images)), progress=progress)
-                return self._fit(spooled, progress, scratch_dir, t0)
-        return self._fit(images, progress, scratch_dir, t0)
+                download_seconds = time.perf_counter() - t0
+                stats = self._fit(spooled, progress, scratch_dir, t0)
+        else:
+            download_seconds, stats = 0.0, self._fit(images, progress, scratch_dir, t0)
+        stats["download_seconds"] = round(download_seconds, 3)  # spooling's share of extract_seconds
+        return stats
 
     def _feature_store_bound(self, n_images: int) -> int:
         """Bytes the fit's feature store may take, with room to spare: an `auto` input has an area of
