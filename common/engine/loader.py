@@ -17,9 +17,14 @@ import torch
 
 from common.engine.config import PatchCoreConfig
 from common.engine.preprocessing import Geometry, resized_hw, to_input
-from common.images import ImageDecodeError, decode_for, decode_image, decoded_size
+from common.images import decode_for, decode_image, decoded_size
 
 ImageSource = np.ndarray | str | Path | bytes | Callable[[], Any]
+
+# What reading or decoding one image may raise (missing object, over the size limit, unreadable or
+# corrupt file): that image fails and is reported, the others go on. Anything else (a storage service
+# that is down) propagates.
+IMAGE_ERRORS = (ValueError, OSError, KeyError)
 
 
 @dataclass
@@ -61,7 +66,7 @@ def source_sizes(images: Sequence[ImageSource], threads: int = 8) -> list[tuple[
             if isinstance(source, np.ndarray):
                 return int(source.shape[0]), int(source.shape[1])
             return decoded_size(source)
-        except (OSError, ValueError, KeyError):
+        except IMAGE_ERRORS:
             return None
 
     with ThreadPoolExecutor(max_workers=threads) as pool:
@@ -76,7 +81,7 @@ def iter_batches(images: Sequence[ImageSource], config: PatchCoreConfig, mean: t
             image, full_hw = load_rgb(images[pos], config)
             x, geo = to_input(image, config, mean, std, full_hw)
             return pos, x, geo, None
-        except (ImageDecodeError, ValueError, OSError, KeyError) as exc:
+        except IMAGE_ERRORS as exc:  # ImageDecodeError is a ValueError
             return pos, None, None, f"{exc.__class__.__name__}: {exc}"
 
     pending: list[tuple[int, torch.Tensor, Geometry]] = []

@@ -18,12 +18,7 @@ from typing import NoReturn
 import numpy as np
 from tqdm import tqdm
 
-from common.engine.loader import ImageSource
-
-# What a loader may raise for one bad image (missing object, over the size limit, unreadable file):
-# the fit records it for that image, as `iter_batches` does. Anything else (a storage service that is
-# down) fails the fit, which is retried.
-IMAGE_ERRORS = (ValueError, OSError, KeyError)
+from common.engine.loader import IMAGE_ERRORS, ImageSource
 
 
 def needs_spool(images: Sequence[ImageSource]) -> bool:
