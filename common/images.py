@@ -2,7 +2,9 @@
 
 Every image that enters TotalRecall goes through `decode_image`, so the rules live in one place:
 EXIF orientation is applied as a viewer would, 16-bit and palette/CMYK/alpha modes are converted to
-8-bit RGB, decompression bombs are refused from the header alone, and very large images are reduced
+8-bit RGB (grey images with more than 8 bits a sample from their significant bits, `bit_depth`: a
+Mono12 camera's 16-bit files use 0..4095, which the full 16-bit range would squeeze into 16 grey
+levels; `bits_used` tells how many a file uses), decompression bombs are refused from the header alone, and very large images are reduced
 while decoding (JPEG draft mode) and then resized so a batch's memory stays bounded. Pillow reads every
 header and decodes every format, except the pixels of plain 8-bit grey or RGB PNGs, which libpng decodes
 (through imagecodecs) to the same values at about 1.6x the speed.
@@ -26,6 +28,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from common.settings import get_settings
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I")  # Pillow's modes of integer samples wider than 8 bits
 
 
 class ImageDecodeError(ValueError):
@@ -33,26 +36,28 @@ class ImageDecodeError(ValueError):
 
 
 def decode_image(source: bytes | str | Path, max_side: int | None = None,
-                 at_least: tuple[int, int] | None = None) -> np.ndarray:
+                 at_least: tuple[int, int] | None = None, bit_depth: int = 0) -> np.ndarray:
     """Decode an image to an (H, W, 3) uint8 RGB array, oriented as a viewer shows it.
 
     `at_least` (height, width, as shown) says the caller needs no more pixels than that (it resizes the
     image to that size or smaller): a JPEG is then decoded at 1/2, 1/4 or 1/8 scale (the DCT's own
     downscaling, several times cheaper than a full decode) as long as the result stays at least that
     large, and the array is smaller than `decoded_size(source)`, which stays the image's size.
+    `bit_depth` (8..16; 0: the container's full range) is the significant bits of a grey image stored with
+    more than 8 bits a sample: 0..2**bit_depth-1 becomes 0..255, larger values 255.
     """
-    return _decode(source, max_side, None if at_least is None else lambda h, w: at_least)[0]
+    return _decode(source, max_side, None if at_least is None else lambda h, w: at_least, bit_depth)[0]
 
 
-def decode_for(source: bytes | str | Path,
-               needed: Callable[[int, int], tuple[int, int]]) -> tuple[np.ndarray, tuple[int, int]]:
+def decode_for(source: bytes | str | Path, needed: Callable[[int, int], tuple[int, int]],
+               bit_depth: int = 0) -> tuple[np.ndarray, tuple[int, int]]:
     """`decode_image` with `at_least = needed(*size)` for the image's own size, and that size
     (`decoded_size`), from one reading of the header."""
-    return _decode(source, None, needed)
+    return _decode(source, None, needed, bit_depth)
 
 
-def _decode(source: bytes | str | Path, max_side: int | None,
-            needed: Callable[[int, int], tuple[int, int]] | None) -> tuple[np.ndarray, tuple[int, int]]:
+def _decode(source: bytes | str | Path, max_side: int | None, needed: Callable[[int, int], tuple[int, int]] | None,
+            bit_depth: int) -> tuple[np.ndarray, tuple[int, int]]:
     settings = get_settings()
     max_pixels, max_side = settings.max_image_pixels, max_side or settings.max_image_side
     Image.MAX_IMAGE_PIXELS = max_pixels  # Pillow's own bomb check (it refuses above twice this) follows ours
@@ -79,7 +84,7 @@ def _decode(source: bytes | str | Path, max_side: int | None,
             img.load()
             img = _reduce(img, max_side)
             img = ImageOps.exif_transpose(img)
-            rgb = _to_rgb(img)
+            rgb = _to_rgb(img, bit_depth)
     except ImageDecodeError:
         raise
     except Image.DecompressionBombError as exc:
@@ -205,6 +210,19 @@ def decoded_size(source: bytes | str | Path) -> tuple[int, int] | None:
         return None
 
 
+def bits_used(source: bytes | str | Path) -> int | None:
+    """Bits that the largest sample of a grey image stored with more than 8 bits a sample needs (12 for
+    a Mono12 camera's 16-bit file, whatever its content, as long as one pixel is above 2047); None for
+    images of 8-bit samples and for unreadable ones. Decodes the pixels of high-bit images only."""
+    try:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
+            if img.mode not in HIGH_BIT_MODES or img.size[0] * img.size[1] > get_settings().max_image_pixels:
+                return None  # a refused image fails, with its reason, when it is decoded
+            return max(1, int(np.asarray(img).max()).bit_length())
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return None
+
+
 def _reduce(img: Image.Image, max_side: int) -> Image.Image:
     """Shrink by an integer factor (box filter) while the longer side stays >= max_side.
 
@@ -219,10 +237,13 @@ def _reduce(img: Image.Image, max_side: int) -> Image.Image:
         return img
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+def _to_rgb(img: Image.Image, bit_depth: int = 0) -> Image.Image:
+    if img.mode in HIGH_BIT_MODES or img.mode == "F":
         arr = np.asarray(img, dtype=np.float32)
-        top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        if bit_depth and img.mode in HIGH_BIT_MODES:
+            top = float(2**bit_depth - 1)
+        else:  # the container's range: 16 bits, or 8 for 32-bit integers or floats that stay within 0..255
+            top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
         arr8 = np.clip(arr * (255.0 / top), 0, 255).astype(np.uint8)
         return Image.fromarray(arr8, mode="L").convert("RGB")
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):

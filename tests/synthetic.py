@@ -54,6 +54,15 @@ def png_bytes(array: np.ndarray, mode: str | None = None) -> bytes:
     return buf.getvalue()
 
 
+def mono12_png(gray: np.ndarray, add: np.ndarray | float = 0.0) -> bytes:
+    """A 16-bit grey PNG as a Mono12 camera writes one: the 8-bit `gray` (plus `add`, in 12-bit levels)
+    on the scale 0..4095, the upper four bits of each 16-bit sample unused."""
+    twelve = np.clip(gray.astype(np.float64) * 4095 / 255 + add, 0, 4095).astype(np.uint16)
+    buf = io.BytesIO()
+    Image.fromarray(twelve).save(buf, "PNG")
+    return buf.getvalue()
+
+
 def jpeg_bytes(image: Image.Image, **kwargs) -> bytes:
     buf = io.BytesIO()
     image.save(buf, "JPEG", quality=95, **kwargs)

@@ -27,11 +27,12 @@ from common.engine.config import PatchCoreConfig
 from common.engine.evaluate import evaluate
 from common.engine.metrics import f1_max
 from common.engine.patchcore import PatchCore
-from common.images import decode_image
+from common.images import bits_used, decode_image
 from tests.synthetic import (
     blob_mask,
     jpeg_bytes,
     make_mvtec,
+    mono12_png,
     one_bit_png,
     plant,
     png_bytes,
@@ -184,6 +185,45 @@ def test_decode_modes() -> None:
     assert d.shape == (96, 64, 3)  # rotated: stored 64 x 96 is shown 96 high, 64 wide
     # rotating 90 degrees clockwise moves the stored top-left corner to the top-right
     assert d[:16, -16:].mean() > 240 and d[:16, :16].mean() < 240
+
+
+def test_high_bit_depth_grey_is_scaled_from_its_significant_bits() -> None:
+    gray = texture(np.random.default_rng(4), 64, 96)[..., 0]
+    mono12 = mono12_png(gray)
+    assert bits_used(mono12) == 12 and bits_used(png_bytes(gray)) is None
+    d = decode_image(mono12, bit_depth=12)
+    assert d.shape == (64, 96, 3) and np.abs(d[..., 0].astype(int) - gray).max() <= 1
+    squeezed = decode_image(mono12)  # 0: the container's full 16-bit range, 4095 -> 15
+    assert squeezed.max() <= 15 and len(np.unique(squeezed)) <= 16
+    clipped = decode_image(mono12, bit_depth=8)  # values above 2**bit_depth - 1 saturate
+    assert np.array_equal(clipped[..., 0], np.minimum(gray.astype(np.uint32) * 4095 // 255, 255))
+    assert np.array_equal(decode_image(png_bytes(gray), bit_depth=12)[..., 0], gray)  # 8-bit: unchanged
+    with pytest.raises(ValueError, match="bit_depth"):
+        PatchCoreConfig(bit_depth=7)
+    old = {k: v for k, v in CFG.to_dict().items() if k != "bit_depth"}  # artifacts from before the setting
+    assert PatchCoreConfig.from_dict(old).bit_depth == 0  # and so the full range they were fitted with
+
+
+def test_fit_resolves_the_bit_depth_of_a_mono12_product(train) -> None:
+    """A Mono12 camera's faint defect (10 grey levels once scaled from 12 bits) is found when the fit
+    reads the bit depth off the training images; at the full 16-bit range it is lost in quantisation."""
+    rng = np.random.default_rng(5)
+    nominal = [mono12_png(texture(rng)[..., 0]) for _ in range(5)]
+    defects = [mono12_png(texture(rng)[..., 0], 240.0 * blob_mask(128, 128, c, 10))
+               for c in [(40, 40), (80, 90), (60, 30)]]
+    fitted = {}
+    for bit_depth in (0, 16):
+        m = PatchCore(replace(CFG, bit_depth=bit_depth))
+        m.fit([mono12_png(image[..., 0]) for image in train])
+        fitted[bit_depth] = m
+    assert fitted[0].config.bit_depth == 12
+    scores = {b: ([r.score for r in m.predict(nominal)], [r.score for r in m.predict(defects)])
+              for b, m in fitted.items()}
+    assert min(scores[0][1]) > max(scores[0][0])
+    assert min(scores[16][1]) < max(scores[16][0])
+    rgb = PatchCore(CFG)
+    rgb.fit(train[:4])
+    assert rgb.config.bit_depth == 0  # no training image of more than 8 bits: nothing to resolve
 
 
 def test_every_mode_scores_with_the_images_own_size(model, tmp_path) -> None:
@@ -570,7 +610,7 @@ def test_cli_evaluate(dataset, tmp_path) -> None:
     out = tmp_path / "report" / "r.json"
     cmd = [sys.executable, "-m", "totalrecall.cli", "evaluate", "--data", str(dataset["root"]),
            "--category", dataset["category"], "--image-size", "96", "--coreset-ratio", "0.25",
-           "--batch-size", "4", "--index", "ivf_flat", "--index-min-bank", "0", "--precision", "fp32", "--quiet", "--json", str(out)]
+           "--batch-size", "4", "--index", "ivf_flat", "--index-min-bank", "0", "--precision", "fp32", "--bit-depth", "12", "--quiet", "--json", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[1])
     assert proc.returncode == 0, proc.stderr
     assert "image AUROC" in proc.stdout
@@ -587,7 +627,7 @@ def test_cli_evaluate(dataset, tmp_path) -> None:
     assert report["failed_images"] == []
     assert report["config"]["image_size"] == 96 and report["config"]["coreset_ratio"] == 0.25
     assert report["config"]["index"] == report["index"] == "ivf_flat"  # the fit option reached the model
-    assert report["config"]["precision"] == "fp32"
+    assert report["config"]["precision"] == "fp32" and report["config"]["bit_depth"] == 12
     assert report["index_seconds"] >= 0 and report["calibrate_seconds"] >= 0
 
 

@@ -31,7 +31,16 @@ from common.db import (
 )
 from common.migrate import upgrade
 from common.synthetic import mask_png_bytes, nominal_image, plant_defect, png_bytes
-from totalrecall.report import THUMB_SIDE, add_report_command, build_report, histogram_svg, overlay
+from tests.synthetic import mono12_png
+from totalrecall.report import (
+    THUMB_SIDE,
+    add_report_command,
+    build_report,
+    card_pictures,
+    histogram_svg,
+    load_report_data,
+    overlay,
+)
 
 CHROMIUM = Path("/usr/bin/chromium")
 SIZE = 480  # larger than THUMB_SIDE: the report must downscale
@@ -273,6 +282,18 @@ def test_report_of_a_job_without_results(tmp_path: Path) -> None:
 
     with pytest.raises(LookupError, match="no job 999"):
         build_report(999, tmp_path / "none.html", database_url=s.url)
+
+
+def test_report_shows_a_mono12_original_as_the_model_read_it(tmp_path: Path) -> None:
+    s = _setup(tmp_path)
+    gray = nominal_image(0, SIZE)[..., 1]
+    Path(s.by_score[0]).write_bytes(mono12_png(gray))  # 16-bit file, values 0..4095
+    with session_scope(s.url) as session:
+        session.query(ModelVersion).one().config = {"bit_depth": 12}  # what the fit resolved
+    card = load_report_data(s.job_id, TOP_N, s.url).top[0]
+    assert card.image_uri == s.by_score[0] and card.bit_depth == 12
+    original = np.asarray(card_pictures(card)[0], dtype=np.float64)
+    assert abs(original.mean() - gray.mean()) < 3  # at the full 16-bit range it would be 16x darker
 
 
 def test_report_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:

@@ -36,6 +36,9 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--precision", choices=PRECISIONS, default=d.precision,
                    help="backbone arithmetic: auto (bf16 on CUDA, fp32 on CPU), fp32, or bf16 (fast on AMX CPUs)")
+    p.add_argument("--bit-depth", type=int, default=d.bit_depth,
+                   help="significant bits of grey images stored with more than 8 bits a sample, e.g. 12 "
+                   "for a Mono12 camera (0: the most the training images use)")
     p.add_argument("--index", choices=INDEX_TYPES, default=d.index,
                    help="kNN index: flat (exact), ivf_flat or ivf_pq (approximate, for large banks)")
     p.add_argument("--index-min-bank", type=int, default=d.index_min_bank,
@@ -54,6 +57,7 @@ def config_from_args(a: argparse.Namespace) -> PatchCoreConfig:
         coreset_ratio=a.coreset_ratio, coreset_min_size=a.coreset_min_size, projection_dim=a.projection_dim,
         num_neighbors=a.num_neighbors,
         holdout_fraction=a.holdout_fraction, batch_size=a.batch_size, seed=a.seed, precision=a.precision,
+        bit_depth=a.bit_depth,
         index=a.index, index_min_bank=a.index_min_bank, index_nlist=a.index_nlist, index_nprobe=a.index_nprobe,
         index_pq_m=a.index_pq_m,
     )

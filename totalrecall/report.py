@@ -51,6 +51,7 @@ class Scored:
     peak: tuple[int, int] | None
     mask_uri: str | None
     heatmap_uri: str | None
+    bit_depth: int = 0  # how the model read the original (`PatchCoreConfig.bit_depth`), shown alike
 
 
 @dataclass(frozen=True)
@@ -129,9 +130,10 @@ def load_report_data(job_id: int, top_n: int, database_url: str | None = None) -
         failures = [(uri, error or "no reason recorded") for uri, error in session.execute(
             select(Result.image_uri, Result.error).where(of_job, Result.status == ResultStatus.FAILED.value)
             .order_by(Result.id).limit(MAX_FAILURES))]
+        bit_depth = int((mv.config or {}).get("bit_depth", 0)) if mv is not None else 0
         top = [Scored(i + 1, r.image_uri, r.score, r.threshold, bool(r.is_anomalous), r.defect_fraction,
                       (r.max_y, r.max_x) if r.max_y is not None and r.max_x is not None else None,
-                      r.mask_uri, r.heatmap_uri) for i, r in enumerate(top_rows)]
+                      r.mask_uri, r.heatmap_uri, bit_depth) for i, r in enumerate(top_rows)]
         threshold = mv.image_threshold if mv is not None else None
         if threshold is None and top:
             threshold = top[0].threshold
@@ -155,13 +157,14 @@ class PictureError(Exception):
     """A picture could not be produced; the message is shown in its placeholder."""
 
 
-def thumbnail(uri: str | None, what: str, max_side: int = THUMB_SIDE) -> Image.Image:
-    """The image at `uri` as RGB, longest side at most `max_side` (PictureError says why not)."""
+def thumbnail(uri: str | None, what: str, max_side: int = THUMB_SIDE, bit_depth: int = 0) -> Image.Image:
+    """The image at `uri` as RGB, longest side at most `max_side` (PictureError says why not); a grey
+    image of more than 8 bits a sample scaled from `bit_depth` (`common.images.decode_image`)."""
     if not uri:
         raise PictureError(f"no {what} saved for this image (TOTALRECALL_SAVE_MAPS: by default only "
                            "images with a finding keep their mask and heatmap)")
     try:
-        return Image.fromarray(decode_image(read_uri(uri), max_side=max_side))
+        return Image.fromarray(decode_image(read_uri(uri), max_side=max_side, bit_depth=bit_depth))
     except Exception as exc:  # any storage or decoding trouble becomes a placeholder, never a crash
         raise PictureError(f"{what} unavailable: {redact_text(str(exc)) or type(exc).__name__}") from exc
 
@@ -201,7 +204,7 @@ def data_uri(picture: Image.Image, fmt: str = "JPEG") -> str:
 def card_pictures(card: Scored) -> tuple[Image.Image | str, Image.Image | str, Image.Image | str]:
     """(original, overlay, mask): each a picture, or the reason it is missing."""
     try:
-        original: Image.Image | str = thumbnail(card.image_uri, "original image")
+        original: Image.Image | str = thumbnail(card.image_uri, "original image", bit_depth=card.bit_depth)
     except PictureError as exc:
         original = str(exc)
     size = original.size if isinstance(original, Image.Image) else None

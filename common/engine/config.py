@@ -34,6 +34,11 @@ class PatchCoreConfig:
     # closest scores across devices); bf16 everywhere halves the backbone's CPU time on CPUs with AMX
     # (docs/benchmarks.md section 4) at a small accuracy cost
     precision: str = "auto"
+    # significant bits of images stored with more than 8 bits a sample (12 for a Mono12 camera writing
+    # 16-bit files): their values are scaled from 0..2**bit_depth-1 to 8 bits, the same for every image of
+    # the product. 0 (auto, resolved by fit): the most bits any training image uses, at least 8; left at 0
+    # (no such training image, or an artifact from before this setting), the container's full range
+    bit_depth: int = 0
     index: str = "flat"  # kNN index: "flat" (exact), "ivf_flat" or "ivf_pq" (approximate, large banks)
     index_min_bank: int = 100_000  # banks smaller than this always get the exact index
     index_nlist: int = 0  # IVF coarse lists; 0: about 4 * sqrt(bank size)
@@ -60,6 +65,8 @@ class PatchCoreConfig:
                              "keep_aspect keeps the whole field of view")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, not {self.precision!r}")
+        if self.bit_depth != 0 and not 8 <= self.bit_depth <= 16:
+            raise ValueError("bit_depth must be 0 (auto) or 8..16")
         if self.index not in INDEX_TYPES:
             raise ValueError(f"index must be one of {INDEX_TYPES}, not {self.index!r}")
         if min(self.index_min_bank, self.index_nlist, self.index_pq_m) < 0 or self.index_nprobe < 1:

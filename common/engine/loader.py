@@ -17,7 +17,7 @@ import torch
 
 from common.engine.config import PatchCoreConfig
 from common.engine.preprocessing import Geometry, resized_hw, to_input
-from common.images import decode_for, decode_image, decoded_size
+from common.images import bits_used, decode_for, decode_image, decoded_size
 
 ImageSource = np.ndarray | str | Path | bytes | Callable[[], Any]
 
@@ -45,7 +45,8 @@ def load_rgb(source: ImageSource, config: PatchCoreConfig | None = None) -> tupl
 
     With a config, a JPEG is decoded only as large as the model's input for it (`decode_for`): a
     5-megapixel photo is then decoded at 1/4 scale, the array is smaller than the image, and the size
-    returned is the image's, which maps and masks keep. The header is read once for both."""
+    returned is the image's, which maps and masks keep. The header is read once for both. Grey images of
+    more than 8 bits a sample are scaled from the config's `bit_depth`."""
     if callable(source):
         source = source()
     if isinstance(source, np.ndarray):
@@ -53,24 +54,33 @@ def load_rgb(source: ImageSource, config: PatchCoreConfig | None = None) -> tupl
     if config is None:
         image = decode_image(source)
         return image, (int(image.shape[0]), int(image.shape[1]))
-    return decode_for(source, lambda h, w: resized_hw(h, w, config))
+    return decode_for(source, lambda h, w: resized_hw(h, w, config), config.bit_depth)
 
 
 def source_sizes(images: Sequence[ImageSource], threads: int = 8) -> list[tuple[int, int]]:
     """(height, width) of every readable image, from headers (a loader is called, i.e. downloaded,
     once for this); unreadable ones are left out: they fail again, and are reported, when decoded."""
-    def size(source: ImageSource) -> tuple[int, int] | None:
+    return _survey(images, lambda s: (int(s.shape[0]), int(s.shape[1])) if isinstance(s, np.ndarray)
+                   else decoded_size(s), threads)
+
+
+def source_bits(images: Sequence[ImageSource], threads: int = 8) -> list[int]:
+    """`common.images.bits_used` of every image stored with more than 8 bits a sample (arrays are 8-bit
+    RGB already); the others are left out."""
+    return _survey(images, lambda s: None if isinstance(s, np.ndarray) else bits_used(s), threads)
+
+
+def _survey(images: Sequence[ImageSource], read: Callable[[Any], Any], threads: int) -> list:
+    """`read` of every image (a loader is called for it), in parallel; None results and images that
+    cannot be read are left out."""
+    def one(source: ImageSource) -> Any:
         try:
-            if callable(source):
-                source = source()
-            if isinstance(source, np.ndarray):
-                return int(source.shape[0]), int(source.shape[1])
-            return decoded_size(source)
+            return read(source() if callable(source) else source)
         except IMAGE_ERRORS:
             return None
 
     with ThreadPoolExecutor(max_workers=threads) as pool:
-        return [s for s in pool.map(size, images) if s is not None]
+        return [r for r in pool.map(one, images) if r is not None]
 
 
 def iter_batches(images: Sequence[ImageSource], config: PatchCoreConfig, mean: tuple[float, ...],

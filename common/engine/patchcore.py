@@ -22,9 +22,9 @@ from common.engine.coreset import StreamingProjection, coreset_size, greedy_from
 from common.engine.features import PatchFeatures
 from common.engine.featurestore import FeatureStore
 from common.engine.knn import IndexSpec, IndexState, NearestNeighbors
-from common.engine.loader import Batch, Failed, ImageSource, iter_batches, source_sizes
+from common.engine.loader import Batch, Failed, ImageSource, iter_batches, source_bits, source_sizes
 from common.engine.maps import anomaly_map
-from common.engine.preprocessing import resolve_resize
+from common.engine.preprocessing import resolve_bit_depth, resolve_resize
 from common.engine.scoring import image_scores
 from common.engine.spool import needs_spool, spool
 
@@ -134,9 +134,10 @@ class PatchCore:
         Memory stays bounded whatever the number of images: patch features go to a temporary file
         (in `scratch_dir`, default `TMPDIR`) batch by batch while their random projection accumulates
         in memory (N x projection_dim float32); the coreset is chosen on the projection and its rows are
-        then read back from the file. With `resize="auto"`, loaders are called once each (`spool`)."""
+        then read back from the file. The `auto` settings are resolved from the training images first;
+        when they are, loaders are called once each for both (`spool`)."""
         t0 = time.perf_counter()
-        if self.config.resize == "auto" and needs_spool(images):
+        if self._surveys_sources() and needs_spool(images):
             with TemporaryDirectory(prefix="totalrecall-spool-", dir=scratch_dir) as folder:
                 spooled = spool(images, Path(folder), self._feature_store_bound(len(images)), progress=progress)
                 download_seconds = time.perf_counter() - t0
@@ -145,6 +146,11 @@ class PatchCore:
             download_seconds, stats = 0.0, self._fit(images, progress, scratch_dir, t0)
         stats["download_seconds"] = round(download_seconds, 3)  # spooling's share of extract_seconds
         return stats
+
+    def _surveys_sources(self) -> bool:
+        """Whether the fit reads every training image before extracting features, to resolve `auto`
+        settings (resize from the sizes, bit_depth from the samples of high-bit images)."""
+        return self.config.resize == "auto" or self.config.bit_depth == 0
 
     def _feature_store_bound(self, n_images: int) -> int:
         """Bytes the fit's feature store may take, with room to spare: an `auto` input has an area of
@@ -156,6 +162,8 @@ class PatchCore:
              t0: float) -> dict[str, Any]:
         if self.config.resize == "auto":
             self.config = resolve_resize(self.config, source_sizes(images))
+        if self.config.bit_depth == 0:
+            self.config = resolve_bit_depth(self.config, source_bits(images))
         cfg = self.config
         bank_ids, hold_ids = calibration.holdout_split(len(images), cfg.holdout_fraction, cfg.seed)
         projection = StreamingProjection(self.features.dim, cfg.projection_dim, cfg.seed, self.device,

@@ -42,6 +42,16 @@ def resolve_resize(config: PatchCoreConfig, sizes: Sequence[tuple[int, int]]) ->
     return replace(config, resize="scale", scale=factor)
 
 
+def resolve_bit_depth(config: PatchCoreConfig, bits: Sequence[int]) -> PatchCoreConfig:
+    """`config` with bit_depth=0 (auto) made concrete from `common.images.bits_used` of the training
+    images stored with more than 8 bits a sample: the most any of them uses, at least 8, so every image of
+    the product is scaled alike (brightness stays comparable) and a Mono12 camera's values fill 8 bits.
+    Left at 0 (the container's full range) when no training image has more than 8 bits a sample."""
+    if config.bit_depth != 0 or not bits:
+        return config
+    return replace(config, bit_depth=min(16, max(8, max(bits))))
+
+
 def resized_hw(h: int, w: int, config: PatchCoreConfig) -> tuple[int, int]:
     """Size the whole image is resized to (before any center crop)."""
     # resize="auto" is resolved by fit(); a bank built otherwise (extract + set_bank) means keep_aspect
