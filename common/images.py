@@ -2,12 +2,12 @@
 
 Every image that enters TotalRecall goes through `decode_image`, so the rules live in one place:
 EXIF orientation is applied as a viewer would, 16-bit and palette/CMYK/alpha modes are converted to
-8-bit RGB (grey images with more than 8 bits a sample from their significant bits, `bit_depth`: a
-Mono12 camera's 16-bit files use 0..4095, which the full 16-bit range would squeeze into 16 grey
-levels; `bits_used` tells how many a file uses), decompression bombs are refused from the header alone, and very large images are reduced
-while decoding (JPEG draft mode) and then resized so a batch's memory stays bounded. Pillow reads every
-header and decodes every format, except the pixels of plain 8-bit grey or RGB PNGs, which libpng decodes
-(through imagecodecs) to the same values at about 1.6x the speed.
+8-bit RGB (grey images of more than 8 bits a sample from their significant bits, `bit_depth`: a Mono12
+camera's 16-bit files hold 0..4095, which the full 16-bit range would squeeze into 16 grey levels;
+`bits_used` tells how many a file needs), decompression bombs are refused from the header alone, and
+very large images are reduced while decoding (JPEG draft mode) and then resized so a batch's memory
+stays bounded. Pillow reads every header and decodes every format, except the pixels of plain 8-bit
+grey or RGB PNGs, which libpng decodes (through imagecodecs) to the same values at about 1.6x the speed.
 
 Limits come from the settings: `TOTALRECALL_MAX_IMAGE_PIXELS` (refused above it, from the header) and
 `TOTALRECALL_MAX_IMAGE_SIDE` (longer side after decoding). Peak memory of one decode is therefore at most
@@ -212,8 +212,8 @@ def decoded_size(source: bytes | str | Path) -> tuple[int, int] | None:
 
 def bits_used(source: bytes | str | Path) -> int | None:
     """Bits that the largest sample of a grey image stored with more than 8 bits a sample needs (12 for
-    a Mono12 camera's 16-bit file, whatever its content, as long as one pixel is above 2047); None for
-    images of 8-bit samples and for unreadable ones. Decodes the pixels of high-bit images only."""
+    a Mono12 camera's 16-bit file with any pixel above 2047); None for images of 8-bit samples and for
+    unreadable ones. Decodes the pixels of high-bit images only."""
     try:
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
             if img.mode not in HIGH_BIT_MODES or img.size[0] * img.size[1] > get_settings().max_image_pixels:
