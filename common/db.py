@@ -185,6 +185,9 @@ class ModelVersion(Base):
     config: Mapped[dict[str, Any]] = mapped_column(default=dict)
     image_threshold: Mapped[float | None] = mapped_column(Float)
     pixel_threshold: Mapped[float | None] = mapped_column(Float)
+    # median image score of the nominal images held out at fit time: where a stable process's scores sit,
+    # the reference of the score-drift check (`common.drift`)
+    nominal_median_score: Mapped[float | None] = mapped_column(Float)
     train_image_count: Mapped[int | None] = mapped_column(Integer)
     validation: Mapped[dict[str, Any] | None] = mapped_column()
     status: Mapped[str] = mapped_column(String(16), default=ModelStatus.TRAINING.value)
@@ -222,6 +225,8 @@ class Job(Base):
     started_at: Mapped[datetime | None] = mapped_column()
     finished_at: Mapped[datetime | None] = mapped_column()
     error: Mapped[str | None] = mapped_column(Text)
+    median_score: Mapped[float | None] = mapped_column(Float)  # score jobs: median image score, at the end
+    warning: Mapped[str | None] = mapped_column(Text)  # e.g. score drift (`common.drift`); the job succeeded
     enqueued_by: Mapped[str | None] = mapped_column(String(200))
     # e.g. "nightly:<product>:<date>:<model_version>"; NULL for ad-hoc jobs (NULLs never collide).
     idempotency_key: Mapped[str | None] = mapped_column(String(255))
@@ -296,6 +301,8 @@ job_summary = Table(
     Column("queued_seconds", Float),  # started_at - created_at
     Column("run_seconds", Float),  # finished_at - started_at
     Column("error", Text),
+    Column("median_score", Float),
+    Column("warning", Text),
 )
 READONLY_ROLE = "totalrecall_readonly"  # PostgreSQL role allowed to SELECT the two views only
 

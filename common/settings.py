@@ -52,6 +52,7 @@ DEFAULT_PRELOAD_BACKBONES = ("efficientnet_lite0",)
 # non-empty mask), "all", or "none" (result rows only). Every scored image gets its row either way.
 SAVE_MAPS_CHOICES = ("findings", "all", "none")
 DEFAULT_SAVE_MAPS = "findings"
+DEFAULT_DRIFT_LEVEL = 0.5  # common.drift: a run's median score halfway from nominal to the threshold
 
 REDACTED = "***"
 # Query parameters whose values are secrets (e.g. `?password=` accepted by libpq and redis-py).
@@ -93,6 +94,7 @@ class Settings:
     max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
     preload_backbones: tuple[str, ...] = DEFAULT_PRELOAD_BACKBONES  # built when a worker process starts
     save_maps: str = DEFAULT_SAVE_MAPS  # which scored images get mask and heatmap PNGs (SAVE_MAPS_CHOICES)
+    drift_level: float = DEFAULT_DRIFT_LEVEL  # score jobs warn from this drift level (common.drift); 0: off
     # Fault-injection tests only: seconds a scoring task sleeps after each image (and a fit before each
     # training image), so that "in the middle of a chunk" lasts long enough to kill a worker in.
     test_chunk_delay: float = 0.0
@@ -127,6 +129,7 @@ class Settings:
             max_image_bytes=_positive_int(env, "MAX_IMAGE_BYTES", DEFAULT_MAX_IMAGE_BYTES),
             preload_backbones=_names(env, "PRELOAD_BACKBONES", DEFAULT_PRELOAD_BACKBONES),
             save_maps=_choice(env, "SAVE_MAPS", SAVE_MAPS_CHOICES, DEFAULT_SAVE_MAPS),
+            drift_level=_non_negative(env, "DRIFT_LEVEL", DEFAULT_DRIFT_LEVEL),
             test_chunk_delay=_seconds(env, "TEST_CHUNK_DELAY"),
         )._checked()
 
@@ -173,6 +176,7 @@ class Settings:
             "image_limits": f"{self.max_image_pixels} px, side {self.max_image_side}, {self.max_image_bytes} B",
             "preload_backbones": ",".join(self.preload_backbones) or "(none)",
             "save_maps": self.save_maps,
+            "drift_level": f"{self.drift_level:g}" if self.drift_level else "(off)",
             "test_chunk_delay": f"{self.test_chunk_delay:g} s",
         }
 
@@ -275,15 +279,20 @@ def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...], default
 
 def _seconds(env: Mapping[str, str], name: str) -> float:
     """A non-negative number of seconds (default 0)."""
+    return _non_negative(env, name, 0.0, "number of seconds")
+
+
+def _non_negative(env: Mapping[str, str], name: str, default: float, what: str = "number") -> float:
+    """A finite non-negative number."""
     raw = _get(env, name)
     if raw is None:
-        return 0.0
+        return default
     try:
         value = float(raw)
     except ValueError:
         value = -1.0
     if not value >= 0 or value == float("inf"):
-        raise SettingsError(f"{PREFIX}{name} must be a non-negative number of seconds, got {raw!r}")
+        raise SettingsError(f"{PREFIX}{name} must be a non-negative {what}, got {raw!r}")
     return value
 
 

@@ -357,7 +357,7 @@ def test_readonly_login_reads_views_only(clean_pg_url: str) -> None:
             assert connection.execute(sa.text("SELECT current_user")).scalar() == READONLY_ROLE
             rows = connection.execute(sa.text("SELECT image_uri, verdict FROM anomaly_history")).all()
             assert ("s3://b/ro.png", "anomalous") in rows
-            connection.execute(sa.text("SELECT count(*) FROM job_summary")).scalar()
+            connection.execute(sa.text("SELECT count(*), max(warning), max(median_score) FROM job_summary")).one()
         insert = (
             "INSERT INTO results (job_id, model_version_id, product_id, image_uri, status) "
             "VALUES (:job, :mv, :product, 's3://b/evil.png', 'ok')"

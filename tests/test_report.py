@@ -296,6 +296,18 @@ def test_report_shows_a_mono12_original_as_the_model_read_it(tmp_path: Path) -> 
     assert abs(original.mean() - gray.mean()) < 3  # at the full 16-bit range it would be 16x darker
 
 
+def test_report_shows_the_median_score_and_a_drift_warning(tmp_path: Path) -> None:
+    s = _setup(tmp_path)
+    warning = "score drift: the median image score 2.2 is 150% of the way from ... <refit>"
+    with session_scope(s.url) as session:
+        job = session.get(Job, s.job_id)
+        job.median_score, job.warning = 2.25, warning
+    page = build_report(s.job_id, tmp_path / "drift.html", database_url=s.url).read_text()
+    text = " ".join(_parse(page).text)
+    assert "Median image score" in text and "2.25" in text
+    assert warning in text and "<refit>" not in page  # shown, and escaped
+
+
 def test_report_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     s = _setup(tmp_path)
     monkeypatch.setenv("TOTALRECALL_DATABASE_URL", s.url)

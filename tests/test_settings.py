@@ -134,6 +134,10 @@ def test_worker_settings_defaults_and_overrides() -> None:
     assert s.fit_time_limits == (20000, 20060) and s.visibility_timeout == 60 and s.download_threads == 2
     assert Settings.from_env({}).save_maps == "findings"
     assert Settings.from_env({"TOTALRECALL_SAVE_MAPS": "ALL"}).save_maps == "all"
+    assert Settings.from_env({}).drift_level == 0.5
+    assert Settings.from_env({"TOTALRECALL_DRIFT_LEVEL": "0"}).drift_level == 0.0
+    with pytest.raises(SettingsError, match="TOTALRECALL_DRIFT_LEVEL"):
+        Settings.from_env({"TOTALRECALL_DRIFT_LEVEL": "-1"})
 
 
 def test_soft_time_limit_must_be_below_the_hard_one() -> None:

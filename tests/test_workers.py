@@ -6,6 +6,8 @@ One small product is fitted once per module; the tests then score, reschedule an
 from __future__ import annotations
 
 import io
+import logging
+import statistics
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,6 +27,7 @@ from common.db import (
     Product,
     Result,
     ResultStatus,
+    job_summary,
     session_scope,
 )
 from common.engine.artifact import BANK_FILE, META_FILE, ArtifactError, sha256_file
@@ -38,6 +41,7 @@ from scheduler.jobs import new_score_job, nightly_key
 from scheduler.nightly import schedule_nightly
 from scheduler.products import SchedulingError, add_product
 from tests.conftest import embedded_default
+from totalrecall.jobs_view import format_jobs, load_jobs
 from workers.app import FIT_QUEUE, SCORE_QUEUE, celery_config
 from workers.fitting import check_validation
 from workers.model_cache import ModelCache, get_model_cache
@@ -215,6 +219,52 @@ def test_save_maps_all_or_none(embedded: Embedded, monkeypatch: pytest.MonkeyPat
         else:
             assert np.asarray(Image.open(row.mask_uri)).shape == (SIZE, SIZE)
             assert np.asarray(Image.open(row.heatmap_uri)).shape == (SIZE, SIZE)
+
+
+def _nightly(day: date, level: str | None = None) -> Job:
+    """Schedule (and, in-process, run) the nightly of `day`, with TOTALRECALL_DRIFT_LEVEL=level if given."""
+    with pytest.MonkeyPatch.context() as mp:
+        if level is not None:
+            mp.setenv("TOTALRECALL_DRIFT_LEVEL", level)
+        reset_settings_cache()
+        try:
+            (scheduled,) = schedule_nightly(day).jobs
+        finally:
+            mp.undo()
+            reset_settings_cache()
+    return _job(scheduled.job_id)
+
+
+def test_nightly_records_its_median_score_and_warns_of_score_drift(embedded: Embedded,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    version = _active_version()
+    assert version.nominal_median_score == pytest.approx(statistics.median(version.validation["holdout_scores"]))
+    steady = date(2026, 4, 1)
+    _write_archive(embedded, steady, corrupt=False)  # 8 parts, 2 of them with a defect
+    job = _nightly(steady)
+    scores = sorted(r.score for r in _results(job.id))
+    assert job.status == "succeeded" and job.median_score == scores[(len(scores) - 1) // 2]
+    assert job.warning is None
+
+    for name, day in (("dark", date(2026, 4, 2)), ("dark, check off", date(2026, 4, 3))):
+        for i in range(8):  # the lighting changed: every good part photographed at half the brightness
+            image = (nominal_image(day.toordinal() + i, SIZE) * 0.5).astype(np.uint8)
+            embedded.store.put_bytes(f"archive/{day.isoformat()}/{PRODUCT}/img {i}.png", png_bytes(image))
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="workers.job_state"):
+            job = _nightly(day, level="0" if "off" in name else None)
+        drift_events = [r.getMessage() for r in caplog.records if "event=score_drift" in r.getMessage()]
+        assert job.status == "succeeded" and job.error is None, name
+        assert job.median_score > version.image_threshold > version.nominal_median_score, name
+        if "off" in name:
+            assert job.warning is None and drift_events == []
+            continue
+        assert job.warning.startswith("score drift: the median image score") and "refit" in job.warning
+        assert len(drift_events) == 1 and f"job={job.id}" in drift_events[0]
+        with session_scope() as session:  # for SQL users, in the job_summary view
+            assert session.execute(select(job_summary.c.warning, job_summary.c.median_score)
+                                   .where(job_summary.c.job_id == job.id)).one() == (job.warning, job.median_score)
+        assert "WARNING score drift" in format_jobs(load_jobs([job.id]))
 
 
 def test_second_nightly_for_the_same_date_adds_nothing(embedded: Embedded) -> None:

@@ -147,25 +147,31 @@ def cmd_nightly(a: argparse.Namespace) -> int:
 
 
 def cmd_jobs(a: argparse.Namespace) -> int:
-    from totalrecall.jobs_view import format_failures, format_jobs, load_jobs
+    from totalrecall.jobs_view import format_failures, format_jobs, format_warnings, load_jobs
 
     views = load_jobs([a.job_id] if a.job_id is not None else None, limit=a.limit)
     if a.job_id is not None and not views:
         raise LookupError(f"no job {a.job_id}")
     print(format_jobs(views) if views else "no jobs yet")
     if a.job_id is not None:
+        if views[0].median_score is not None:
+            print(f"job {a.job_id}: median image score {views[0].median_score:.4g}")
+        if views[0].warning:
+            print(format_warnings(views))
         print(format_failures(a.job_id))
     return 0
 
 
 def _maybe_wait(a: argparse.Namespace, job_ids: list[int]) -> int:
     """With --wait: follow the jobs to the end; exit status 1 only if a job failed."""
-    from totalrecall.jobs_view import format_failures, format_jobs, wait_for_jobs
+    from totalrecall.jobs_view import format_failures, format_jobs, format_warnings, wait_for_jobs
 
     if not a.wait or not job_ids:
         return 0
     views = wait_for_jobs(job_ids)
     print(format_jobs(views))
+    if any(v.warning for v in views):
+        print(format_warnings(views), file=sys.stderr)
     for v in views:
         if v.failed:
             print(format_failures(v.id, limit=20))

@@ -30,6 +30,8 @@ class JobView:
     queued_seconds: float | None
     run_seconds: float | None
     error: str | None
+    median_score: float | None = None
+    warning: str | None = None  # e.g. score drift (common.drift): the job succeeded, but look
 
     @property
     def finished(self) -> bool:
@@ -54,7 +56,7 @@ def load_jobs(job_ids: Sequence[int] | None = None, limit: int = 20) -> list[Job
 def _view(row) -> JobView:
     return JobView(row.job_id, row.kind, row.product, row.status, row.done, row.failed, row.total,
                    row.model_version, row.run_date.isoformat() if row.run_date else None, row.created_at,
-                   row.queued_seconds, row.run_seconds, row.error)
+                   row.queued_seconds, row.run_seconds, row.error, row.median_score, row.warning)
 
 
 def load_failures(job_id: int, limit: int = 100) -> tuple[list[tuple[str, str]], int]:
@@ -84,9 +86,20 @@ def format_jobs(views: Sequence[JobView]) -> str:
                "queued", "ran", "note"]
     rows = [[v.id, v.kind, v.product, v.model_version and f"v{v.model_version}", v.run_date, v.status,
              f"{v.done}/{v.failed}/{v.total}", v.created_at and f"{v.created_at:%Y-%m-%d %H:%M:%S}",
-             _seconds(v.queued_seconds), _seconds(v.run_seconds), (v.error or "")[:120]]
+             _seconds(v.queued_seconds), _seconds(v.run_seconds), _note(v)]
             for v in views]
     return format_table(headers, rows)
+
+
+def _note(v: JobView) -> str:
+    if v.error:
+        return v.error[:120]
+    return f"WARNING {v.warning[:112]}" if v.warning else ""
+
+
+def format_warnings(views: Sequence[JobView]) -> str:
+    """Each job's warning in full (the table cuts notes short); empty if none has one."""
+    return "\n".join(f"job {v.id} ({v.product}): {v.warning}" for v in views if v.warning)
 
 
 def format_failures(job_id: int, limit: int = 100) -> str:

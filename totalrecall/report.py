@@ -77,6 +77,8 @@ class ReportData:
     finished_at: datetime | None
     enqueued_by: str | None
     error: str | None
+    median_score: float | None
+    warning: str | None
     scores: np.ndarray
     top: list[Scored]
     failures: list[tuple[str, str]]
@@ -146,7 +148,8 @@ def load_report_data(job_id: int, top_n: int, database_url: str | None = None) -
             scored=sum(n for (status, _), n in counts.items() if status == ResultStatus.OK.value),
             failed=failed, anomalous=counts.get((ResultStatus.OK.value, True), 0),
             created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at,
-            enqueued_by=job.enqueued_by, error=job.error, scores=scores, top=top, failures=failures,
+            enqueued_by=job.enqueued_by, error=job.error, median_score=job.median_score, warning=job.warning,
+            scores=scores, top=top, failures=failures,
         )
 
 
@@ -273,6 +276,7 @@ def _summary(d: ReportData) -> str:
         ("Images", f"{d.total} in the job, {d.scored} scored"),
         ("Anomalies", f"{d.anomalous}{anomaly_rate}"),
         ("Failures", str(d.failed)),
+        ("Median image score", _num(d.median_score)),
         ("Image threshold", _num(d.image_threshold)),
         ("Pixel threshold", _num(d.pixel_threshold)),
         ("Created", _when(d.created_at)),
@@ -284,6 +288,8 @@ def _summary(d: ReportData) -> str:
         rows.append(("Throughput", f"{(d.scored + d.failed) / run:.2f} images/s"))
     if d.error:
         rows.append(("Job message", d.error))
+    if d.warning:
+        rows.append(("Warning", d.warning))
     body = "".join(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in rows)
     return f'<table class="summary">{body}</table>'
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -214,6 +215,8 @@ def finish_fit(session: Session, job: Job, version: ModelVersion, model: PatchCo
     version.sha256, version.artifact_uri = sha256, artifact_uri
     version.config = model.config.to_dict()
     version.image_threshold, version.pixel_threshold = model.image_threshold, model.pixel_threshold
+    nominal = stats.get("holdout_scores") or []
+    version.nominal_median_score = float(statistics.median(nominal)) if nominal else None
     version.train_image_count = int(stats["train_images"])
     version.validation = {**stats, "activation": {"passed": passed, "rule": ACTIVATION_RULE,
                                                   "reason": reason}}

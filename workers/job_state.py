@@ -10,16 +10,20 @@ are safe to run twice. A succeeded job is never marked failed (a late duplicate 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from common.db import Job, JobStatus, Result, ResultStatus, in_transaction, record_results, utcnow
-from common.settings import redact_text
+from common.db import Job, JobKind, JobStatus, Result, ResultStatus, in_transaction, record_results, utcnow
+from common.drift import drift_warning
+from common.logs import log_event
+from common.settings import get_settings, redact_text
 
 MAX_ERROR_CHARS = 2000
+logger = logging.getLogger(__name__)
 
 
 def describe_error(exc: BaseException) -> str:
@@ -59,14 +63,21 @@ def lock_job(session: Session, job_id: int) -> Job:
 
 
 def record_chunk(job_id: int, rows: Sequence[dict[str, Any]]) -> None:
-    """Write a chunk's result rows and recount its job, in one transaction (retried if interrupted)."""
+    """Write a chunk's result rows and recount its job, in one transaction (retried if interrupted);
+    the chunk that finishes a drifted job logs `score_drift`."""
 
-    def work(session: Session) -> None:
+    def work(session: Session) -> tuple[float, str] | None:
         job = lock_job(session, job_id)
         record_results(session, rows)
+        finished_before = job.status == JobStatus.SUCCEEDED.value
         refresh_counts(session, job)
+        if finished_before or job.warning is None:
+            return None
+        return job.median_score, job.warning
 
-    in_transaction(work)
+    drift = in_transaction(work)
+    if drift is not None:
+        log_event(logger, logging.WARNING, "score_drift", job=job_id, median_score=drift[0], warning=drift[1])
 
 
 def refresh_counts(session: Session, job: Job) -> None:
@@ -82,3 +93,17 @@ def refresh_counts(session: Session, job: Job) -> None:
             job.error = None
         job.status, job.finished_at = JobStatus.SUCCEEDED.value, utcnow()
         job.started_at = job.started_at or job.finished_at
+        record_drift(session, job)
+
+
+def record_drift(session: Session, job: Job) -> None:
+    """A finished score job's median image score and, if the run drifted from the model's nominal
+    scores, its warning (`common.drift`). The median is read with ORDER BY ... OFFSET, the same on
+    SQLite and PostgreSQL."""
+    if job.kind != JobKind.SCORE.value or not job.done:
+        return
+    scores = select(Result.score).where(Result.job_id == job.id, Result.status == ResultStatus.OK.value)
+    job.median_score = session.scalar(scores.order_by(Result.score).offset((job.done - 1) // 2).limit(1))
+    version = job.model_version
+    job.warning = drift_warning(job.median_score, version and version.nominal_median_score,
+                                version and version.image_threshold, get_settings().drift_level)
