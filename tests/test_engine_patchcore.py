@@ -575,6 +575,19 @@ def test_mvtec_listing(dataset) -> None:
     assert not mvtec.load_mask(no_mask[0], (128, 128)).any()
 
 
+@pytest.mark.parametrize(("name", "defect", "array"), [
+    ("0-255.png", 255, np.uint8), ("0-1.png", 1, np.uint8), ("16-bit.png", 65535, np.uint16),
+    ("0-1 16-bit.png", 1, np.uint16), ("jpeg.jpg", 255, np.uint8)])
+def test_mask_conventions(tmp_path, name: str, defect: int, array: type) -> None:
+    truth = blob_mask(64, 80, (30, 40), 12)
+    path = tmp_path / name
+    Image.fromarray((truth * defect).astype(array)).save(path, quality=75)  # quality: for the JPEG
+    item = mvtec.TestImage(path=tmp_path / "image.png", defect_type="blob", mask_path=path)
+    mask = mvtec.load_mask(item, (64, 80))
+    assert np.mean(mask == truth) > 0.995 and mask[30, 40] and not mask[0, 0], name
+    assert np.array_equal(mvtec.load_mask(item, (128, 160))[::2, ::2], mask)  # resized, nearest
+
+
 def test_fit_on_one_image_calibrates_in_sample(train, scenes) -> None:
     m = PatchCore(CFG)
     stats = m.fit(train[:1])
