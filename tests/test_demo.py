@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sqlite3
 import subprocess
 import sys
@@ -35,6 +36,8 @@ def test_demo_runs_embedded_and_is_idempotent(tmp_path: Path) -> None:
     first = _run_demo(home)
     assert first.returncode == 0, first.stdout + first.stderr
     assert "image AUROC vs planted truth  1.000" in first.stdout
+    drift = re.search(r"score drift of the night\s+level (-?[0-9.]+) \(warning from 0.5\): none", first.stdout)
+    assert drift and abs(float(drift.group(1))) < 0.5  # a night of good parts, a quarter with defects
     assert "sqlite3 " in first.stdout and "FROM anomaly_history WHERE verdict = 'anomalous'" in first.stdout
 
     rows = _history(home / "totalrecall.db")

@@ -20,7 +20,8 @@ from pathlib import Path
 
 from sqlalchemy import select
 
-from common.db import Result, ResultStatus, session_scope
+from common.db import Job, JobKind, Result, ResultStatus, session_scope
+from common.drift import drift_level
 from common.engine.config import PatchCoreConfig
 from common.engine.metrics import image_auroc
 from common.settings import PREFIX, get_settings, reset_settings_cache
@@ -49,6 +50,8 @@ class Summary:
     planted_found: int
     false_alarms: int
     auroc: float
+    drift: float | None  # the night's score-drift level (common.drift), None without a reference
+    warning: str | None
 
 
 def run_demo(home: str | None = None, n_images: int = 40) -> int:
@@ -162,6 +165,12 @@ def _summarise(day: date, truth: dict[str, bool]) -> Summary:
                 Result.product_id == product.id, Result.model_version_id == version.id,
                 Result.captured_date == day)
         ).all()
+        night = session.scalars(select(Job).where(Job.product_id == product.id, Job.kind == JobKind.SCORE.value,
+                                                  Job.run_date == day).order_by(Job.id.desc())).first()
+        drift = None
+        if night and night.median_score is not None and version.nominal_median_score is not None:
+            drift = drift_level(night.median_score, version.nominal_median_score, version.image_threshold)
+        warning = night.warning if night else None
     ok = [r for r in rows if r.status == ResultStatus.OK.value and r.image_uri in truth]
     labels = [truth[r.image_uri] for r in ok]
     return Summary(
@@ -173,6 +182,8 @@ def _summarise(day: date, truth: dict[str, bool]) -> Summary:
         planted_found=sum(bool(r.is_anomalous) and truth[r.image_uri] for r in ok),
         false_alarms=sum(bool(r.is_anomalous) and not truth[r.image_uri] for r in ok),
         auroc=image_auroc([r.score for r in ok], labels) if 0 < sum(labels) < len(labels) else float("nan"),
+        drift=drift,
+        warning=warning,
     )
 
 
@@ -185,6 +196,9 @@ def _print_summary(s: Summary, timings: dict[str, float], home: Path, day: date)
                             f"{s.false_alarms} false alarms)"],
         ["failures", f"{s.failed} (a deliberately truncated file: see `totalrecall jobs`)"],
         ["image AUROC vs planted truth", f"{s.auroc:.3f}"],
+        ["score drift of the night", "not measured" if s.drift is None else
+         f"level {s.drift:.2f} (warning from {get_settings().drift_level:g}): "
+         + ("WARNING, see `totalrecall jobs`" if s.warning else "none")],
     ] + [[f"time: {stage}", f"{seconds:.1f} s"] for stage, seconds in timings.items()]
     print()
     print(format_table(["demo summary", ""], rows))
