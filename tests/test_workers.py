@@ -41,7 +41,7 @@ from scheduler.jobs import new_score_job, nightly_key
 from scheduler.nightly import schedule_nightly
 from scheduler.products import SchedulingError, add_product
 from tests.conftest import embedded_default
-from totalrecall.jobs_view import format_jobs, load_jobs
+from totalrecall.jobs_view import format_jobs, format_warnings, load_jobs
 from workers.app import FIT_QUEUE, SCORE_QUEUE, celery_config
 from workers.fitting import check_validation
 from workers.model_cache import ModelCache, get_model_cache
@@ -264,7 +264,9 @@ def test_nightly_records_its_median_score_and_warns_of_score_drift(embedded: Emb
         with session_scope() as session:  # for SQL users, in the job_summary view
             assert session.execute(select(job_summary.c.warning, job_summary.c.median_score)
                                    .where(job_summary.c.job_id == job.id)).one() == (job.warning, job.median_score)
-        assert "WARNING score drift" in format_jobs(load_jobs([job.id]))
+        views = load_jobs([job.id])
+        assert "WARNING score drift" in format_jobs(views) and views[0].median_score == job.median_score
+        assert format_warnings(views) == f"job {job.id} ({PRODUCT}): {job.warning}"  # in full, for --wait
 
 
 def test_second_nightly_for_the_same_date_adds_nothing(embedded: Embedded) -> None:
