@@ -214,7 +214,8 @@ def test_fit_resolves_the_bit_depth_of_a_mono12_product(train) -> None:
     fitted = {}
     for bit_depth in (0, 16):
         m = PatchCore(replace(CFG, bit_depth=bit_depth))
-        m.fit([mono12_png(image[..., 0]) for image in train])
+        files = [mono12_png(image[..., 0]) for image in train]
+        m.fit([lambda f=f: f for f in files])  # loaders, as a worker's downloads: spooled, then surveyed
         fitted[bit_depth] = m
     assert fitted[0].config.bit_depth == 12
     scores = {b: ([r.score for r in m.predict(nominal)], [r.score for r in m.predict(defects)])
