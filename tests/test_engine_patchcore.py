@@ -205,7 +205,7 @@ def test_high_bit_depth_grey_is_scaled_from_its_significant_bits() -> None:
 
 
 def test_fit_resolves_the_bit_depth_of_a_mono12_product(train) -> None:
-    """A Mono12 camera's faint defect (10 grey levels once scaled from 12 bits) is found when the fit
+    """A Mono12 camera's faint defect (15 grey levels once scaled from 12 bits, under one at 16) is found when the fit
     reads the bit depth off the training images; at the full 16-bit range it is lost in quantisation."""
     rng = np.random.default_rng(5)
     nominal = [mono12_png(texture(rng)[..., 0]) for _ in range(5)]
