@@ -2,33 +2,41 @@
 
 Every image that enters TotalRecall goes through `decode_image`, so the rules live in one place:
 EXIF orientation is applied as a viewer would, 16-bit and palette/CMYK/alpha modes are converted to
-8-bit RGB (grey images of more than 8 bits a sample from their significant bits, `bit_depth`: a Mono12
-camera's 16-bit files hold 0..4095, which the full 16-bit range would squeeze into 16 grey levels;
-`bits_used` tells how many a file needs), decompression bombs are refused from the header alone, and
-very large images are reduced while decoding (JPEG draft mode) and then resized so a batch's memory
+8-bit RGB (images of more than 8 bits a sample, grey or colour, from their significant bits, `bit_depth`:
+a Mono12 camera's 16-bit files hold 0..4095, which the full 16-bit range would squeeze into 16 grey
+levels; `bits_used` tells how many a file needs), decompression bombs are refused from the header alone,
+and very large images are reduced while decoding (JPEG draft mode) and then resized so a batch's memory
 stays bounded. Pillow reads every header and decodes every format, except the pixels of plain 8-bit
-grey or RGB PNGs, which libpng decodes (through imagecodecs) to the same values at about 1.6x the speed.
+grey or RGB PNGs, which libpng decodes (through imagecodecs) to the same values at about 1.6x the speed,
+and those of 16-bit colour PNGs and TIFFs, which Pillow would cut to their upper 8 bits (libpng and
+libtiff through imagecodecs keep all 16).
 
 Limits come from the settings: `TOTALRECALL_MAX_IMAGE_PIXELS` (refused above it, from the header) and
 `TOTALRECALL_MAX_IMAGE_SIDE` (longer side after decoding). Peak memory of one decode is therefore at most
-about 4 bytes x MAX_IMAGE_PIXELS (a PNG must be decoded whole; a JPEG is decoded at a reduced scale).
+about 4 bytes x MAX_IMAGE_PIXELS (a PNG must be decoded whole; a JPEG is decoded at a reduced scale), and
+about 9 bytes x MAX_IMAGE_PIXELS for a 16-bit colour image (its samples, then their 8-bit values).
 """
 
 from __future__ import annotations
 
 import io
 from collections.abc import Callable
+from functools import lru_cache
 from pathlib import Path
 from typing import IO
 
 import imagecodecs
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from common.settings import get_settings
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I")  # Pillow's modes of integer samples wider than 8 bits
+# EXIF orientation -> the transposition that shows the stored image as a viewer does (as ImageOps.exif_transpose)
+_SHOWN = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+          5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+          8: Image.Transpose.ROTATE_90}
 
 
 class ImageDecodeError(ValueError):
@@ -43,8 +51,9 @@ def decode_image(source: bytes | str | Path, max_side: int | None = None,
     image to that size or smaller): a JPEG is then decoded at 1/2, 1/4 or 1/8 scale (the DCT's own
     downscaling, several times cheaper than a full decode) as long as the result stays at least that
     large, and the array is smaller than `decoded_size(source)`, which stays the image's size.
-    `bit_depth` (8..16; 0: the container's full range) is the significant bits of a grey image stored with
-    more than 8 bits a sample: 0..2**bit_depth-1 becomes 0..255, larger values 255.
+    `bit_depth` (8..16; 0: the container's full range) is the significant bits of an image stored with
+    more than 8 bits a sample, grey or colour: 0..2**bit_depth-1 becomes 0..255, larger values 255 (an
+    alpha channel is read from its full range).
     """
     return _decode(source, max_side, None if at_least is None else lambda h, w: at_least, bit_depth)[0]
 
@@ -77,13 +86,17 @@ def _decode(source: bytes | str | Path, max_side: int | None, needed: Callable[[
             if _is_plain_png(img, data, max_side, orientation):
                 _check_inspectable(width, height)
                 return _decode_plain_png(data), shown
-            if img.format == "JPEG":
+            if _is_high_bit_colour(img):  # decoded as stored, so its orientation is ours to apply
+                orientation = _stored_orientation(img)
+                img = _high_bit_colour_to_8_bits(img, data, bit_depth)
+            elif img.format == "JPEG":
                 request = _draft_request(img, orientation, max_side, needed and needed(*shown))
                 if request is not None:
                     img.draft("RGB", request)
             img.load()
             img = _reduce(img, max_side)
-            img = ImageOps.exif_transpose(img)
+            if orientation in _SHOWN:
+                img = img.transpose(_SHOWN[orientation])
             rgb = _to_rgb(img, bit_depth)
     except ImageDecodeError:
         raise
@@ -124,6 +137,61 @@ def _decode_plain_png(data: bytes) -> np.ndarray:
     return pixels
 
 
+def _is_high_bit_colour(img: Image.Image) -> bool:
+    """A PNG or TIFF of 16-bit unsigned samples with colour or alpha (RGB48, RGBA64, grey + alpha), which
+    Pillow would decode to 8-bit modes by dropping the lower 8 bits of each sample. Header only."""
+    if img.format == "PNG":
+        header = _png_chunk(img.fp, b"IHDR")  # bit depth, then colour type: 2 RGB, 4 grey + alpha, 6 RGBA
+        return header is not None and len(header) >= 10 and header[8] == 16 and header[9] in (2, 4, 6)
+    if img.format == "TIFF":
+        bits, formats = img.tag_v2.get(258, ()), img.tag_v2.get(339, (1,))  # BitsPerSample, SampleFormat
+        bits, formats = (b if isinstance(b, tuple) else (b,) for b in (bits, formats))
+        return len(bits) >= 2 and set(bits) == {16} and set(formats) == {1}
+    return False
+
+
+def _high_bit_pixels(img: Image.Image, data: bytes) -> np.ndarray:
+    """(H, W, C) uint16 samples of an `_is_high_bit_colour` image, by libpng or libtiff (imagecodecs)."""
+    decode = imagecodecs.png_decode if img.format == "PNG" else imagecodecs.tiff_decode  # TIFF: its first page
+    try:
+        pixels = decode(data)
+    except (imagecodecs.PngError, imagecodecs.TiffError) as exc:
+        raise ImageDecodeError(f"corrupt or truncated image: {exc}") from exc
+    width, height = _stored_size(img)
+    if pixels.dtype != np.uint16 or pixels.ndim != 3 or pixels.shape[:2] != (height, width) \
+            or pixels.shape[2] not in (2, 3, 4):
+        raise ImageDecodeError(f"unsupported 16-bit image layout: {pixels.shape} {pixels.dtype} for a "
+                               f"{width}x{height} {img.mode} image")
+    return pixels
+
+
+def _colour_channels(pixels: np.ndarray) -> int:
+    """How many of the last axis's channels are camera data: all but an alpha (grey + alpha, RGBA)."""
+    return pixels.shape[2] - (pixels.shape[2] in (2, 4))
+
+
+def _high_bit_colour_to_8_bits(img: Image.Image, data: bytes, bit_depth: int) -> Image.Image:
+    """An `_is_high_bit_colour` image as an 8-bit LA, RGB or RGBA image: colour from `bit_depth` (0: the
+    full 16 bits), alpha from its full range."""
+    pixels = _high_bit_pixels(img, data)
+    colour = _colour_channels(pixels)
+    out = np.empty(pixels.shape, np.uint8)
+    out[..., :colour] = _to_8_bits(pixels[..., :colour], float(2**bit_depth - 1) if bit_depth else 65535.0)
+    out[..., colour:] = _to_8_bits(pixels[..., colour:], 65535.0)
+    del pixels  # before Pillow's copy: peak 9 bytes a pixel (samples, then 8-bit values), not 13
+    return Image.fromarray(out)
+
+
+def _to_8_bits(samples: np.ndarray, top: float, rows: int = 512) -> np.ndarray:
+    """0..top -> 0..255 (truncated; above `top` saturates), `rows` at a time so the float copy stays small."""
+    out = np.empty(samples.shape, np.uint8)
+    for start in range(0, samples.shape[0], rows):
+        block = samples[start: start + rows].astype(np.float32)
+        np.clip(block * np.float32(255.0 / top), 0, 255, out=block)
+        out[start: start + rows] = block
+    return out
+
+
 def _draft_request(img: Image.Image, orientation: int | None, max_side: int,
                    at_least: tuple[int, int] | None) -> tuple[int, int] | None:
     """Smallest (width, height), as stored, that a JPEG's reduced-scale decoding must still reach; None:
@@ -158,7 +226,17 @@ def _shown_size(size: tuple[int, int], orientation: int | None, max_side: int) -
 
 
 def _orientation(img: Image.Image) -> int | None:
-    """The EXIF orientation tag (None or 1: shown as stored), read without decoding pixels."""
+    """The EXIF orientation still to apply once Pillow has loaded the pixels (None or 1: shown as loaded),
+    read without decoding pixels."""
+    if img.format == "TIFF" and _pillow_orients_tiffs():
+        return None  # its size is already the shown one, and load() turns the pixels
+    return _stored_orientation(img)
+
+
+def _stored_orientation(img: Image.Image) -> int | None:
+    """The EXIF orientation tag of the pixels as stored in the file (None or 1: shown as stored)."""
+    if img.format == "TIFF":
+        return img.tag_v2.get(0x0112)
     if img.format == "PNG" and "exif" not in img.info:
         # Pillow's getexif() decodes a whole PNG to look for an eXIf chunk after the image data
         data = _png_chunk(img.fp, b"eXIf")
@@ -168,6 +246,24 @@ def _orientation(img: Image.Image) -> int | None:
         exif.load(data)
         return exif.get(0x0112)
     return img.getexif().get(0x0112)
+
+
+def _stored_size(img: Image.Image) -> tuple[int, int]:
+    """(width, height) of the pixels as stored in the file."""
+    width, height = img.size
+    if img.format == "TIFF" and _pillow_orients_tiffs() and _turned_a_quarter(_stored_orientation(img)):
+        return height, width
+    return width, height
+
+
+@lru_cache(maxsize=1)
+def _pillow_orients_tiffs() -> bool:
+    """Whether this Pillow turns a TIFF as its orientation tag says when it loads it, reporting the shown
+    size from the header (Pillow 13 does; earlier releases left it to `ImageOps.exif_transpose`)."""
+    probe = io.BytesIO()
+    Image.new("L", (2, 1)).save(probe, "TIFF", tiffinfo={0x0112: 6})
+    with Image.open(probe) as img:
+        return img.size == (1, 2)
 
 
 def _png_chunk(fp: IO[bytes], kind: bytes) -> bytes | None:
@@ -211,14 +307,20 @@ def decoded_size(source: bytes | str | Path) -> tuple[int, int] | None:
 
 
 def bits_used(source: bytes | str | Path) -> int | None:
-    """Bits that the largest sample of a grey image stored with more than 8 bits a sample needs (12 for
-    a Mono12 camera's 16-bit file with any pixel above 2047); None for images of 8-bit samples and for
-    unreadable ones. Decodes the pixels of high-bit images only."""
+    """Bits that the largest sample of an image stored with more than 8 bits a sample needs (12 for a
+    Mono12 camera's 16-bit file with any pixel above 2047; an alpha channel does not count); None for
+    images of 8-bit samples and for unreadable ones. Decodes the pixels of high-bit images only."""
     try:
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
-            if img.mode not in HIGH_BIT_MODES or img.size[0] * img.size[1] > get_settings().max_image_pixels:
+            if img.size[0] * img.size[1] > get_settings().max_image_pixels:
                 return None  # a refused image fails, with its reason, when it is decoded
-            return max(1, int(np.asarray(img).max()).bit_length())
+            if img.mode in HIGH_BIT_MODES:
+                return max(1, int(np.asarray(img).max()).bit_length())
+            if _is_high_bit_colour(img):
+                data = source if isinstance(source, bytes) else Path(source).read_bytes()
+                pixels = _high_bit_pixels(img, data)
+                return max(1, int(pixels[..., :_colour_channels(pixels)].max()).bit_length())
+            return None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
         return None
 
@@ -239,13 +341,12 @@ def _reduce(img: Image.Image, max_side: int) -> Image.Image:
 
 def _to_rgb(img: Image.Image, bit_depth: int = 0) -> Image.Image:
     if img.mode in HIGH_BIT_MODES or img.mode == "F":
-        arr = np.asarray(img, dtype=np.float32)
+        arr = np.asarray(img)
         if bit_depth and img.mode in HIGH_BIT_MODES:
             top = float(2**bit_depth - 1)
         else:  # the container's range: 16 bits, or 8 for 32-bit integers or floats that stay within 0..255
             top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
-        arr8 = np.clip(arr * (255.0 / top), 0, 255).astype(np.uint8)
-        return Image.fromarray(arr8, mode="L").convert("RGB")
+        return Image.fromarray(_to_8_bits(arr, top)).convert("RGB")
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))

@@ -63,6 +63,27 @@ def mono12_png(gray: np.ndarray, add: np.ndarray | float = 0.0) -> bytes:
     return buf.getvalue()
 
 
+def camera_colour(rgb: np.ndarray, fmt: str, bits: int = 12, alpha: np.ndarray | None = None,
+                  orientation: int | None = None) -> bytes:
+    """A colour PNG or TIFF as a `bits`-bit colour camera writes one: the 8-bit `rgb` on the scale
+    0..2**bits-1, in 16-bit samples (RGB48, or RGBA64 with a 16-bit `alpha`) unless `bits` is 8.
+    `orientation`: a TIFF orientation tag."""
+    import imagecodecs
+    import tifffile
+
+    scaled = np.round(rgb.astype(np.float64) * (2**bits - 1) / 255)
+    samples = scaled.astype(np.uint8 if bits == 8 else np.uint16)
+    if alpha is not None:
+        samples = np.dstack([samples, alpha.astype(samples.dtype)])
+    if fmt == "png":
+        assert orientation is None, "PNG orientation needs an eXIf chunk; not written here"
+        return imagecodecs.png_encode(samples)
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, samples, photometric="rgb", extrasamples=("unassalpha",) if alpha is not None else (),
+                     extratags=[(0x0112, "H", 1, orientation, True)] if orientation else [])
+    return buf.getvalue()
+
+
 def jpeg_bytes(image: Image.Image, **kwargs) -> bytes:
     buf = io.BytesIO()
     image.save(buf, "JPEG", quality=95, **kwargs)

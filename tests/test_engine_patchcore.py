@@ -27,9 +27,10 @@ from common.engine.config import PatchCoreConfig
 from common.engine.evaluate import evaluate
 from common.engine.metrics import f1_max
 from common.engine.patchcore import PatchCore
-from common.images import bits_used, decode_image
+from common.images import ImageDecodeError, bits_used, decode_image, decoded_size
 from tests.synthetic import (
     blob_mask,
+    camera_colour,
     jpeg_bytes,
     make_mvtec,
     mono12_png,
@@ -202,6 +203,39 @@ def test_high_bit_depth_grey_is_scaled_from_its_significant_bits() -> None:
         PatchCoreConfig(bit_depth=7)
     old = {k: v for k, v in CFG.to_dict().items() if k != "bit_depth"}  # artifacts from before the setting
     assert PatchCoreConfig.from_dict(old).bit_depth == 0  # and so the full range they were fitted with
+
+
+@pytest.mark.parametrize("fmt", ["png", "tiff"])
+def test_high_bit_depth_colour_is_scaled_from_its_significant_bits(fmt: str) -> None:
+    """A 12-bit colour camera's 16-bit PNG or TIFF is read from its significant bits, like a grey one:
+    Pillow alone keeps the upper 8 bits of each sample, which leaves 0..15. Alpha keeps its full range."""
+    rgb = texture(np.random.default_rng(6), 64, 96)
+    data = camera_colour(rgb, fmt)
+    assert bits_used(data) == 12
+    d = decode_image(data, bit_depth=12)
+    assert d.shape == (64, 96, 3) and np.abs(d.astype(int) - rgb).max() <= 1
+    assert decode_image(data).max() <= 15  # 0: the container's full 16-bit range
+    with pytest.raises(ImageDecodeError, match="corrupt or truncated"):
+        decode_image(data[: len(data) // 2], bit_depth=12)
+    alpha = np.full((64, 96), 65535, np.uint16)
+    alpha[:, :48] = 0  # left half fully transparent: composited onto black
+    with_alpha = camera_colour(rgb, fmt, alpha=alpha)
+    assert bits_used(with_alpha) == 12  # the opaque alpha (65535) does not count
+    d = decode_image(with_alpha, bit_depth=12)
+    assert np.abs(d[:, 48:].astype(int) - rgb[:, 48:]).max() <= 1 and not d[:, :48].any()
+
+
+@pytest.mark.parametrize("bits", [8, 16])
+def test_tiff_orientation_is_applied_once(bits: int) -> None:
+    """Pillow turns TIFFs itself on loading (recent releases) and the 16-bit colour path decodes them as
+    stored; either way the image comes out as a viewer shows it, with the size `decoded_size` announces."""
+    marked = np.zeros((40, 50, 3), np.uint8)
+    marked[:10, :10] = 255  # the stored top-left corner
+    for orientation, shown in [(3, np.rot90(marked, 2)), (6, np.rot90(marked, -1)), (8, np.rot90(marked, 1))]:
+        data = camera_colour(marked, "tiff", bits=bits, orientation=orientation)
+        d = decode_image(data, bit_depth=bits)
+        assert decoded_size(data) == d.shape[:2] == shown.shape[:2], orientation
+        assert np.array_equal(d, shown), orientation
 
 
 def test_fit_resolves_the_bit_depth_of_a_mono12_product(train) -> None:
