@@ -36,9 +36,7 @@ def add_product(name: str, train_uri: str, archive_uri_template: str, config: Pa
     if not _NAME.match(name):
         raise SchedulingError(f"invalid product name {name!r}: use letters, digits, '.', '_' and '-' "
                               "(it becomes part of storage keys)")
-    if "{date}" not in archive_uri_template:
-        raise SchedulingError(f"archive template {archive_uri_template!r} must contain {{date}} "
-                              "(replaced by YYYY-MM-DD)")
+    _check_archive_template(archive_uri_template)
     try:
         with session_scope() as session:
             product = Product(name=name, train_uri=absolute_uri(train_uri),
@@ -49,6 +47,35 @@ def add_product(name: str, train_uri: str, archive_uri_template: str, config: Pa
             return product.id
     except IntegrityError:
         raise SchedulingError(f"product {name!r} already exists") from None
+
+
+def update_product(name: str, train_uri: str | None = None, archive_uri_template: str | None = None,
+                   settings: dict[str, Any] | None = None) -> dict[str, tuple[Any, Any]]:
+    """Change a product's training folder, archive template or fit settings (`PatchCoreConfig` fields);
+    the next fit uses them, model versions already fitted keep theirs. Returns {what: (before, after)}
+    for what changed. Nothing is written unless every change is valid."""
+    if archive_uri_template is not None:
+        _check_archive_template(archive_uri_template)
+    with session_scope() as session:
+        product = get_product(session, name)
+        changes: dict[str, tuple[Any, Any]] = {}
+        if train_uri is not None and absolute_uri(train_uri) != product.train_uri:
+            changes["train"] = (product.train_uri, absolute_uri(train_uri))
+            product.train_uri = absolute_uri(train_uri)
+        if archive_uri_template is not None and absolute_uri(archive_uri_template) != product.archive_uri_template:
+            changes["archive"] = (product.archive_uri_template, absolute_uri(archive_uri_template))
+            product.archive_uri_template = absolute_uri(archive_uri_template)
+        if settings:
+            before = PatchCoreConfig.from_dict(product.fit_config).to_dict()
+            after = PatchCoreConfig.from_dict({**before, **settings}).to_dict()  # validates, or raises
+            changes.update({k: (before[k], after[k]) for k in after if after[k] != before[k]})
+            product.fit_config = after
+        return changes
+
+
+def _check_archive_template(template: str) -> None:
+    if "{date}" not in template:
+        raise SchedulingError(f"archive template {template!r} must contain {{date}} (replaced by YYYY-MM-DD)")
 
 
 def get_product(session: Session, name: str) -> Product:

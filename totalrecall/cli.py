@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import fields
 from datetime import date
 from pathlib import Path
 
@@ -13,41 +14,57 @@ from common.engine.config import INDEX_TYPES, PRECISIONS, RESIZE_MODES, PatchCor
 from totalrecall.report import add_report_command
 
 
-def add_model_options(p: argparse.ArgumentParser) -> None:
-    """PatchCore settings, shared by every command that fits a model."""
+def add_model_options(p: argparse.ArgumentParser, defaults: bool = True) -> None:
+    """PatchCore settings, shared by every command that fits a model. Without `defaults` an option that is
+    not given is absent from the parsed arguments (`product set` changes only the settings given)."""
     d = PatchCoreConfig()
-    p.add_argument("--backbone", default=d.backbone,
+
+    def arg(*names: str, **kwargs) -> None:
+        if not defaults:
+            kwargs["default"] = argparse.SUPPRESS
+        p.add_argument(*names, **kwargs)
+
+    arg("--backbone", default=d.backbone,
                    help="efficientnet_lite0/1/2 (offline), wide_resnet50_2, resnet18")
-    p.add_argument("--layers", default=None, help="comma-separated stages (default: stride 8 and 16)")
-    p.add_argument("--weights", default=None, help="local state-dict file for the backbone")
-    p.add_argument("--image-size", type=int, default=d.image_size)
-    p.add_argument("--resize", choices=RESIZE_MODES, default=d.resize)
-    p.add_argument("--scale", type=float, default=d.scale, help="resize factor for --resize scale")
-    p.add_argument("--center-crop", type=int, default=None, help="paper protocol: --image-size 256 "
+    arg("--layers", default=None, help="comma-separated stages (default: stride 8 and 16)")
+    arg("--weights", default=None, help="local state-dict file for the backbone")
+    arg("--image-size", type=int, default=d.image_size)
+    arg("--resize", choices=RESIZE_MODES, default=d.resize)
+    arg("--scale", type=float, default=d.scale, help="resize factor for --resize scale")
+    arg("--center-crop", type=int, default=None, help="paper protocol: --image-size 256 "
                    "--resize square --center-crop 224")
-    p.add_argument("--embed-dim", type=int, default=d.embed_dim)
-    p.add_argument("--coreset-ratio", type=float, default=d.coreset_ratio)
-    p.add_argument("--coreset-min-size", type=int, default=d.coreset_min_size,
+    arg("--embed-dim", type=int, default=d.embed_dim)
+    arg("--coreset-ratio", type=float, default=d.coreset_ratio)
+    arg("--coreset-min-size", type=int, default=d.coreset_min_size,
                    help="the bank keeps at least this many features (or all of them)")
-    p.add_argument("--projection-dim", type=int, default=d.projection_dim)
-    p.add_argument("--num-neighbors", type=int, default=d.num_neighbors, help="b of Eq. 7 (0 = off)")
-    p.add_argument("--holdout-fraction", type=float, default=d.holdout_fraction)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--precision", choices=PRECISIONS, default=d.precision,
+    arg("--projection-dim", type=int, default=d.projection_dim)
+    arg("--num-neighbors", type=int, default=d.num_neighbors, help="b of Eq. 7 (0 = off)")
+    arg("--holdout-fraction", type=float, default=d.holdout_fraction)
+    arg("--batch-size", type=int, default=d.batch_size)
+    arg("--seed", type=int, default=d.seed)
+    arg("--precision", choices=PRECISIONS, default=d.precision,
                    help="backbone arithmetic: auto (bf16 on CUDA, fp32 on CPU), fp32, or bf16 (fast on AMX CPUs)")
-    p.add_argument("--bit-depth", type=int, default=d.bit_depth,
+    arg("--bit-depth", type=int, default=d.bit_depth,
                    help="significant bits of grey images stored with more than 8 bits a sample, e.g. 12 "
                    "for a Mono12 camera (0: the most the training images use)")
-    p.add_argument("--index", choices=INDEX_TYPES, default=d.index,
+    arg("--index", choices=INDEX_TYPES, default=d.index,
                    help="kNN index: flat (exact), ivf_flat or ivf_pq (approximate, for large banks)")
-    p.add_argument("--index-min-bank", type=int, default=d.index_min_bank,
+    arg("--index-min-bank", type=int, default=d.index_min_bank,
                    help="banks smaller than this get the exact index anyway")
-    p.add_argument("--index-nlist", type=int, default=d.index_nlist,
+    arg("--index-nlist", type=int, default=d.index_nlist,
                    help="IVF coarse lists (0: about 4 * sqrt(bank size))")
-    p.add_argument("--index-nprobe", type=int, default=d.index_nprobe, help="IVF lists searched per query")
-    p.add_argument("--index-pq-m", type=int, default=d.index_pq_m,
+    arg("--index-nprobe", type=int, default=d.index_nprobe, help="IVF lists searched per query")
+    arg("--index-pq-m", type=int, default=d.index_pq_m,
                    help="IVF-PQ bytes per feature, a divisor of the feature dimension (0: about dim / 4)")
+
+
+def _given_settings(a: argparse.Namespace) -> dict:
+    """The `PatchCoreConfig` fields among the parsed arguments (of `add_model_options(defaults=False)`)."""
+    names = {f.name for f in fields(PatchCoreConfig)}
+    given = {k: v for k, v in vars(a).items() if k in names}
+    if "layers" in given:
+        given["layers"] = given["layers"].split(",") if given["layers"] else None
+    return given
 
 
 def config_from_args(a: argparse.Namespace) -> PatchCoreConfig:
@@ -91,6 +108,59 @@ def cmd_product_add(a: argparse.Namespace) -> int:
         raise ValueError("--weights is not stored with a product: workers use the backbone's packaged weights")
     add_product(a.name, a.train, a.archive, config_from_args(a))
     print(f"product {a.name!r} registered; fit it with `totalrecall fit {a.name}`")
+    return 0
+
+
+def cmd_product_set(a: argparse.Namespace) -> int:
+    from scheduler.products import update_product
+
+    if getattr(a, "weights", None):
+        raise ValueError("--weights is not stored with a product: workers use the backbone's packaged weights")
+    changes = update_product(a.name, a.train, a.archive, _given_settings(a))
+    if not changes:
+        print(f"product {a.name!r}: nothing changed")
+        return 0
+    for what, (before, after) in changes.items():
+        print(f"product {a.name!r}: {what} {before} -> {after}")
+    print(f"the next fit uses them (`totalrecall fit {a.name}`); fitted model versions keep their settings")
+    return 0
+
+
+def cmd_model_list(a: argparse.Namespace) -> int:
+    from scheduler.versions import list_versions
+    from totalrecall.jobs_view import format_table
+
+    def number(x: float | None) -> str:
+        return "" if x is None else f"{x:.4g}"
+
+    rows = []
+    for v in list_versions(a.name):
+        activation = v.activation or {}
+        note = v.error or ("" if activation.get("passed", True) else f"not activated: {activation.get('reason')}")
+        rows.append([f"v{v.version}", "*" if v.is_active else "", v.status,
+                     v.created_at.strftime("%Y-%m-%d %H:%M") if v.created_at else "", v.train_images,
+                     v.bank_size, number(v.image_threshold), number(v.nominal_median_score),
+                     v.config.get("backbone"), ",".join(v.config.get("layers") or []) or "default", note])
+    print(format_table(["version", "active", "status", "created (UTC)", "train images", "bank", "threshold",
+                        "nominal median", "backbone", "layers", "note"], rows)
+          if rows else f"product {a.name!r} has no model versions yet (`totalrecall fit {a.name}`)")
+    return 0
+
+
+def cmd_model_activate(a: argparse.Namespace) -> int:
+    from scheduler.versions import activate_version
+
+    previous, info = activate_version(a.name, a.version)
+    if previous == info.version:
+        print(f"model version {info.version} of {a.name!r} is already the active one")
+        return 0
+    print(f"model version {info.version} of {a.name!r} is now active"
+          + (f" (was version {previous})" if previous is not None else "")
+          + "; later score jobs use it, and results keep the version that produced them")
+    activation = info.activation or {}
+    if not activation.get("passed", True):
+        print(f"warning: this version did not pass its activation rule at fit time: {activation.get('reason')}",
+              file=sys.stderr)
     return 0
 
 
@@ -242,6 +312,23 @@ def _add_operations(sub: argparse._SubParsersAction) -> None:
     add_model_options(add)
     add.set_defaults(handler=cmd_product_add)
     product_sub.add_parser("list", help="registered products").set_defaults(handler=cmd_product_list)
+    update = product_sub.add_parser("set", help="change a product's folders or fit settings (used by its next fit)")
+    update.add_argument("name")
+    update.add_argument("--train", default=None, help="folder URI of nominal training images")
+    update.add_argument("--archive", default=None,
+                        help="folder URI template of the daily archive, with {date} (YYYY-MM-DD)")
+    add_model_options(update, defaults=False)
+    update.set_defaults(handler=cmd_product_set)
+
+    model = sub.add_parser("model", help="a product's model versions: list them, choose the active one")
+    model_sub = model.add_subparsers(dest="model_command", required=True)
+    listing = model_sub.add_parser("list", help="model versions of a product, newest first")
+    listing.add_argument("name")
+    listing.set_defaults(handler=cmd_model_list)
+    activate = model_sub.add_parser("activate", help="make a ready model version the active one (roll back)")
+    activate.add_argument("name")
+    activate.add_argument("version", type=int)
+    activate.set_defaults(handler=cmd_model_activate)
 
     fit = sub.add_parser("fit", help="fit products (one job each, queue 'fit')")
     fit.add_argument("names", nargs="*", metavar="NAME")

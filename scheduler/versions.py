@@ -1,0 +1,78 @@
+"""A product's model versions: list them, and choose which one is active (roll back, or accept a version
+that failed its activation rule after review). Results keep the version that produced them, so switching
+changes only what later jobs use."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from common.db import ModelStatus, ModelVersion, activate_model_version, in_transaction
+from common.logs import log_event
+from scheduler.products import SchedulingError, active_version, get_product
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    version: int
+    status: str
+    is_active: bool
+    created_at: datetime | None
+    train_images: int | None
+    bank_size: int | None
+    image_threshold: float | None
+    nominal_median_score: float | None
+    activation: dict[str, Any] | None  # the fit's activation rule outcome: passed, reason
+    error: str | None
+    config: dict[str, Any]
+
+
+def list_versions(product_name: str) -> list[VersionInfo]:
+    """Every model version of the product, newest first."""
+
+    def work(session: Session) -> list[VersionInfo]:
+        product = get_product(session, product_name)
+        rows = session.scalars(select(ModelVersion).where(ModelVersion.product_id == product.id)
+                               .order_by(ModelVersion.version.desc()))
+        return [_info(v) for v in rows]
+
+    return in_transaction(work)
+
+
+def activate_version(product_name: str, version: int) -> tuple[int | None, VersionInfo]:
+    """Make `version` the product's active model; returns the version active before (None: none) and the
+    now active one. Only a ready version (fitted, artifact published) can be active."""
+
+    def work(session: Session) -> tuple[int | None, VersionInfo]:
+        product = get_product(session, product_name)
+        target = session.scalars(select(ModelVersion).where(
+            ModelVersion.product_id == product.id, ModelVersion.version == version).with_for_update()
+        ).one_or_none()
+        if target is None:
+            raise SchedulingError(f"product {product_name!r} has no model version {version} "
+                                  f"(see `totalrecall model list {product_name}`)")
+        if target.status != ModelStatus.READY.value:
+            raise SchedulingError(f"model version {version} of {product_name!r} is {target.status}"
+                                  + (f" ({target.error})" if target.error else "")
+                                  + "; only a ready version can be active")
+        before = active_version(session, product)
+        activate_model_version(session, target)
+        return (before.version if before else None), _info(target)
+
+    previous, info = in_transaction(work)
+    log_event(logger, logging.INFO, "model_activated", product=product_name, version=version, previous=previous)
+    return previous, info
+
+
+def _info(v: ModelVersion) -> VersionInfo:
+    validation = v.validation or {}
+    return VersionInfo(v.version, v.status, v.is_active, v.created_at, v.train_image_count,
+                       validation.get("bank_size"), v.image_threshold, v.nominal_median_score,
+                       validation.get("activation"), v.error, dict(v.config or {}))
