@@ -259,7 +259,8 @@ def _stored_size(img: Image.Image) -> tuple[int, int]:
 @lru_cache(maxsize=1)
 def _pillow_orients_tiffs() -> bool:
     """Whether this Pillow turns a TIFF as its orientation tag says when it loads it, reporting the shown
-    size from the header (Pillow 13 does; earlier releases left it to `ImageOps.exif_transpose`)."""
+    size from the header, as Pillow 13 does (older releases left it to `ImageOps.exif_transpose`, and this
+    code works with either)."""
     probe = io.BytesIO()
     Image.new("L", (2, 1)).save(probe, "TIFF", tiffinfo={0x0112: 6})
     with Image.open(probe) as img:
