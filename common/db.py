@@ -149,6 +149,8 @@ class Product(Base):
     name: Mapped[str] = mapped_column(String(200))
     train_uri: Mapped[str] = mapped_column(Text)
     archive_uri_template: Mapped[str] = mapped_column(Text)  # contains "{date}" (YYYY-MM-DD)
+    # labelled validation images (good/, <defect type>/, ground_truth/): F1-optimal thresholds at each fit
+    validation_uri: Mapped[str | None] = mapped_column(Text)
     fit_config: Mapped[dict[str, Any]] = mapped_column(default=dict)  # backbone, image_size, coreset_ratio...
     created_at: Mapped[datetime] = mapped_column(default=utcnow, server_default=func.now())
 

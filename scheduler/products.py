@@ -29,10 +29,13 @@ class ProductInfo:
     archive_uri_template: str
     fit_config: dict[str, Any]
     active_version: int | None
+    validation_uri: str | None = None
 
 
-def add_product(name: str, train_uri: str, archive_uri_template: str, config: PatchCoreConfig) -> int:
-    """Register a product; returns its id. The archive template must contain `{date}`."""
+def add_product(name: str, train_uri: str, archive_uri_template: str, config: PatchCoreConfig,
+                validation_uri: str | None = None) -> int:
+    """Register a product; returns its id. The archive template must contain `{date}`. `validation_uri`:
+    labelled validation images (`workers.validation`), from which each fit sets F1-optimal thresholds."""
     if not _NAME.match(name):
         raise SchedulingError(f"invalid product name {name!r}: use letters, digits, '.', '_' and '-' "
                               "(it becomes part of storage keys)")
@@ -41,6 +44,7 @@ def add_product(name: str, train_uri: str, archive_uri_template: str, config: Pa
         with session_scope() as session:
             product = Product(name=name, train_uri=absolute_uri(train_uri),
                               archive_uri_template=absolute_uri(archive_uri_template),
+                              validation_uri=absolute_uri(validation_uri) if validation_uri else None,
                               fit_config=config.to_dict())
             session.add(product)
             session.flush()
@@ -50,10 +54,11 @@ def add_product(name: str, train_uri: str, archive_uri_template: str, config: Pa
 
 
 def update_product(name: str, train_uri: str | None = None, archive_uri_template: str | None = None,
-                   settings: dict[str, Any] | None = None) -> dict[str, tuple[Any, Any]]:
-    """Change a product's training folder, archive template or fit settings (`PatchCoreConfig` fields);
-    the next fit uses them, model versions already fitted keep theirs. Returns {what: (before, after)}
-    for what changed. Nothing is written unless every change is valid."""
+                   settings: dict[str, Any] | None = None,
+                   validation_uri: str | None = None) -> dict[str, tuple[Any, Any]]:
+    """Change a product's training folder, archive template, validation folder ("" removes it) or fit
+    settings (`PatchCoreConfig` fields); the next fit uses them, model versions already fitted keep theirs.
+    Returns {what: (before, after)} for what changed. Nothing is written unless every change is valid."""
     if archive_uri_template is not None:
         _check_archive_template(archive_uri_template)
     with session_scope() as session:
@@ -65,6 +70,11 @@ def update_product(name: str, train_uri: str | None = None, archive_uri_template
         if archive_uri_template is not None and absolute_uri(archive_uri_template) != product.archive_uri_template:
             changes["archive"] = (product.archive_uri_template, absolute_uri(archive_uri_template))
             product.archive_uri_template = absolute_uri(archive_uri_template)
+        if validation_uri is not None:
+            new = absolute_uri(validation_uri) if validation_uri else None
+            if new != product.validation_uri:
+                changes["validation"] = (product.validation_uri, new)
+                product.validation_uri = new
         if settings:
             before = PatchCoreConfig.from_dict(product.fit_config).to_dict()
             after = PatchCoreConfig.from_dict({**before, **settings}).to_dict()  # validates, or raises
@@ -104,6 +114,6 @@ def list_products() -> list[ProductInfo]:
         products = session.scalars(select(Product).order_by(Product.name)).all()
         return [
             ProductInfo(p.name, p.train_uri, p.archive_uri_template, p.fit_config,
-                        getattr(active_version(session, p), "version", None))
+                        getattr(active_version(session, p), "version", None), p.validation_uri)
             for p in products
         ]

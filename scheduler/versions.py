@@ -30,6 +30,7 @@ class VersionInfo:
     image_threshold: float | None
     nominal_median_score: float | None
     activation: dict[str, Any] | None  # the fit's activation rule outcome: passed, reason
+    validation_set: dict[str, Any] | None  # labelled images the thresholds were set on (F1), if any
     error: str | None
     config: dict[str, Any]
 
@@ -75,4 +76,5 @@ def _info(v: ModelVersion) -> VersionInfo:
     validation = v.validation or {}
     return VersionInfo(v.version, v.status, v.is_active, v.created_at, v.train_image_count,
                        validation.get("bank_size"), v.image_threshold, v.nominal_median_score,
-                       validation.get("activation"), v.error, dict(v.config or {}))
+                       validation.get("activation"), validation.get("validation_set"), v.error,
+                       dict(v.config or {}))

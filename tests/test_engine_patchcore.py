@@ -25,7 +25,7 @@ from common.engine import calibration, mvtec
 from common.engine.artifact import ArtifactError, load_artifact
 from common.engine.config import PatchCoreConfig
 from common.engine.evaluate import evaluate
-from common.engine.metrics import f1_max
+from common.engine.metrics import PixelMetrics, f1_max
 from common.engine.patchcore import PatchCore
 from common.images import ImageDecodeError, bits_used, decode_image, decoded_size
 from tests.synthetic import (
@@ -593,6 +593,36 @@ def test_calibrate_with_labels_is_f1_optimal(train, scenes) -> None:
     assert np.array_equal(pred, np.concatenate([r.mask.ravel() for r in results]))
     f1_at = 2 * np.sum(pred & truth) / (pred.sum() + truth.sum())
     assert f1_at == pytest.approx(f1s.max(), rel=1e-9)
+
+
+def test_calibrate_with_labels_uses_masks_where_there_are_some(train, scenes) -> None:
+    """Defective images without a mask set the image threshold only; with no mask at all the pixel
+    threshold keeps the nominal rule; a mask of another size is resized to the image."""
+    m = PatchCore(CFG)
+    m.fit(train)
+    nominal_pixel = m.pixel_threshold
+    images = scenes["nominal"][:4] + scenes["defects"]
+    labels = [0] * 4 + [1] * len(scenes["defects"])
+    image_thr, pixel_thr = m.calibrate_with_labels(images, [None] * len(images), labels)
+    assert pixel_thr == nominal_pixel and image_thr != pytest.approx(calibration.nominal_threshold(
+        m.stats["holdout_scores"]))
+    assert m.stats["calibration"].endswith("pixel threshold by the nominal rule: no defect masks)")
+    assert m.stats["validation_set"] == {"nominal": 4, "defective": len(scenes["defects"]),
+                                         "defective_with_mask": 0, "failed_images": []}
+
+    half = [mk[::2, ::2] for mk in scenes["masks"]]  # 64 x 64 masks of 128 x 128 images: resized
+    with_masks = m.calibrate_with_labels(images, [None] * 4 + half, labels)
+    only_first = m.calibrate_with_labels(images, [None] * 4 + scenes["masks"][:1] + [None] * (len(half) - 1),
+                                         labels)
+    pixels = PixelMetrics()  # by hand: the nominal maps and the one defect that has a mask
+    for r, mk in zip(m.predict(images[:5]), [None] * 4 + scenes["masks"][:1], strict=True):
+        pixels.update(r.anomaly_map, mk)
+    assert only_first[1] == calibration.f1_pixel_threshold(pixels) != with_masks[1]
+    assert only_first[0] == with_masks[0] == image_thr  # the image threshold uses every image either way
+    assert m.stats["validation_set"]["defective_with_mask"] == 1
+
+    with pytest.raises(ValueError, match="needs nominal and defective validation images: 4 nominal and 0"):
+        m.calibrate_with_labels(images[:4] + [b"not an image"], [None] * 5, [0, 0, 0, 0, 1])
 
 
 # -------------------------------------------------------------------------- few-shot and CLI

@@ -106,7 +106,7 @@ def cmd_product_add(a: argparse.Namespace) -> int:
 
     if a.weights:
         raise ValueError("--weights is not stored with a product: workers use the backbone's packaged weights")
-    add_product(a.name, a.train, a.archive, config_from_args(a))
+    add_product(a.name, a.train, a.archive, config_from_args(a), a.validation)
     print(f"product {a.name!r} registered; fit it with `totalrecall fit {a.name}`")
     return 0
 
@@ -116,7 +116,7 @@ def cmd_product_set(a: argparse.Namespace) -> int:
 
     if getattr(a, "weights", None):
         raise ValueError("--weights is not stored with a product: workers use the backbone's packaged weights")
-    changes = update_product(a.name, a.train, a.archive, _given_settings(a))
+    changes = update_product(a.name, a.train, a.archive, _given_settings(a), a.validation)
     if not changes:
         print(f"product {a.name!r}: nothing changed")
         return 0
@@ -137,12 +137,15 @@ def cmd_model_list(a: argparse.Namespace) -> int:
     for v in list_versions(a.name):
         activation = v.activation or {}
         note = v.error or ("" if activation.get("passed", True) else f"not activated: {activation.get('reason')}")
+        labelled = v.validation_set
+        thresholds = "" if v.status != "ready" else (
+            f"F1 ({labelled['nominal']}+{labelled['defective']})" if labelled else "nominal")
         rows.append([f"v{v.version}", "*" if v.is_active else "", v.status,
                      v.created_at.strftime("%Y-%m-%d %H:%M") if v.created_at else "", v.train_images,
-                     v.bank_size, number(v.image_threshold), number(v.nominal_median_score),
+                     v.bank_size, number(v.image_threshold), thresholds, number(v.nominal_median_score),
                      v.config.get("backbone"), ",".join(v.config.get("layers") or []) or "default", note])
     print(format_table(["version", "active", "status", "created (UTC)", "train images", "bank", "threshold",
-                        "nominal median", "backbone", "layers", "note"], rows)
+                        "set by", "nominal median", "backbone", "layers", "note"], rows)
           if rows else f"product {a.name!r} has no model versions yet (`totalrecall fit {a.name}`)")
     return 0
 
@@ -309,6 +312,9 @@ def _add_operations(sub: argparse._SubParsersAction) -> None:
     add.add_argument("--train", required=True, help="folder URI of nominal training images")
     add.add_argument("--archive", required=True,
                      help="folder URI template of the daily archive, with {date} (YYYY-MM-DD)")
+    add.add_argument("--validation", default=None, help="folder URI of labelled validation images (good/, "
+                     "<defect type>/, optional ground_truth/<type>/<stem>_mask.png): each fit then sets "
+                     "F1-optimal thresholds")
     add_model_options(add)
     add.set_defaults(handler=cmd_product_add)
     product_sub.add_parser("list", help="registered products").set_defaults(handler=cmd_product_list)
@@ -317,6 +323,9 @@ def _add_operations(sub: argparse._SubParsersAction) -> None:
     update.add_argument("--train", default=None, help="folder URI of nominal training images")
     update.add_argument("--archive", default=None,
                         help="folder URI template of the daily archive, with {date} (YYYY-MM-DD)")
+    update.add_argument("--validation", default=None, help="folder URI of labelled validation images (good/, "
+                        "<defect type>/, optional ground_truth/<type>/<stem>_mask.png): each fit then sets "
+                        "F1-optimal thresholds; an empty string removes it")
     add_model_options(update, defaults=False)
     update.set_defaults(handler=cmd_product_set)
 

@@ -1,5 +1,8 @@
 """Fit a product's model on its training images and publish it as a new model version.
 
+Thresholds: the nominal rule on held-out training images, or F1-optimal ones when the product has
+labelled validation images (`workers.validation`).
+
 Activation rule (`check_validation`): a fitted version becomes the product's active model only if its
 thresholds were calibrated on held-out images (at least one held-out image scored, so not in-sample) and
 at most `MAX_FAILED_FRACTION` of the training images failed to load. Otherwise it is kept `ready` but
@@ -48,6 +51,7 @@ from common.logs import log_context, log_event
 from common.settings import get_settings
 from common.storage import list_uris, open_storage, read_uri
 from workers.job_state import describe_error, lock_job
+from workers.validation import calibrate_on_validation_set, list_validation_set
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +72,7 @@ class FitTarget:
     fit_config: dict[str, Any]
     version_id: int
     version: int
+    validation_uri: str | None = None
 
 
 @dataclass(frozen=True)
@@ -109,11 +114,18 @@ def _fit_and_publish(target: FitTarget) -> FitOutcome | None:
     if not uris:
         raise FitError(f"no training images under {target.train_uri}")
     config = PatchCoreConfig.from_dict(target.fit_config)
+    validation = list_validation_set(target.validation_uri) if target.validation_uri else None  # fail early
     log_event(logger, logging.INFO, "fit_started", images=len(uris), backbone=config.backbone,
               image_size=config.image_size)
     model = PatchCore(config)
     max_bytes = get_settings().max_image_bytes
     stats = model.fit([_loader(uri, max_bytes) for uri in uris])
+    if validation is not None:
+        summary = calibrate_on_validation_set(model, validation, lambda u: _loader(u, max_bytes), max_bytes)
+        log_event(logger, logging.INFO, "fit_calibrated", nominal=summary["nominal"],
+                  defective=summary["defective"], with_mask=summary["defective_with_mask"],
+                  failed=len(summary["failed_images"]), image_threshold=model.image_threshold,
+                  pixel_threshold=model.pixel_threshold)
     passed, reason = check_validation(stats, model, len(uris))
     with TemporaryDirectory(prefix="totalrecall-fit-") as tmp:
         sha256 = model.save(tmp)
@@ -146,7 +158,7 @@ def start_fit(job_id: int) -> FitTarget | None:
         job.status, job.started_at = JobStatus.RUNNING.value, job.started_at or utcnow()
         product = job.product
         return FitTarget(job.id, product.name, product.train_uri, dict(product.fit_config),
-                         version.id, version.version)
+                         version.id, version.version, product.validation_uri)
 
     for attempt in range(3):
         try:

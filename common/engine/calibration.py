@@ -32,18 +32,20 @@ def holdout_split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.nd
     return np.sort(order[n_hold:]), np.sort(order[:n_hold])
 
 
-def f1_thresholds(image_scores: Sequence[float], labels: Sequence[int],
-                  pixels: PixelMetrics) -> tuple[float, float]:
-    """F1-optimal image and pixel thresholds from labelled validation images.
+def f1_image_threshold(image_scores: Sequence[float], labels: Sequence[int]) -> float:
+    """F1-optimal image threshold from labelled validation images.
 
     Verdicts are `score > threshold`; f1_max's threshold t means `score >= t`, so the threshold is
-    placed halfway between t and the next lower observed value (pixel: the next lower float16 bin).
-    """
+    placed halfway between t and the next lower observed value."""
     scores = np.asarray(image_scores, dtype=np.float64)
     _, t = f1_max(scores, np.asarray(labels))
     below = scores[scores < t]
-    image_thr = (t + below.max()) / 2 if below.size else float(np.nextafter(t, -np.inf))
+    return float((t + below.max()) / 2 if below.size else np.nextafter(t, -np.inf))
+
+
+def f1_pixel_threshold(pixels: PixelMetrics) -> float:
+    """F1-optimal pixel threshold over labelled maps: halfway between the best float16 bin and the next
+    lower one (masks are `map > threshold`)."""
     _, pt = pixels.pixel_f1_max()
     code = int(score_to_code(np.array([pt]))[0])
-    pixel_thr = (pt + score_from_code(code - 1)) / 2 if code > 0 else float(np.nextafter(pt, -np.inf))
-    return float(image_thr), float(pixel_thr)
+    return float((pt + score_from_code(code - 1)) / 2 if code > 0 else np.nextafter(pt, -np.inf))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,15 +49,20 @@ def test_images(root: str | Path, category: str) -> list[TestImage]:
 
 
 def load_mask(item: TestImage, hw: tuple[int, int]) -> np.ndarray:
-    """Boolean mask at (H, W); a missing mask is all False. Masks of another size are resized (nearest).
+    """Boolean mask at (H, W) (`read_mask`); a missing mask is all False."""
+    if item.mask_path is None:
+        return np.zeros(hw, dtype=bool)
+    return read_mask(item.mask_path, hw)
+
+
+def read_mask(source: bytes | str | Path, hw: tuple[int, int] | None = None) -> np.ndarray:
+    """Boolean defect mask of a mask image, at (H, W) `hw` (resized, nearest, if needed) or its own size.
 
     Defect pixels are those >= 128 of 255 (MVTec's 0/255, robust to a JPEG mask's ringing); a mask whose
     values stay below 128 is a 0/1 (label-index) mask, whose defect pixels are the non-zero ones."""
-    if item.mask_path is None:
-        return np.zeros(hw, dtype=bool)
-    with Image.open(item.mask_path) as m:
+    with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as m:
         m = m.convert("L")
-        if m.size != (hw[1], hw[0]):
+        if hw is not None and m.size != (hw[1], hw[0]):
             m = m.resize((hw[1], hw[0]), Image.Resampling.NEAREST)
         values = np.asarray(m)
         return values >= (128 if values.max() >= 128 else 1)

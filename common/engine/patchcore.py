@@ -52,6 +52,16 @@ def _no_usable_image(failures: list[Failed]) -> str:
     return "no usable training image: " + "; ".join(f.error for f in failures[:3])
 
 
+def _mask_over_map(mask: np.ndarray, result: ImageResult) -> np.ndarray:
+    """A defect mask brought to the image's size (nearest) and cut to the region its map covers."""
+    h, w = result.image_hw
+    if mask.shape != (h, w):
+        mask = torch.nn.functional.interpolate(torch.from_numpy(np.asarray(mask, dtype=np.uint8))[None, None],
+                                               size=(h, w), mode="nearest")[0, 0].numpy()
+    top, left, bh, bw = result.box
+    return np.asarray(mask, dtype=bool)[top: top + bh, left: left + bw]
+
+
 def resolve_device(device: str | None) -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -234,18 +244,34 @@ class PatchCore:
 
     def calibrate_with_labels(self, images: Sequence[ImageSource], masks: Sequence[np.ndarray | None],
                               labels: Sequence[int]) -> tuple[float, float]:
-        """Replace the nominal thresholds by F1-optimal ones from labelled validation images."""
+        """Replace the nominal thresholds by F1-optimal ones from labelled validation images (label 1:
+        defective). The image threshold comes from every image that decodes; the pixel threshold from the
+        nominal images and the defective ones with a mask (a boolean array of the image's size, resized if
+        not; None: no mask), and stays at the nominal rule when no defective image has one. Needs a nominal
+        and a defective image that decode. What was used goes to `stats["validation_set"]`."""
         from common.engine.metrics import PixelMetrics
 
         pixels = PixelMetrics()
-        scores, ys = [], []
-        for r, m, y in zip(self.predict(images), masks, labels, strict=True):
-            if r.ok:
-                pixels.update(r.anomaly_map, m)
-                scores.append(r.score)
-                ys.append(y)
-        self.image_threshold, self.pixel_threshold = calibration.f1_thresholds(scores, ys, pixels)
-        self.stats["calibration"] = "F1-optimal on labelled validation images"
+        scores, ys, failed, masked = [], [], [], 0
+        for i, (r, m, y) in enumerate(zip(self.predict(images), masks, labels, strict=True)):
+            if not r.ok:
+                failed.append({"position": i, "error": r.error})
+                continue
+            scores.append(r.score)
+            ys.append(int(y))
+            if y == 0 or m is not None:
+                pixels.update(r.anomaly_map, None if m is None else _mask_over_map(m, r))
+                masked += int(y == 1 and m is not None)
+        if 0 not in ys or 1 not in ys:
+            raise ValueError(f"F1 calibration needs nominal and defective validation images: {ys.count(0)} "
+                             f"nominal and {ys.count(1)} defective decoded ({len(failed)} failed)")
+        self.image_threshold = calibration.f1_image_threshold(scores, ys)
+        if masked:
+            self.pixel_threshold = calibration.f1_pixel_threshold(pixels)
+        self.stats["calibration"] = "F1-optimal on labelled validation images" + (
+            "" if masked else " (image threshold; pixel threshold by the nominal rule: no defect masks)")
+        self.stats["validation_set"] = {"nominal": ys.count(0), "defective": ys.count(1),
+                                        "defective_with_mask": masked, "failed_images": failed}
         return self.image_threshold, self.pixel_threshold
 
     # -------------------------------------------------------------------------------------- score

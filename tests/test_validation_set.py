@@ -1,0 +1,114 @@
+"""A product's labelled validation images: each fit sets F1-optimal thresholds from them.
+
+In-process on the embedded default (SQLite, local folder, tasks run eagerly): the CLI's own `main`, real
+fits and a real score job.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from common.db import Job, ModelVersion, Product, Result, session_scope
+from common.engine.artifact import META_FILE
+from common.settings import get_settings
+from common.storage import Storage, open_storage
+from common.synthetic import mask_png_bytes, nominal_image, plant_defect, png_bytes
+from tests.conftest import embedded_default
+from totalrecall.cli import main
+
+SIZE = 96
+FIT = ["--image-size", str(SIZE), "--coreset-ratio", "0.1", "--holdout-fraction", "0.25"]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Storage]:
+    """An embedded home with 12 training images, and a validation folder: 4 good, 4 scratched (3 masks)."""
+    with embedded_default(tmp_path_factory.mktemp("home")):
+        storage = open_storage(get_settings().storage_url)
+        for i in range(12):
+            storage.put_bytes(f"train/n{i:02d}.png", png_bytes(nominal_image(i, SIZE)))
+        for i in range(4):
+            storage.put_bytes(f"validation/good/g{i}.png", png_bytes(nominal_image(100 + i, SIZE)))
+            image, mask = plant_defect(nominal_image(200 + i, SIZE), i, kind="scratch")
+            storage.put_bytes(f"validation/scratch/d{i}.png", png_bytes(image))
+            if i:  # d0 has no mask
+                storage.put_bytes(f"validation/ground_truth/scratch/d{i}_mask.png", mask_png_bytes(mask))
+        yield storage
+
+
+def _add(store: Storage, name: str, *options: str) -> None:
+    assert main(["product", "add", name, "--train", store.uri_for("train"),
+                 "--archive", store.uri_for(f"archive/{{date}}/{name}"), *FIT, *options]) == 0
+
+
+def _latest(name: str) -> tuple[ModelVersion, Job]:
+    with session_scope() as session:
+        version = session.scalars(select(ModelVersion).join(Product).where(Product.name == name)
+                                  .order_by(ModelVersion.version.desc())).first()
+        job = session.scalars(select(Job).where(Job.model_version_id == version.id)).one()
+        return version, job
+
+
+def test_fit_sets_f1_thresholds_that_separate_the_validation_images(store: Storage, capsys) -> None:
+    _add(store, "plain")
+    _add(store, "checked", "--validation", store.uri_for("validation"))
+    for name in ("plain", "checked"):
+        assert main(["fit", name, "--wait"]) == 0
+    plain, _ = _latest("plain")
+    checked, _ = _latest("checked")
+    summary = checked.validation["validation_set"]
+    assert (summary["nominal"], summary["defective"], summary["defective_with_mask"]) == (4, 4, 3)
+    assert summary["failed_images"] == [] and summary["unreadable_masks"] == []
+    assert checked.validation["calibration"] == "F1-optimal on labelled validation images"
+    assert "validation_set" not in plain.validation and plain.validation["calibration"].startswith("max(")
+    # the same training images and seed: the same bank, other thresholds
+    assert checked.config == plain.config and checked.image_threshold != plain.image_threshold
+    assert checked.pixel_threshold != plain.pixel_threshold
+    meta = json.loads((Path(checked.artifact_uri) / META_FILE).read_text())  # the artifact carries them
+    assert (meta["image_threshold"], meta["pixel_threshold"]) == (checked.image_threshold, checked.pixel_threshold)
+
+    assert main(["score", "checked", "--images", store.uri_for("validation"), "--wait"]) == 0
+    with session_scope() as session:
+        job = session.scalars(select(Job).where(Job.kind == "score").order_by(Job.id.desc())).first()
+        rows = session.scalars(select(Result).where(Result.job_id == job.id)).all()
+    verdicts = {f"{Path(r.image_uri).parent.name}/{Path(r.image_uri).name}": r.is_anomalous for r in rows
+                if "ground_truth" not in r.image_uri}  # the folder's masks were scored too, as images
+    assert verdicts == {**{f"good/g{i}.png": False for i in range(4)}, **{f"scratch/d{i}.png": True for i in range(4)}}
+
+    capsys.readouterr()
+    assert main(["model", "list", "checked"]) == 0
+    assert "F1 (4+4)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("layout", "message"), [
+    ({"good/a.png": True}, "needs nominal images in good/ and defective ones in defect-type folders: found 1 and 0"),
+    ({"good/a.png": True, "crack/b.png": False, "loose.png": True}, "validation images must be in good/ or a "
+     "defect-type folder"),
+])
+def test_a_validation_folder_that_cannot_be_used_fails_the_fit_saying_why(store: Storage, layout: dict,
+                                                                          message: str, capsys) -> None:
+    name = f"bad{len(layout)}"
+    for key, nominal in layout.items():
+        image = nominal_image(300, SIZE) if nominal else plant_defect(nominal_image(301, SIZE), 1)[0]
+        store.put_bytes(f"{name}-validation/{key}", png_bytes(image))
+    _add(store, name, "--validation", store.uri_for(f"{name}-validation"))
+    assert main(["fit", name, "--wait"]) != 0
+    version, job = _latest(name)
+    assert job.status == "failed" and message in job.error
+    assert version.status == "failed" and not version.is_active
+
+
+def test_product_set_adds_and_removes_the_validation_folder(store: Storage, capsys) -> None:
+    _add(store, "later")
+    assert main(["product", "set", "later", "--validation", store.uri_for("validation")]) == 0
+    assert "validation None -> " in capsys.readouterr().out
+    assert main(["fit", "later", "--wait"]) == 0
+    assert _latest("later")[0].validation["validation_set"]["defective"] == 4
+    assert main(["product", "set", "later", "--validation", ""]) == 0
+    assert main(["fit", "later", "--wait"]) == 0
+    assert "validation_set" not in _latest("later")[0].validation

@@ -1,0 +1,90 @@
+"""A product's labelled validation images, from which each of its fits sets F1-optimal thresholds.
+
+Layout under the product's validation URI (MVTec AD's test layout, so a dataset's `test` folder with its
+`ground_truth` copied in works as is):
+
+    good/...                                       nominal images
+    <defect type>/...                              defective images, one folder per type
+    ground_truth/<defect type>/<stem>_mask.png     optional defect masks (0/255, or 0/1)
+
+The image threshold is F1-optimal over every validation image that decodes; the pixel threshold over
+the nominal images and the defective ones that have a mask, and stays at the nominal rule when none has
+one (`PatchCore.calibrate_with_labels`). A mask that cannot be read leaves its image out of the pixel
+threshold, and the fit's `validation_set` statistics name it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+from typing import Any
+
+import numpy as np
+
+from common.engine.mvtec import read_mask
+from common.engine.patchcore import PatchCore
+from common.images import IMAGE_SUFFIXES
+from common.storage import StorageNotFound, open_storage, read_uri
+
+NOMINAL = "good"
+MASKS = "ground_truth"
+
+
+class ValidationSetError(ValueError):
+    """The validation folder cannot be used as laid out (the message says why)."""
+
+
+@dataclass(frozen=True)
+class ValidationSet:
+    uri: str
+    images: list[str]  # URIs
+    labels: list[int]  # 0 nominal, 1 defective
+    masks: list[str | None]  # URI of each defective image's mask, if there is one
+
+
+def list_validation_set(uri: str) -> ValidationSet:
+    """The labelled images under `uri` (module docstring); an error if it holds no nominal or no
+    defective image, or images outside a label folder."""
+    storage = open_storage(uri)
+    keys = sorted(k for k in storage.list() if k.lower().endswith(IMAGE_SUFFIXES))
+    mask_keys = {k for k in keys if k.startswith(MASKS + "/")}
+    image_keys = [k for k in keys if k not in mask_keys]
+    loose = [k for k in image_keys if "/" not in k]
+    if loose:
+        raise ValidationSetError(f"validation images must be in {NOMINAL}/ or a defect-type folder under "
+                                 f"{uri}; not: {', '.join(loose[:3])}" + (" ..." if len(loose) > 3 else ""))
+    labels = [0 if k.split("/", 1)[0] == NOMINAL else 1 for k in image_keys]
+    if 0 not in labels or 1 not in labels:
+        raise ValidationSetError(f"validation folder {uri} needs nominal images in {NOMINAL}/ and defective "
+                                 f"ones in defect-type folders: found {labels.count(0)} and {labels.count(1)}")
+    masks = [None if label == 0 else _mask_key(k, mask_keys) for k, label in zip(image_keys, labels, strict=True)]
+    return ValidationSet(uri, [storage.uri_for(k) for k in image_keys], labels,
+                         [None if m is None else storage.uri_for(m) for m in masks])
+
+
+def _mask_key(image_key: str, mask_keys: set[str]) -> str | None:
+    path = PurePosixPath(image_key)
+    key = str(PurePosixPath(MASKS, *path.parent.parts, f"{path.stem}_mask.png"))
+    return key if key in mask_keys else None
+
+
+def calibrate_on_validation_set(model: PatchCore, found: ValidationSet,
+                                loader: Callable[[str], Callable[[], bytes]], max_bytes: int) -> dict[str, Any]:
+    """Set `model`'s thresholds F1-optimally on the validation images `found` (`list_validation_set`);
+    returns what was used (also in `model.stats["validation_set"]`)."""
+    masks: list[np.ndarray | None] = []
+    unreadable = []
+    for mask_uri in found.masks:
+        try:
+            masks.append(None if mask_uri is None else read_mask(read_uri(mask_uri, max_bytes)))
+        except (OSError, ValueError, SyntaxError, StorageNotFound) as exc:  # ObjectTooLarge: a ValueError
+            masks.append(None)
+            unreadable.append({"mask": mask_uri, "error": f"{type(exc).__name__}: {exc}"})
+    model.calibrate_with_labels([loader(u) for u in found.images], masks, found.labels)
+    summary = model.stats["validation_set"]
+    summary["uri"] = found.uri
+    summary["unreadable_masks"] = unreadable
+    for failure in summary["failed_images"]:
+        failure["uri"] = found.images[failure.pop("position")]
+    return summary
