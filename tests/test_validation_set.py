@@ -112,3 +112,18 @@ def test_product_set_adds_and_removes_the_validation_folder(store: Storage, caps
     assert main(["product", "set", "later", "--validation", ""]) == 0
     assert main(["fit", "later", "--wait"]) == 0
     assert "validation_set" not in _latest("later")[0].validation
+
+
+def test_an_unreadable_mask_is_left_out_and_named(store: Storage) -> None:
+    for i in range(2):
+        store.put_bytes(f"torn/good/g{i}.png", png_bytes(nominal_image(400 + i, SIZE)))
+        image, mask = plant_defect(nominal_image(500 + i, SIZE), i, kind="scratch")
+        store.put_bytes(f"torn/crack/d{i}.png", png_bytes(image))
+        store.put_bytes(f"torn/ground_truth/crack/d{i}_mask.png", mask_png_bytes(mask)[: 40 if i else None])
+    _add(store, "torn", "--validation", store.uri_for("torn"))
+    assert main(["fit", "torn", "--wait"]) == 0
+    version, job = _latest("torn")
+    summary = version.validation["validation_set"]
+    assert job.status == "succeeded" and version.is_active
+    assert (summary["defective"], summary["defective_with_mask"]) == (2, 1)
+    assert [m["mask"] for m in summary["unreadable_masks"]] == [store.uri_for("torn/ground_truth/crack/d1_mask.png")]

@@ -15,12 +15,10 @@ threshold, and the fit's `validation_set` statistics name it.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any
-
-import numpy as np
 
 from common.engine.mvtec import read_mask
 from common.engine.patchcore import PatchCore
@@ -63,6 +61,28 @@ def list_validation_set(uri: str) -> ValidationSet:
                          [None if m is None else storage.uri_for(m) for m in masks])
 
 
+class _Masks(Sequence):
+    """The defect masks of a validation set, each read from storage when it is indexed (so a large set
+    never holds them all); one that cannot be read is None, and is listed in `unreadable`."""
+
+    def __init__(self, uris: list[str | None], max_bytes: int) -> None:
+        self.uris, self.max_bytes = uris, max_bytes
+        self.unreadable: list[dict[str, str]] = []
+
+    def __len__(self) -> int:
+        return len(self.uris)
+
+    def __getitem__(self, i):  # type: ignore[override]  # ints only
+        uri = self.uris[i]
+        if uri is None:
+            return None
+        try:
+            return read_mask(read_uri(uri, self.max_bytes))
+        except (OSError, ValueError, SyntaxError, StorageNotFound) as exc:  # ObjectTooLarge: a ValueError
+            self.unreadable.append({"mask": uri, "error": f"{type(exc).__name__}: {exc}"})
+            return None
+
+
 def _mask_key(image_key: str, mask_keys: set[str]) -> str | None:
     path = PurePosixPath(image_key)
     key = str(PurePosixPath(MASKS, *path.parent.parts, f"{path.stem}_mask.png"))
@@ -73,18 +93,11 @@ def calibrate_on_validation_set(model: PatchCore, found: ValidationSet,
                                 loader: Callable[[str], Callable[[], bytes]], max_bytes: int) -> dict[str, Any]:
     """Set `model`'s thresholds F1-optimally on the validation images `found` (`list_validation_set`);
     returns what was used (also in `model.stats["validation_set"]`)."""
-    masks: list[np.ndarray | None] = []
-    unreadable = []
-    for mask_uri in found.masks:
-        try:
-            masks.append(None if mask_uri is None else read_mask(read_uri(mask_uri, max_bytes)))
-        except (OSError, ValueError, SyntaxError, StorageNotFound) as exc:  # ObjectTooLarge: a ValueError
-            masks.append(None)
-            unreadable.append({"mask": mask_uri, "error": f"{type(exc).__name__}: {exc}"})
+    masks = _Masks(found.masks, max_bytes)
     model.calibrate_with_labels([loader(u) for u in found.images], masks, found.labels)
     summary = model.stats["validation_set"]
     summary["uri"] = found.uri
-    summary["unreadable_masks"] = unreadable
+    summary["unreadable_masks"] = masks.unreadable
     for failure in summary["failed_images"]:
         failure["uri"] = found.images[failure.pop("position")]
     return summary

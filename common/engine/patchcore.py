@@ -248,20 +248,25 @@ class PatchCore:
         defective). The image threshold comes from every image that decodes; the pixel threshold from the
         nominal images and the defective ones with a mask (a boolean array of the image's size, resized if
         not; None: no mask), and stays at the nominal rule when no defective image has one. Needs a nominal
-        and a defective image that decode. What was used goes to `stats["validation_set"]`."""
+        and a defective image that decode. What was used goes to `stats["validation_set"]`. Streams: one
+        image's map and mask at a time (`masks` may read each mask when it is indexed)."""
         from common.engine.metrics import PixelMetrics
 
+        if not len(images) == len(masks) == len(labels):
+            raise ValueError(f"{len(images)} images, {len(masks)} masks and {len(labels)} labels")
         pixels = PixelMetrics()
         scores, ys, failed, masked = [], [], [], 0
-        for i, (r, m, y) in enumerate(zip(self.predict(images), masks, labels, strict=True)):
+        for i, r in self.iter_predict(images, desc="calibrate"):
             if not r.ok:
                 failed.append({"position": i, "error": r.error})
                 continue
+            y = int(labels[i])
             scores.append(r.score)
-            ys.append(int(y))
+            ys.append(y)
+            m = masks[i] if y == 1 else None
             if y == 0 or m is not None:
                 pixels.update(r.anomaly_map, None if m is None else _mask_over_map(m, r))
-                masked += int(y == 1 and m is not None)
+                masked += int(m is not None)
         if 0 not in ys or 1 not in ys:
             raise ValueError(f"F1 calibration needs nominal and defective validation images: {ys.count(0)} "
                              f"nominal and {ys.count(1)} defective decoded ({len(failed)} failed)")
