@@ -25,37 +25,37 @@ def add_model_options(p: argparse.ArgumentParser, defaults: bool = True) -> None
         p.add_argument(*names, **kwargs)
 
     arg("--backbone", default=d.backbone,
-                   help="efficientnet_lite0/1/2 (offline), wide_resnet50_2, resnet18")
+        help="efficientnet_lite0/1/2 (offline), wide_resnet50_2, resnet18")
     arg("--layers", default=None, help="comma-separated stages (default: stride 8 and 16)")
     arg("--weights", default=None, help="local state-dict file for the backbone")
     arg("--image-size", type=int, default=d.image_size)
     arg("--resize", choices=RESIZE_MODES, default=d.resize)
     arg("--scale", type=float, default=d.scale, help="resize factor for --resize scale")
     arg("--center-crop", type=int, default=None, help="paper protocol: --image-size 256 "
-                   "--resize square --center-crop 224")
+        "--resize square --center-crop 224")
     arg("--embed-dim", type=int, default=d.embed_dim)
     arg("--coreset-ratio", type=float, default=d.coreset_ratio)
     arg("--coreset-min-size", type=int, default=d.coreset_min_size,
-                   help="the bank keeps at least this many features (or all of them)")
+        help="the bank keeps at least this many features (or all of them)")
     arg("--projection-dim", type=int, default=d.projection_dim)
     arg("--num-neighbors", type=int, default=d.num_neighbors, help="b of Eq. 7 (0 = off)")
     arg("--holdout-fraction", type=float, default=d.holdout_fraction)
     arg("--batch-size", type=int, default=d.batch_size)
     arg("--seed", type=int, default=d.seed)
     arg("--precision", choices=PRECISIONS, default=d.precision,
-                   help="backbone arithmetic: auto (bf16 on CUDA, fp32 on CPU), fp32, or bf16 (fast on AMX CPUs)")
+        help="backbone arithmetic: auto (bf16 on CUDA, fp32 on CPU), fp32, or bf16 (fast on AMX CPUs)")
     arg("--bit-depth", type=int, default=d.bit_depth,
-                   help="significant bits of grey images stored with more than 8 bits a sample, e.g. 12 "
-                   "for a Mono12 camera (0: the most the training images use)")
+        help="significant bits of images stored with more than 8 bits a sample (grey or colour), e.g. 12 "
+        "for a Mono12 camera (0: the most the training images use)")
     arg("--index", choices=INDEX_TYPES, default=d.index,
-                   help="kNN index: flat (exact), ivf_flat or ivf_pq (approximate, for large banks)")
+        help="kNN index: flat (exact), ivf_flat or ivf_pq (approximate, for large banks)")
     arg("--index-min-bank", type=int, default=d.index_min_bank,
-                   help="banks smaller than this get the exact index anyway")
+        help="banks smaller than this get the exact index anyway")
     arg("--index-nlist", type=int, default=d.index_nlist,
-                   help="IVF coarse lists (0: about 4 * sqrt(bank size))")
+        help="IVF coarse lists (0: about 4 * sqrt(bank size))")
     arg("--index-nprobe", type=int, default=d.index_nprobe, help="IVF lists searched per query")
     arg("--index-pq-m", type=int, default=d.index_pq_m,
-                   help="IVF-PQ bytes per feature, a divisor of the feature dimension (0: about dim / 4)")
+        help="IVF-PQ bytes per feature, a divisor of the feature dimension (0: about dim / 4)")
 
 
 def _given_settings(a: argparse.Namespace) -> dict:
