@@ -109,6 +109,10 @@ def test_product_set_adds_and_removes_the_validation_folder(store: Storage, caps
     assert "validation None -> " in capsys.readouterr().out
     assert main(["fit", "later", "--wait"]) == 0
     assert _latest("later")[0].validation["validation_set"]["defective"] == 4
+    capsys.readouterr()
+    assert main(["product", "list"]) == 0
+    assert store.uri_for("validation") in next(line for line in capsys.readouterr().out.splitlines()
+                                                if line.startswith("later "))
     assert main(["product", "set", "later", "--validation", ""]) == 0
     assert main(["fit", "later", "--wait"]) == 0
     assert "validation_set" not in _latest("later")[0].validation

@@ -172,8 +172,9 @@ def cmd_product_list(a: argparse.Namespace) -> int:
     from totalrecall.jobs_view import format_table
 
     rows = [[p.name, p.active_version and f"v{p.active_version}", p.fit_config.get("backbone"),
-             p.fit_config.get("image_size"), p.train_uri, p.archive_uri_template] for p in list_products()]
-    print(format_table(["product", "active model", "backbone", "size", "train", "archive"], rows)
+             p.fit_config.get("image_size"), p.train_uri, p.archive_uri_template, p.validation_uri or ""]
+            for p in list_products()]
+    print(format_table(["product", "active model", "backbone", "size", "train", "archive", "validation"], rows)
           if rows else "no products registered (see `totalrecall product add`)")
     return 0
 
