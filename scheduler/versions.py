@@ -72,6 +72,22 @@ def activate_version(product_name: str, version: int) -> tuple[int | None, Versi
     return previous, info
 
 
+def deactivate(product_name: str) -> int | None:
+    """Leave the product without an active model, which pauses its nightly inspection and refuses its
+    ad-hoc scoring until a version is activated (or a fit passes); returns the version that was active."""
+
+    def work(session: Session) -> int | None:
+        product = get_product(session, product_name)
+        before = active_version(session, product)
+        if before is not None:
+            before.is_active = False
+        return before.version if before else None
+
+    previous = in_transaction(work)
+    log_event(logger, logging.INFO, "model_deactivated", product=product_name, previous=previous)
+    return previous
+
+
 def _info(v: ModelVersion) -> VersionInfo:
     validation = v.validation or {}
     return VersionInfo(v.version, v.status, v.is_active, v.created_at, v.train_image_count,

@@ -133,3 +133,17 @@ def test_activate_refuses_what_cannot_be_active(store: Storage, capsys) -> None:
     assert [v.id for v in _versions().values() if v.is_active] == [v.id for v in active]  # unchanged
     assert main(["model", "list", NAME]) == 0
     assert f"v{failed.version}" in capsys.readouterr().out
+
+
+def test_deactivate_pauses_the_nightly_until_a_version_is_activated(store: Storage, capsys) -> None:
+    active = next(v.version for v in _versions().values() if v.is_active)
+    assert main(["model", "deactivate", NAME]) == 0
+    assert f"has no active model now (was version {active})" in capsys.readouterr().out
+    assert not any(v.is_active for v in _versions().values())
+    assert main(["nightly", "--date", "2026-11-30"]) == 0
+    assert f"{NAME}: skipped, no active model" in capsys.readouterr().out
+    assert main(["score", NAME, "--images", store.uri_for("adhoc")]) == 2
+    assert "has no active model" in capsys.readouterr().err
+    assert main(["model", "activate", NAME, str(active)]) == 0
+    assert main(["nightly", "--date", "2026-11-30"]) == 0
+    assert f"{NAME}: job " in capsys.readouterr().out

@@ -167,6 +167,15 @@ def cmd_model_activate(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_model_deactivate(a: argparse.Namespace) -> int:
+    from scheduler.versions import deactivate
+
+    previous = deactivate(a.name)
+    print(f"product {a.name!r} has no active model now" + (f" (was version {previous})" if previous else "")
+          + f": nightly inspections skip it until `totalrecall model activate {a.name} VERSION` or a passing fit")
+    return 0
+
+
 def cmd_product_list(a: argparse.Namespace) -> int:
     from scheduler.products import list_products
     from totalrecall.jobs_view import format_table
@@ -339,6 +348,9 @@ def _add_operations(sub: argparse._SubParsersAction) -> None:
     activate.add_argument("name")
     activate.add_argument("version", type=int)
     activate.set_defaults(handler=cmd_model_activate)
+    pause = model_sub.add_parser("deactivate", help="leave a product without an active model (pauses its nightly)")
+    pause.add_argument("name")
+    pause.set_defaults(handler=cmd_model_deactivate)
 
     fit = sub.add_parser("fit", help="fit products (one job each, queue 'fit')")
     fit.add_argument("names", nargs="*", metavar="NAME")
