@@ -1,13 +1,14 @@
-"""Verdicts and masks on real data under the two threshold rules: the nominal rule (held-out training
-images, no labels) and F1-optimal thresholds from labelled validation images (a product's `--validation`).
+"""Verdicts and masks on real data under three threshold rules: the nominal rule (held-out training
+images, no labels), F1-optimal thresholds from labelled validation images (a product's `--validation`),
+and the image threshold at a false-alarm budget on their nominal images (`--max-false-alarms`, 5 % here).
 
     python bench/threshold_rules.py --data ../shared/datasets/mvtec_ad --category bottle
     python bench/threshold_rules.py --data ../shared/datasets/mtd --category magnetic_tile
 
 Fits the default model on `train/good` once, then splits the test images in two halves, stratified by
-defect type (seeded): the F1 thresholds are set on one half (`PatchCore.calibrate_with_labels`, masks
-included) and both rules are judged on the other half, which neither rule has seen. Then the halves
-swap. One JSON line per fold and rule: image recall, false-positive rate, precision and F1 of the
+defect type (seeded): the labelled thresholds are set on one half (`PatchCore.calibrate_with_labels`,
+masks included; the budget counts that half's good images and the fit's held-out ones) and every rule
+is judged on the other half, which none has seen. Then the halves swap. One JSON line per fold and rule: image recall, false-positive rate, precision and F1 of the
 verdicts; pixel precision, recall and F1 of the masks (over every pixel of the judged half).
 """
 
@@ -67,6 +68,8 @@ def main() -> None:
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--category", required=True)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-false-alarms", type=float, default=0.05,
+                   help="the budget of the third rule (a product's --max-false-alarms)")
     a = p.parse_args()
     model = PatchCore(device="cpu")
     model.fit(mvtec.train_images(a.data, a.category))
@@ -78,10 +81,12 @@ def main() -> None:
         for i in calibrate_ids:
             t = tests[i]
             masks.append(mvtec.load_mask(t, results[i].image_hw) if t.mask_path is not None else None)
-        f1 = model.calibrate_with_labels([tests[i].path for i in calibrate_ids], masks,
-                                         [tests[i].label for i in calibrate_ids])
+        images, labels = [tests[i].path for i in calibrate_ids], [tests[i].label for i in calibrate_ids]
+        f1 = model.calibrate_with_labels(images, masks, labels)
+        budget = model.calibrate_with_labels(images, masks, labels, a.max_false_alarms)
         judged = [results[i] for i in judge_ids], [tests[i] for i in judge_ids]
-        for rule, (image_thr, pixel_thr) in [("nominal", nominal), ("f1_validation", f1)]:
+        rules = [("nominal", nominal), ("f1_validation", f1), (f"false_alarms_{a.max_false_alarms:g}", budget)]
+        for rule, (image_thr, pixel_thr) in rules:
             print(json.dumps({"category": a.category, "fold": fold, "rule": rule, "calibrated_on": len(calibrate_ids),
                               "judged": len(judge_ids), "image_threshold": round(image_thr, 3),
                               "pixel_threshold": round(pixel_thr, 3), **judge(*judged, image_thr, pixel_thr)}),

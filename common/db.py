@@ -151,6 +151,8 @@ class Product(Base):
     archive_uri_template: Mapped[str] = mapped_column(Text)  # contains "{date}" (YYYY-MM-DD)
     # labelled validation images (good/, <defect type>/, ground_truth/): F1-optimal thresholds at each fit
     validation_uri: Mapped[str | None] = mapped_column(Text)
+    # with validation images: the image threshold flags at most this fraction of nominal ones (None: F1)
+    max_false_alarms: Mapped[float | None] = mapped_column(Float)
     fit_config: Mapped[dict[str, Any]] = mapped_column(default=dict)  # backbone, image_size, coreset_ratio...
     created_at: Mapped[datetime] = mapped_column(default=utcnow, server_default=func.now())
 

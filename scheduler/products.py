@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any
 
 from sqlalchemy import select
@@ -18,6 +19,15 @@ from common.storage import absolute_uri
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 
 
+class Unset(Enum):
+    """Marks an argument that was not given, where None is a value."""
+
+    TOKEN = 0
+
+
+UNSET = Unset.TOKEN
+
+
 class SchedulingError(ValueError):
     """A request that cannot be scheduled (unknown product, no active model ...); nothing was enqueued."""
 
@@ -30,21 +40,25 @@ class ProductInfo:
     fit_config: dict[str, Any]
     active_version: int | None
     validation_uri: str | None = None
+    max_false_alarms: float | None = None
 
 
 def add_product(name: str, train_uri: str, archive_uri_template: str, config: PatchCoreConfig,
-                validation_uri: str | None = None) -> int:
+                validation_uri: str | None = None, max_false_alarms: float | None = None) -> int:
     """Register a product; returns its id. The archive template must contain `{date}`. `validation_uri`:
-    labelled validation images (`workers.validation`), from which each fit sets F1-optimal thresholds."""
+    labelled validation images (`workers.validation`), from which each fit sets F1-optimal thresholds, or
+    an image threshold flagging at most `max_false_alarms` of the nominal images."""
     if not _NAME.match(name):
         raise SchedulingError(f"invalid product name {name!r}: use letters, digits, '.', '_' and '-' "
                               "(it becomes part of storage keys)")
     _check_archive_template(archive_uri_template)
+    _check_false_alarms(max_false_alarms)
     try:
         with session_scope() as session:
             product = Product(name=name, train_uri=absolute_uri(train_uri),
                               archive_uri_template=absolute_uri(archive_uri_template),
                               validation_uri=absolute_uri(validation_uri) if validation_uri else None,
+                              max_false_alarms=max_false_alarms,
                               fit_config=config.to_dict())
             session.add(product)
             session.flush()
@@ -54,13 +68,16 @@ def add_product(name: str, train_uri: str, archive_uri_template: str, config: Pa
 
 
 def update_product(name: str, train_uri: str | None = None, archive_uri_template: str | None = None,
-                   settings: dict[str, Any] | None = None,
-                   validation_uri: str | None = None) -> dict[str, tuple[Any, Any]]:
-    """Change a product's training folder, archive template, validation folder ("" removes it) or fit
-    settings (`PatchCoreConfig` fields); the next fit uses them, model versions already fitted keep theirs.
-    Returns {what: (before, after)} for what changed. Nothing is written unless every change is valid."""
+                   settings: dict[str, Any] | None = None, validation_uri: str | None = None,
+                   max_false_alarms: float | None | Unset = UNSET) -> dict[str, tuple[Any, Any]]:
+    """Change a product's training folder, archive template, validation folder ("" removes it), false-alarm
+    budget (None: F1 again) or fit settings (`PatchCoreConfig` fields); the next fit uses them, model
+    versions already fitted keep theirs. Returns {what: (before, after)} for what changed. Nothing is
+    written unless every change is valid."""
     if archive_uri_template is not None:
         _check_archive_template(archive_uri_template)
+    if not isinstance(max_false_alarms, Unset):
+        _check_false_alarms(max_false_alarms)
     with session_scope() as session:
         product = get_product(session, name)
         changes: dict[str, tuple[Any, Any]] = {}
@@ -75,12 +92,20 @@ def update_product(name: str, train_uri: str | None = None, archive_uri_template
             if new != product.validation_uri:
                 changes["validation"] = (product.validation_uri, new)
                 product.validation_uri = new
+        if not isinstance(max_false_alarms, Unset) and max_false_alarms != product.max_false_alarms:
+            changes["max_false_alarms"] = (product.max_false_alarms, max_false_alarms)
+            product.max_false_alarms = max_false_alarms
         if settings:
             before = PatchCoreConfig.from_dict(product.fit_config).to_dict()
             after = PatchCoreConfig.from_dict({**before, **settings}).to_dict()  # validates, or raises
             changes.update({k: (before[k], after[k]) for k in after if after[k] != before[k]})
             product.fit_config = after
         return changes
+
+
+def _check_false_alarms(rate: float | None) -> None:
+    if rate is not None and not 0 <= rate < 1:
+        raise SchedulingError(f"max_false_alarms must be a fraction in [0, 1), e.g. 0.01, not {rate}")
 
 
 def _check_archive_template(template: str) -> None:
@@ -114,6 +139,7 @@ def list_products() -> list[ProductInfo]:
         products = session.scalars(select(Product).order_by(Product.name)).all()
         return [
             ProductInfo(p.name, p.train_uri, p.archive_uri_template, p.fit_config,
-                        getattr(active_version(session, p), "version", None), p.validation_uri)
+                        getattr(active_version(session, p), "version", None), p.validation_uri,
+                        p.max_false_alarms)
             for p in products
         ]

@@ -568,7 +568,7 @@ def test_calibrate_with_labels_is_f1_optimal(train, scenes) -> None:
     labels = [0] * 4 + [1] * len(scenes["defects"])
     image_thr, pixel_thr = m.calibrate_with_labels(images, masks, labels)
     assert (image_thr, pixel_thr) == (m.image_threshold, m.pixel_threshold)
-    assert m.stats["calibration"].startswith("F1-optimal")
+    assert m.stats["calibration"] == "labelled validation images: image threshold F1-optimal, pixel threshold F1-optimal"
 
     results = m.predict(images)
     scores = np.array([r.score for r in results])
@@ -606,9 +606,10 @@ def test_calibrate_with_labels_uses_masks_where_there_are_some(train, scenes) ->
     image_thr, pixel_thr = m.calibrate_with_labels(images, [None] * len(images), labels)
     assert pixel_thr == nominal_pixel and image_thr != pytest.approx(calibration.nominal_threshold(
         m.stats["holdout_scores"]))
-    assert m.stats["calibration"].endswith("pixel threshold by the nominal rule: no defect masks)")
+    assert m.stats["calibration"] == ("labelled validation images: image threshold F1-optimal, pixel threshold "
+                                      "by the nominal rule (no defect masks)")
     assert m.stats["validation_set"] == {"nominal": 4, "defective": len(scenes["defects"]),
-                                         "defective_with_mask": 0, "failed_images": []}
+                                         "defective_with_mask": 0, "failed_images": [], "max_false_alarms": None}
 
     half = [mk[::2, ::2] for mk in scenes["masks"]]  # 64 x 64 masks of 128 x 128 images: resized
     with_masks = m.calibrate_with_labels(images, [None] * 4 + half, labels)
@@ -623,6 +624,25 @@ def test_calibrate_with_labels_uses_masks_where_there_are_some(train, scenes) ->
 
     with pytest.raises(ValueError, match="needs nominal and defective validation images: 4 nominal and 0"):
         m.calibrate_with_labels(images[:4] + [b"not an image"], [None] * 5, [0, 0, 0, 0, 1])
+
+    # a false-alarm budget of 0: just above every nominal score, the validation's and the held-out ones
+    image_thr, _ = m.calibrate_with_labels(images, [None] * len(images), labels, max_false_alarms=0.0)
+    nominal = [r.score for r in m.predict(images[:4])] + m.stats["holdout_scores"]
+    assert image_thr == np.nextafter(max(nominal), np.inf)
+    assert m.stats["calibration"].startswith(f"labelled validation images: image threshold at most 0.0% false "
+                                             f"alarms on {len(nominal)} nominal images")
+
+
+def test_false_alarm_threshold_by_hand() -> None:
+    scores = [5.0, 1.0, 4.0, 2.0, 3.0]  # descending: 5 4 3 2 1
+    assert calibration.false_alarm_threshold(scores, 0.0) == np.nextafter(5.0, np.inf)  # nothing flagged
+    assert calibration.false_alarm_threshold(scores, 0.2) == 4.5  # one of five may be flagged: the 5
+    assert calibration.false_alarm_threshold(scores, 0.39) == 4.5  # still one (floor of 1.95)
+    assert calibration.false_alarm_threshold(scores, 0.4) == 3.5  # two: the 5 and the 4
+    flagged = [s for s in scores if s > calibration.false_alarm_threshold(scores, 0.6)]
+    assert sorted(flagged) == [3.0, 4.0, 5.0]
+    with pytest.raises(ValueError, match="in \\[0, 1\\)"):
+        calibration.false_alarm_threshold(scores, 1.0)
 
 
 # -------------------------------------------------------------------------- few-shot and CLI

@@ -64,7 +64,8 @@ def test_fit_sets_f1_thresholds_that_separate_the_validation_images(store: Stora
     summary = checked.validation["validation_set"]
     assert (summary["nominal"], summary["defective"], summary["defective_with_mask"]) == (4, 4, 3)
     assert summary["failed_images"] == [] and summary["unreadable_masks"] == []
-    assert checked.validation["calibration"] == "F1-optimal on labelled validation images"
+    assert checked.validation["calibration"] == ("labelled validation images: image threshold F1-optimal, "
+                                                 "pixel threshold F1-optimal")
     assert "validation_set" not in plain.validation and plain.validation["calibration"].startswith("max(")
     # the same training images and seed: the same bank, other thresholds
     assert checked.config == plain.config and checked.image_threshold != plain.image_threshold
@@ -131,3 +132,29 @@ def test_an_unreadable_mask_is_left_out_and_named(store: Storage) -> None:
     assert job.status == "succeeded" and version.is_active
     assert (summary["defective"], summary["defective_with_mask"]) == (2, 1)
     assert [m["mask"] for m in summary["unreadable_masks"]] == [store.uri_for("torn/ground_truth/crack/d1_mask.png")]
+
+
+def test_a_false_alarm_budget_sets_the_image_threshold_from_the_nominal_images(store: Storage, capsys) -> None:
+    assert main(["product", "add", "budget", "--train", store.uri_for("train"), "--archive",
+                 store.uri_for("archive/{date}/budget"), "--max-false-alarms", "0"]) == 2
+    assert "give both" in capsys.readouterr().err
+    _add(store, "budget", "--validation", store.uri_for("validation"), "--max-false-alarms", "0")
+    assert main(["fit", "budget", "--wait"]) == 0
+    version, _ = _latest("budget")
+    assert version.validation["validation_set"]["max_false_alarms"] == 0.0
+    assert "at most 0.0% false alarms on 7 nominal images" in version.validation["calibration"]  # 4 + 3 held out
+    assert version.image_threshold > max(version.validation["holdout_scores"])
+    assert main(["score", "budget", "--images", store.uri_for("validation/good"), "--wait"]) == 0
+    with session_scope() as session:
+        job = session.scalars(select(Job).where(Job.kind == "score").order_by(Job.id.desc())).first()
+        rows = session.scalars(select(Result).where(Result.job_id == job.id)).all()
+    assert len(rows) == 4 and not any(r.is_anomalous for r in rows)
+    assert max(r.score for r in rows) < version.image_threshold
+    capsys.readouterr()
+    assert main(["model", "list", "budget"]) == 0
+    assert "<= 0.0% FA (4+4)" in capsys.readouterr().out
+
+    assert main(["product", "set", "budget", "--max-false-alarms", "none"]) == 0
+    assert "max_false_alarms 0.0 -> None" in capsys.readouterr().out
+    assert main(["product", "set", "budget", "--max-false-alarms", "1.5"]) == 2
+    assert "a fraction in [0, 1)" in capsys.readouterr().err

@@ -106,7 +106,9 @@ def cmd_product_add(a: argparse.Namespace) -> int:
 
     if a.weights:
         raise ValueError("--weights is not stored with a product: workers use the backbone's packaged weights")
-    add_product(a.name, a.train, a.archive, config_from_args(a), a.validation)
+    if a.max_false_alarms is not None and not a.validation:
+        raise ValueError("--max-false-alarms sets the image threshold from --validation images: give both")
+    add_product(a.name, a.train, a.archive, config_from_args(a), a.validation, a.max_false_alarms)
     print(f"product {a.name!r} registered; fit it with `totalrecall fit {a.name}`")
     return 0
 
@@ -116,7 +118,10 @@ def cmd_product_set(a: argparse.Namespace) -> int:
 
     if getattr(a, "weights", None):
         raise ValueError("--weights is not stored with a product: workers use the backbone's packaged weights")
-    changes = update_product(a.name, a.train, a.archive, _given_settings(a), a.validation)
+    from scheduler.products import UNSET
+
+    budget = UNSET if a.max_false_alarms is None else _fraction_or_none(a.max_false_alarms)
+    changes = update_product(a.name, a.train, a.archive, _given_settings(a), a.validation, budget)
     if not changes:
         print(f"product {a.name!r}: nothing changed")
         return 0
@@ -124,6 +129,15 @@ def cmd_product_set(a: argparse.Namespace) -> int:
         print(f"product {a.name!r}: {what} {before} -> {after}")
     print(f"the next fit uses them (`totalrecall fit {a.name}`); fitted model versions keep their settings")
     return 0
+
+
+def _fraction_or_none(text: str) -> float | None:
+    if text.strip().lower() == "none":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"--max-false-alarms takes a fraction such as 0.01, or none: not {text!r}") from None
 
 
 def cmd_model_list(a: argparse.Namespace) -> int:
@@ -138,8 +152,9 @@ def cmd_model_list(a: argparse.Namespace) -> int:
         activation = v.activation or {}
         note = v.error or ("" if activation.get("passed", True) else f"not activated: {activation.get('reason')}")
         labelled = v.validation_set
-        thresholds = "" if v.status != "ready" else (
-            f"F1 ({labelled['nominal']}+{labelled['defective']})" if labelled else "nominal")
+        thresholds = "" if v.status != "ready" else "nominal" if not labelled else (
+            ("F1" if labelled.get("max_false_alarms") is None else f"<= {labelled['max_false_alarms']:.1%} FA")
+            + f" ({labelled['nominal']}+{labelled['defective']})")
         rows.append([f"v{v.version}", "*" if v.is_active else "", v.status,
                      v.created_at.strftime("%Y-%m-%d %H:%M") if v.created_at else "", v.train_images,
                      v.bank_size, number(v.image_threshold), thresholds, number(v.nominal_median_score),
@@ -325,6 +340,9 @@ def _add_operations(sub: argparse._SubParsersAction) -> None:
     add.add_argument("--validation", default=None, help="folder URI of labelled validation images (good/, "
                      "<defect type>/, optional ground_truth/<type>/<stem>_mask.png): each fit then sets "
                      "F1-optimal thresholds")
+    add.add_argument("--max-false-alarms", type=float, default=None,
+                     help="with --validation: the image threshold flags at most this fraction of the nominal "
+                     "images (e.g. 0.01) instead of being F1-optimal")
     add_model_options(add)
     add.set_defaults(handler=cmd_product_add)
     product_sub.add_parser("list", help="registered products").set_defaults(handler=cmd_product_list)
@@ -336,6 +354,9 @@ def _add_operations(sub: argparse._SubParsersAction) -> None:
     update.add_argument("--validation", default=None, help="folder URI of labelled validation images (good/, "
                         "<defect type>/, optional ground_truth/<type>/<stem>_mask.png): each fit then sets "
                         "F1-optimal thresholds; an empty string removes it")
+    update.add_argument("--max-false-alarms", default=None,
+                        help="with --validation: the image threshold flags at most this fraction of the nominal "
+                        "images (e.g. 0.01); none: F1-optimal again")
     add_model_options(update, defaults=False)
     update.set_defaults(handler=cmd_product_set)
 

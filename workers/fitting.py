@@ -73,6 +73,7 @@ class FitTarget:
     version_id: int
     version: int
     validation_uri: str | None = None
+    max_false_alarms: float | None = None
 
 
 @dataclass(frozen=True)
@@ -121,7 +122,8 @@ def _fit_and_publish(target: FitTarget) -> FitOutcome | None:
     max_bytes = get_settings().max_image_bytes
     stats = model.fit([_loader(uri, max_bytes) for uri in uris])
     if validation is not None:
-        summary = calibrate_on_validation_set(model, validation, lambda u: _loader(u, max_bytes), max_bytes)
+        summary = calibrate_on_validation_set(model, validation, lambda u: _loader(u, max_bytes), max_bytes,
+                                              target.max_false_alarms)
         log_event(logger, logging.INFO, "fit_calibrated", nominal=summary["nominal"],
                   defective=summary["defective"], with_mask=summary["defective_with_mask"],
                   failed=len(summary["failed_images"]), image_threshold=model.image_threshold,
@@ -158,7 +160,7 @@ def start_fit(job_id: int) -> FitTarget | None:
         job.status, job.started_at = JobStatus.RUNNING.value, job.started_at or utcnow()
         product = job.product
         return FitTarget(job.id, product.name, product.train_uri, dict(product.fit_config),
-                         version.id, version.version, product.validation_uri)
+                         version.id, version.version, product.validation_uri, product.max_false_alarms)
 
     for attempt in range(3):
         try:

@@ -7,7 +7,9 @@ Layout under the product's validation URI (MVTec AD's test layout, so a dataset'
     <defect type>/...                              defective images, one folder per type
     ground_truth/<defect type>/<stem>_mask.png     optional defect masks (0/255, or 0/1)
 
-The image threshold is F1-optimal over every validation image that decodes; the pixel threshold over
+The image threshold is F1-optimal over every validation image that decodes, or, with the product's
+`max_false_alarms`, the lowest that flags at most that fraction of the nominal images (the validation
+folder's and the fit's held-out ones), whatever the folder's mix; the pixel threshold is F1-optimal over
 the nominal images and the defective ones that have a mask, and stays at the nominal rule when none has
 one (`PatchCore.calibrate_with_labels`). A mask that cannot be read leaves its image out of the pixel
 threshold, and the fit's `validation_set` statistics name it.
@@ -90,11 +92,13 @@ def _mask_key(image_key: str, mask_keys: set[str]) -> str | None:
 
 
 def calibrate_on_validation_set(model: PatchCore, found: ValidationSet,
-                                loader: Callable[[str], Callable[[], bytes]], max_bytes: int) -> dict[str, Any]:
-    """Set `model`'s thresholds F1-optimally on the validation images `found` (`list_validation_set`);
-    returns what was used (also in `model.stats["validation_set"]`)."""
+                                loader: Callable[[str], Callable[[], bytes]], max_bytes: int,
+                                max_false_alarms: float | None = None) -> dict[str, Any]:
+    """Set `model`'s thresholds on the validation images `found` (`list_validation_set`): F1-optimal, or
+    the image threshold at a false-alarm budget; returns what was used (also in
+    `model.stats["validation_set"]`)."""
     masks = _Masks(found.masks, max_bytes)
-    model.calibrate_with_labels([loader(u) for u in found.images], masks, found.labels)
+    model.calibrate_with_labels([loader(u) for u in found.images], masks, found.labels, max_false_alarms)
     summary = model.stats["validation_set"]
     summary["uri"] = found.uri
     summary["unreadable_masks"] = masks.unreadable

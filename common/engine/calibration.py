@@ -1,4 +1,5 @@
-"""Thresholds from nominal held-out images, or F1-optimal ones from labelled validation images.
+"""Thresholds from nominal held-out images, or from labelled validation images (F1-optimal, or at a
+false-alarm budget).
 
 Nominal-only rule (the cold-start case, no defect labels): with s the held-out images' scores,
     threshold = max(max(s), mean(s) + 3 * std(s))
@@ -41,6 +42,19 @@ def f1_image_threshold(image_scores: Sequence[float], labels: Sequence[int]) -> 
     _, t = f1_max(scores, np.asarray(labels))
     below = scores[scores < t]
     return float((t + below.max()) / 2 if below.size else np.nextafter(t, -np.inf))
+
+
+def false_alarm_threshold(nominal_scores: Sequence[float], rate: float) -> float:
+    """The lowest image threshold that flags at most `rate` of these nominal images: with the scores in
+    descending order s_1 >= s_2 >= ..., k = floor(rate * n) of them may be flagged, and the threshold lies
+    halfway between s_(k+1) and s_k (just above s_1 when k = 0), so the k highest are flagged and no other."""
+    s = np.sort(np.asarray(nominal_scores, dtype=np.float64))[::-1]
+    if s.size == 0:
+        raise ValueError("no nominal scores to set a false-alarm threshold on")
+    if not 0 <= rate < 1:
+        raise ValueError(f"false-alarm rate must be in [0, 1), not {rate}")
+    k = int(np.floor(rate * s.size + 1e-9))
+    return float(np.nextafter(s[0], np.inf) if k == 0 else (s[k] + s[k - 1]) / 2)
 
 
 def f1_pixel_threshold(pixels: PixelMetrics) -> float:

@@ -243,9 +243,11 @@ class PatchCore:
         self.index = NearestNeighbors(bank, use_gpu=self.device.type == "cuda", spec=spec, state=index_state)
 
     def calibrate_with_labels(self, images: Sequence[ImageSource], masks: Sequence[np.ndarray | None],
-                              labels: Sequence[int]) -> tuple[float, float]:
+                              labels: Sequence[int], max_false_alarms: float | None = None) -> tuple[float, float]:
         """Replace the nominal thresholds by F1-optimal ones from labelled validation images (label 1:
-        defective). The image threshold comes from every image that decodes; the pixel threshold from the
+        defective). The image threshold comes from every image that decodes, or, with `max_false_alarms`,
+        is the lowest that flags at most that fraction of the nominal images (these and the fit's held-out
+        ones: `calibration.false_alarm_threshold`), whatever the mix; the pixel threshold from the
         nominal images and the defective ones with a mask (a boolean array of the image's size, resized if
         not; None: no mask), and stays at the nominal rule when no defective image has one. Needs a nominal
         and a defective image that decode. What was used goes to `stats["validation_set"]`. Streams: one
@@ -270,13 +272,21 @@ class PatchCore:
         if 0 not in ys or 1 not in ys:
             raise ValueError(f"F1 calibration needs nominal and defective validation images: {ys.count(0)} "
                              f"nominal and {ys.count(1)} defective decoded ({len(failed)} failed)")
-        self.image_threshold = calibration.f1_image_threshold(scores, ys)
+        if max_false_alarms is None:
+            self.image_threshold = calibration.f1_image_threshold(scores, ys)
+            image_rule = "F1-optimal"
+        else:
+            nominal = [sc for sc, y in zip(scores, ys, strict=True) if y == 0] + list(self.stats.get("holdout_scores", []))
+            self.image_threshold = calibration.false_alarm_threshold(nominal, max_false_alarms)
+            image_rule = f"at most {max_false_alarms:.1%} false alarms on {len(nominal)} nominal images"
         if masked:
             self.pixel_threshold = calibration.f1_pixel_threshold(pixels)
-        self.stats["calibration"] = "F1-optimal on labelled validation images" + (
-            "" if masked else " (image threshold; pixel threshold by the nominal rule: no defect masks)")
+        self.stats["calibration"] = (
+            f"labelled validation images: image threshold {image_rule}, pixel threshold "
+            + ("F1-optimal" if masked else "by the nominal rule (no defect masks)"))
         self.stats["validation_set"] = {"nominal": ys.count(0), "defective": ys.count(1),
-                                        "defective_with_mask": masked, "failed_images": failed}
+                                        "defective_with_mask": masked, "failed_images": failed,
+                                        "max_false_alarms": max_false_alarms}
         return self.image_threshold, self.pixel_threshold
 
     # -------------------------------------------------------------------------------------- score

@@ -1,4 +1,5 @@
-"""Labelled validation images per product: a fit with them sets F1-optimal thresholds.
+"""Labelled validation images per product: a fit with them sets F1-optimal thresholds, or an image
+threshold at a false-alarm budget.
 
 Revision ID: 0003
 Revises: 0002
@@ -18,7 +19,9 @@ depends_on: str | Sequence[str] | None = None
 
 def upgrade() -> None:
     op.add_column("products", sa.Column("validation_uri", sa.Text(), nullable=True))
+    op.add_column("products", sa.Column("max_false_alarms", sa.Float(), nullable=True))
 
 
 def downgrade() -> None:
+    op.drop_column("products", "max_false_alarms")
     op.drop_column("products", "validation_uri")
