@@ -104,6 +104,15 @@ def test_a_validation_folder_that_cannot_be_used_fails_the_fit_saying_why(store:
     assert version.status == "failed" and not version.is_active
 
 
+def test_a_missing_validation_folder_fails_the_fit_and_is_not_created(store: Storage) -> None:
+    missing = Path(store.uri_for("train")).parent / "no-such-folder"
+    _add(store, "missing", "--validation", str(missing))
+    assert main(["fit", "missing", "--wait"]) != 0
+    version, job = _latest("missing")
+    assert job.status == "failed" and f"no images under the validation folder {missing}" in job.error
+    assert not missing.exists()
+
+
 def test_product_set_adds_and_removes_the_validation_folder(store: Storage, capsys) -> None:
     _add(store, "later")
     assert main(["product", "set", "later", "--validation", store.uri_for("validation")]) == 0

@@ -1,4 +1,4 @@
-"""A product's labelled validation images, from which each of its fits sets F1-optimal thresholds.
+"""A product's labelled validation images, from which each of its fits sets its thresholds.
 
 Layout under the product's validation URI (MVTec AD's test layout, so a dataset's `test` folder with its
 `ground_truth` copied in works as is):
@@ -25,7 +25,7 @@ from typing import Any
 from common.engine.mvtec import read_mask
 from common.engine.patchcore import PatchCore
 from common.images import IMAGE_SUFFIXES
-from common.storage import StorageNotFound, open_storage, read_uri
+from common.storage import StorageNotFound, list_uris, open_storage, read_uri
 
 NOMINAL = "good"
 MASKS = "ground_truth"
@@ -46,6 +46,8 @@ class ValidationSet:
 def list_validation_set(uri: str) -> ValidationSet:
     """The labelled images under `uri` (module docstring); an error if it holds no nominal or no
     defective image, or images outside a label folder."""
+    if not list_uris(uri, IMAGE_SUFFIXES):  # never creates a missing local folder, unlike open_storage
+        raise ValidationSetError(f"no images under the validation folder {uri}")
     storage = open_storage(uri)
     keys = sorted(k for k in storage.list() if k.lower().endswith(IMAGE_SUFFIXES))
     mask_keys = {k for k in keys if k.startswith(MASKS + "/")}
