@@ -120,8 +120,8 @@ def cmd_product_set(a: argparse.Namespace) -> int:
         raise ValueError("--weights is not stored with a product: workers use the backbone's packaged weights")
     from scheduler.products import UNSET
 
-    budget = UNSET if a.max_false_alarms is None else _fraction_or_none(a.max_false_alarms)
-    changes = update_product(a.name, a.train, a.archive, _given_settings(a), a.validation, budget)
+    changes = update_product(a.name, a.train, a.archive, _given_settings(a), a.validation,
+                             getattr(a, "max_false_alarms", UNSET))
     if not changes:
         print(f"product {a.name!r}: nothing changed")
         return 0
@@ -137,7 +137,7 @@ def _fraction_or_none(text: str) -> float | None:
     try:
         return float(text)
     except ValueError:
-        raise ValueError(f"--max-false-alarms takes a fraction such as 0.01, or none: not {text!r}") from None
+        raise argparse.ArgumentTypeError(f"a fraction such as 0.01, or none: not {text!r}") from None
 
 
 def cmd_model_list(a: argparse.Namespace) -> int:
@@ -333,30 +333,12 @@ def _add_operations(sub: argparse._SubParsersAction) -> None:
     product = sub.add_parser("product", help="register and list product lines")
     product_sub = product.add_subparsers(dest="product_command", required=True)
     add = product_sub.add_parser("add", help="register a product")
-    add.add_argument("name")
-    add.add_argument("--train", required=True, help="folder URI of nominal training images")
-    add.add_argument("--archive", required=True,
-                     help="folder URI template of the daily archive, with {date} (YYYY-MM-DD)")
-    add.add_argument("--validation", default=None, help="folder URI of labelled validation images (good/, "
-                     "<defect type>/, optional ground_truth/<type>/<stem>_mask.png): each fit then sets "
-                     "F1-optimal thresholds")
-    add.add_argument("--max-false-alarms", type=float, default=None,
-                     help="with --validation: the image threshold flags at most this fraction of the nominal "
-                     "images (e.g. 0.01) instead of being F1-optimal")
+    _add_product_options(add, update=False)
     add_model_options(add)
     add.set_defaults(handler=cmd_product_add)
     product_sub.add_parser("list", help="registered products").set_defaults(handler=cmd_product_list)
     update = product_sub.add_parser("set", help="change a product's folders or fit settings (used by its next fit)")
-    update.add_argument("name")
-    update.add_argument("--train", default=None, help="folder URI of nominal training images")
-    update.add_argument("--archive", default=None,
-                        help="folder URI template of the daily archive, with {date} (YYYY-MM-DD)")
-    update.add_argument("--validation", default=None, help="folder URI of labelled validation images (good/, "
-                        "<defect type>/, optional ground_truth/<type>/<stem>_mask.png): each fit then sets "
-                        "F1-optimal thresholds; an empty string removes it")
-    update.add_argument("--max-false-alarms", default=None,
-                        help="with --validation: the image threshold flags at most this fraction of the nominal "
-                        "images (e.g. 0.01); none: F1-optimal again")
+    _add_product_options(update, update=True)
     add_model_options(update, defaults=False)
     update.set_defaults(handler=cmd_product_set)
 
@@ -410,6 +392,21 @@ def _add_operations(sub: argparse._SubParsersAction) -> None:
                       "./totalrecall-data)")
     demo.add_argument("--images", type=int, default=40, help="archive images to inspect")
     demo.set_defaults(handler=cmd_demo)
+
+
+def _add_product_options(p: argparse.ArgumentParser, update: bool) -> None:
+    """A product's name, folders and threshold rule: the folders required by `product add`; in `product
+    set` every option is optional, and one not given is absent from the parsed arguments."""
+    p.add_argument("name")
+    p.add_argument("--train", required=not update, default=None, help="folder URI of nominal training images")
+    p.add_argument("--archive", required=not update, default=None,
+                   help="folder URI template of the daily archive, with {date} (YYYY-MM-DD)")
+    p.add_argument("--validation", default=None, help="folder URI of labelled validation images (good/, "
+                   "<defect type>/, optional ground_truth/<type>/<stem>_mask.png): each fit then sets "
+                   "F1-optimal thresholds" + ("; an empty string removes it" if update else ""))
+    p.add_argument("--max-false-alarms", type=_fraction_or_none, default=argparse.SUPPRESS if update else None,
+                   help="with --validation: the image threshold flags at most this fraction of the nominal "
+                   "images (e.g. 0.01) instead of being F1-optimal" + ("; none: F1 again" if update else ""))
 
 
 def _add_wait(p: argparse.ArgumentParser) -> None:
