@@ -147,6 +147,25 @@ def embedded_default(home: Path, **variables: str) -> Iterator[None]:
     apply_settings()
 
 
+# `totalrecall product add` options of the small, fast products the CLI tests fit (96 px generated parts)
+SMALL_FIT = ["--image-size", "96", "--coreset-ratio", "0.1", "--holdout-fraction", "0.25"]
+
+
+@contextlib.contextmanager
+def embedded_with_training_images(home: Path, folder: str, count: int) -> Iterator:
+    """`embedded_default` in `home`, with `count` generated nominal 96 px parts under `folder` of its
+    storage; yields the storage."""
+    from common.settings import get_settings
+    from common.storage import open_storage
+    from common.synthetic import nominal_image, png_bytes
+
+    with embedded_default(home):
+        storage = open_storage(get_settings().storage_url)
+        for i in range(count):
+            storage.put_bytes(f"{folder}/n{i:02d}.png", png_bytes(nominal_image(i, 96)))
+        yield storage
+
+
 @pytest.fixture
 def sqlite_url(tmp_path) -> Iterator[str]:
     """URL of a new SQLite database file in tmp_path."""

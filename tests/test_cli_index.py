@@ -17,29 +17,21 @@ from sqlalchemy import select
 from common.db import ModelVersion, Product, session_scope
 from common.engine.artifact import META_FILE
 from common.engine.patchcore import PatchCore
-from common.settings import get_settings
-from common.storage import Storage, open_storage
-from common.synthetic import nominal_image, png_bytes
-from tests.conftest import embedded_default
+from common.storage import Storage
+from tests.conftest import SMALL_FIT, embedded_with_training_images
 from totalrecall.cli import main
-
-SIZE = 96
-FIT = ["--image-size", str(SIZE), "--coreset-ratio", "0.1", "--holdout-fraction", "0.25"]
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Storage]:
     """An embedded home with the schema and 16 training images under train/part."""
-    with embedded_default(tmp_path_factory.mktemp("home")):
-        storage = open_storage(get_settings().storage_url)
-        for i in range(16):
-            storage.put_bytes(f"train/part/n{i:02d}.png", png_bytes(nominal_image(i, SIZE)))
+    with embedded_with_training_images(tmp_path_factory.mktemp("home"), "train/part", 16) as storage:
         yield storage
 
 
 def _add(store: Storage, name: str, *options: str) -> int:
     return main(["product", "add", name, "--train", store.uri_for("train/part"),
-                 "--archive", store.uri_for(f"archive/{{date}}/{name}"), *FIT, *options])
+                 "--archive", store.uri_for(f"archive/{{date}}/{name}"), *SMALL_FIT, *options])
 
 
 def _fit_config(name: str) -> dict:

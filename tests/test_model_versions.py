@@ -15,10 +15,9 @@ from sqlalchemy import select
 
 from common.db import Job, ModelVersion, Product, Result, session_scope
 from common.logs import parse_fields
-from common.settings import get_settings
-from common.storage import Storage, open_storage
+from common.storage import Storage
 from common.synthetic import nominal_image, png_bytes
-from tests.conftest import embedded_default
+from tests.conftest import SMALL_FIT, embedded_with_training_images
 from totalrecall.cli import main
 
 SIZE = 96
@@ -28,13 +27,9 @@ NAME = "part"
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Storage]:
     """An embedded home with product `part` registered and fitted once (v1 active)."""
-    with embedded_default(tmp_path_factory.mktemp("home")):
-        storage = open_storage(get_settings().storage_url)
-        for i in range(12):
-            storage.put_bytes(f"train/{NAME}/n{i:02d}.png", png_bytes(nominal_image(i, SIZE)))
+    with embedded_with_training_images(tmp_path_factory.mktemp("home"), f"train/{NAME}", 12) as storage:
         assert main(["product", "add", NAME, "--train", storage.uri_for(f"train/{NAME}"),
-                     "--archive", storage.uri_for(f"archive/{{date}}/{NAME}"), "--image-size", str(SIZE),
-                     "--coreset-ratio", "0.1", "--holdout-fraction", "0.25"]) == 0
+                     "--archive", storage.uri_for(f"archive/{{date}}/{NAME}"), *SMALL_FIT]) == 0
         assert main(["fit", NAME, "--wait"]) == 0
         yield storage
 

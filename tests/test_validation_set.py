@@ -15,23 +15,18 @@ from sqlalchemy import select
 
 from common.db import Job, ModelVersion, Product, Result, session_scope
 from common.engine.artifact import META_FILE
-from common.settings import get_settings
-from common.storage import Storage, open_storage
+from common.storage import Storage
 from common.synthetic import mask_png_bytes, nominal_image, plant_defect, png_bytes
-from tests.conftest import embedded_default
+from tests.conftest import SMALL_FIT, embedded_with_training_images
 from totalrecall.cli import main
 
-SIZE = 96
-FIT = ["--image-size", str(SIZE), "--coreset-ratio", "0.1", "--holdout-fraction", "0.25"]
+SIZE = 96  # as SMALL_FIT
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Storage]:
     """An embedded home with 12 training images, and a validation folder: 4 good, 4 scratched (3 masks)."""
-    with embedded_default(tmp_path_factory.mktemp("home")):
-        storage = open_storage(get_settings().storage_url)
-        for i in range(12):
-            storage.put_bytes(f"train/n{i:02d}.png", png_bytes(nominal_image(i, SIZE)))
+    with embedded_with_training_images(tmp_path_factory.mktemp("home"), "train", 12) as storage:
         for i in range(4):
             storage.put_bytes(f"validation/good/g{i}.png", png_bytes(nominal_image(100 + i, SIZE)))
             image, mask = plant_defect(nominal_image(200 + i, SIZE), i, kind="scratch")
@@ -43,7 +38,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Storage]:
 
 def _add(store: Storage, name: str, *options: str) -> None:
     assert main(["product", "add", name, "--train", store.uri_for("train"),
-                 "--archive", store.uri_for(f"archive/{{date}}/{name}"), *FIT, *options]) == 0
+                 "--archive", store.uri_for(f"archive/{{date}}/{name}"), *SMALL_FIT, *options]) == 0
 
 
 def _latest(name: str) -> tuple[ModelVersion, Job]:
