@@ -64,6 +64,12 @@ def test_set_changes_only_the_given_settings_for_the_next_fit(store: Storage, ca
     assert main(["product", "set", NAME, "--coreset-ratio", "0.2"]) == 0
     assert "nothing changed" in capsys.readouterr().out
 
+    assert main(["product", "set", NAME, "--resize", "square", "--center-crop", "64"]) == 0
+    assert (_product().fit_config["resize"], _product().fit_config["center_crop"]) == ("square", 64)
+    assert main(["product", "set", NAME, "--center-crop", "0", "--resize", "auto"]) == 0  # the crop taken away
+    assert "center_crop 64 -> None" in capsys.readouterr().out
+    assert (_product().fit_config["resize"], _product().fit_config["center_crop"]) == ("auto", None)
+
 
 @pytest.mark.parametrize(("args", "message"), [
     (["--coreset-ratio", "2"], "coreset_ratio must be in (0, 1]"),

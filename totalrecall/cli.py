@@ -31,8 +31,8 @@ def add_model_options(p: argparse.ArgumentParser, defaults: bool = True) -> None
     arg("--image-size", type=int, default=d.image_size)
     arg("--resize", choices=RESIZE_MODES, default=d.resize)
     arg("--scale", type=float, default=d.scale, help="resize factor for --resize scale")
-    arg("--center-crop", type=int, default=None, help="paper protocol: --image-size 256 "
-        "--resize square --center-crop 224")
+    arg("--center-crop", type=_crop_or_none, default=None, help="paper protocol: --image-size 256 "
+        "--resize square --center-crop 224 (0: none, the whole field of view)")
     arg("--embed-dim", type=int, default=d.embed_dim)
     arg("--coreset-ratio", type=float, default=d.coreset_ratio)
     arg("--coreset-min-size", type=int, default=d.coreset_min_size,
@@ -56,6 +56,14 @@ def add_model_options(p: argparse.ArgumentParser, defaults: bool = True) -> None
     arg("--index-nprobe", type=int, default=d.index_nprobe, help="IVF lists searched per query")
     arg("--index-pq-m", type=int, default=d.index_pq_m,
         help="IVF-PQ bytes per feature, a divisor of the feature dimension (0: about dim / 4)")
+
+
+def _crop_or_none(text: str) -> int | None:
+    """--center-crop: a side in pixels, or 0 for none (so `product set` can take a crop away again)."""
+    try:
+        return int(text) or None
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a side in pixels, or 0 for none: not {text!r}") from None
 
 
 def _given_settings(a: argparse.Namespace) -> dict:
