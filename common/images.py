@@ -23,7 +23,7 @@ import io
 from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
-from typing import IO
+from typing import IO, NamedTuple
 
 import imagecodecs
 import numpy as np
@@ -83,7 +83,7 @@ def _decode(source: bytes | str | Path, max_side: int | None, needed: Callable[[
                 )
             orientation = _orientation(img)
             shown = _shown_size(img.size, orientation, max_side)
-            if _is_plain_png(img, data, max_side, orientation):
+            if _is_plain_png(img, max_side, orientation):
                 _check_inspectable(width, height)
                 return _decode_plain_png(data), shown
             if _is_high_bit_colour(img):  # decoded as stored, so its orientation is ours to apply
@@ -117,11 +117,13 @@ def _check_inspectable(width: int, height: int) -> None:
         raise ImageDecodeError(f"image is {width}x{height} pixels, too small to inspect")
 
 
-def _is_plain_png(img: Image.Image, data: bytes, max_side: int, orientation: int | None) -> bool:
+def _is_plain_png(img: Image.Image, max_side: int, orientation: int | None) -> bool:
     """A non-interlaced 8-bit grey or RGB PNG without transparency or orientation, within the side limit:
     the usual archive image, whose pixels need no conversion."""
-    return (img.format == "PNG" and data[24] == 8 and data[25] in (0, 2) and data[28] == 0  # from IHDR
-            and "transparency" not in img.info and max(img.size) <= max_side and orientation in (None, 1))
+    header = _png_header(img)
+    return (header is not None and header.bit_depth == 8 and header.colour_type in (0, 2)
+            and not header.interlaced and "transparency" not in img.info and max(img.size) <= max_side
+            and orientation in (None, 1))
 
 
 def _decode_plain_png(data: bytes) -> np.ndarray:
@@ -141,8 +143,8 @@ def _is_high_bit_colour(img: Image.Image) -> bool:
     """A PNG or TIFF of 16-bit unsigned samples with colour or alpha (RGB48, RGBA64, grey + alpha), which
     Pillow would decode to 8-bit modes by dropping the lower 8 bits of each sample. Header only."""
     if img.format == "PNG":
-        header = _png_chunk(img.fp, b"IHDR")  # bit depth, then colour type: 2 RGB, 4 grey + alpha, 6 RGBA
-        return header is not None and len(header) >= 10 and header[8] == 16 and header[9] in (2, 4, 6)
+        header = _png_header(img)  # colour types 2 RGB, 4 grey + alpha, 6 RGBA
+        return header is not None and header.bit_depth == 16 and header.colour_type in (2, 4, 6)
     if img.format == "TIFF":
         bits, formats = img.tag_v2.get(258, ()), img.tag_v2.get(339, (1,))  # BitsPerSample, SampleFormat
         bits, formats = (b if isinstance(b, tuple) else (b,) for b in (bits, formats))
@@ -265,6 +267,20 @@ def _pillow_orients_tiffs() -> bool:
     Image.new("L", (2, 1)).save(probe, "TIFF", tiffinfo={0x0112: 6})
     with Image.open(probe) as img:
         return img.size == (1, 2)
+
+
+class _PngHeader(NamedTuple):
+    bit_depth: int
+    colour_type: int  # 0 grey, 2 RGB, 3 palette, 4 grey + alpha, 6 RGBA
+    interlaced: bool
+
+
+def _png_header(img: Image.Image) -> _PngHeader | None:
+    """What a PNG's IHDR chunk says of its samples (None: not a PNG, or no complete IHDR)."""
+    data = _png_chunk(img.fp, b"IHDR") if img.format == "PNG" else None
+    if data is None or len(data) < 13:
+        return None
+    return _PngHeader(data[8], data[9], data[12] != 0)
 
 
 def _png_chunk(fp: IO[bytes], kind: bytes) -> bytes | None:
