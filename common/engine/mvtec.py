@@ -61,8 +61,14 @@ def read_mask(source: bytes | str | Path, hw: tuple[int, int] | None = None) -> 
     Defect pixels are those >= 128 of 255 (MVTec's 0/255, robust to a JPEG mask's ringing); a mask whose
     values stay below 128 is a 0/1 (label-index) mask, whose defect pixels are the non-zero ones."""
     with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as m:
-        m = m.convert("L")
-        if hw is not None and m.size != (hw[1], hw[0]):
-            m = m.resize((hw[1], hw[0]), Image.Resampling.NEAREST)
-        values = np.asarray(m)
-        return values >= (128 if values.max() >= 128 else 1)
+        values = np.asarray(m.convert("L"))
+    mask = values >= (128 if values.max() >= 128 else 1)
+    return mask if hw is None else resize_mask(mask, hw)
+
+
+def resize_mask(mask: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    """A boolean mask at (H, W) `hw`, resized by nearest neighbour if it is another size."""
+    if mask.shape == tuple(hw):
+        return mask
+    resized = Image.fromarray(mask.astype(np.uint8)).resize((hw[1], hw[0]), Image.Resampling.NEAREST)
+    return np.asarray(resized).astype(bool)

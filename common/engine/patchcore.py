@@ -24,6 +24,7 @@ from common.engine.featurestore import FeatureStore
 from common.engine.knn import IndexSpec, IndexState, NearestNeighbors
 from common.engine.loader import Batch, Failed, ImageSource, iter_batches, source_bits, source_sizes
 from common.engine.maps import anomaly_map
+from common.engine.mvtec import resize_mask
 from common.engine.preprocessing import resolve_bit_depth, resolve_resize
 from common.engine.scoring import image_scores
 from common.engine.spool import needs_spool, spool
@@ -54,12 +55,8 @@ def _no_usable_image(failures: list[Failed]) -> str:
 
 def _mask_over_map(mask: np.ndarray, result: ImageResult) -> np.ndarray:
     """A defect mask brought to the image's size (nearest) and cut to the region its map covers."""
-    h, w = result.image_hw
-    if mask.shape != (h, w):
-        mask = torch.nn.functional.interpolate(torch.from_numpy(np.asarray(mask, dtype=np.uint8))[None, None],
-                                               size=(h, w), mode="nearest")[0, 0].numpy()
     top, left, bh, bw = result.box
-    return np.asarray(mask, dtype=bool)[top: top + bh, left: left + bw]
+    return resize_mask(np.asarray(mask, dtype=bool), result.image_hw)[top: top + bh, left: left + bw]
 
 
 def resolve_device(device: str | None) -> torch.device:
