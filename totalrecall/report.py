@@ -161,8 +161,8 @@ class PictureError(Exception):
 
 
 def thumbnail(uri: str | None, what: str, max_side: int = THUMB_SIDE, bit_depth: int = 0) -> Image.Image:
-    """The image at `uri` as RGB, longest side at most `max_side` (PictureError says why not); a grey
-    image of more than 8 bits a sample scaled from `bit_depth` (`common.images.decode_image`)."""
+    """The image at `uri` as RGB, longest side at most `max_side` (PictureError says why not); an
+    image of more than 8 bits a sample (grey or colour) scaled from `bit_depth` (`common.images.decode_image`)."""
     if not uri:
         raise PictureError(f"no {what} saved for this image (TOTALRECALL_SAVE_MAPS: by default only "
                            "images with a finding keep their mask and heatmap)")

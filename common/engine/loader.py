@@ -45,8 +45,8 @@ def load_rgb(source: ImageSource, config: PatchCoreConfig | None = None) -> tupl
 
     With a config, a JPEG is decoded only as large as the model's input for it (`decode_for`): a
     5-megapixel photo is then decoded at 1/4 scale, the array is smaller than the image, and the size
-    returned is the image's, which maps and masks keep. The header is read once for both. Grey images of
-    more than 8 bits a sample are scaled from the config's `bit_depth`."""
+    returned is the image's, which maps and masks keep. The header is read once for both. Images of
+    more than 8 bits a sample, grey or colour, are scaled from the config's `bit_depth`."""
     if callable(source):
         source = source()
     if isinstance(source, np.ndarray):
