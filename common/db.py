@@ -9,6 +9,7 @@ Invariants the schema enforces:
 - At most one active `model_versions` row per product (partial unique index), and only a `ready`
   version may be active.
 - `jobs.idempotency_key` is unique, so two schedulers racing to enqueue the same nightly run create one job.
+- `reviews` has UNIQUE (product_id, image_uri): an image carries one operator verdict, the latest.
 
 Timestamps are timezone-aware UTC datetimes in Python (SQLite stores them as naive UTC text).
 
@@ -104,6 +105,11 @@ class JobStatus(StrEnum):
 class ResultStatus(StrEnum):
     OK = "ok"
     FAILED = "failed"
+
+
+class ReviewLabel(StrEnum):
+    GOOD = "good"
+    DEFECTIVE = "defective"
 
 
 def utcnow() -> datetime:
@@ -269,6 +275,27 @@ class Result(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow, server_default=func.now())
 
 
+class Review(Base):
+    """An operator's verdict on one scored image of a product (`scheduler.reviews`). It changes no result;
+    images reviewed `good` join the memory bank of the product's next fit (false alarms it learns from)."""
+
+    __tablename__ = "reviews"
+    __table_args__ = (
+        UniqueConstraint("product_id", "image_uri"),
+        CheckConstraint(_in("label", ReviewLabel), name="label"),
+        CheckConstraint("defect_type IS NULL OR label = 'defective'", name="defect_type_if_defective"),
+    )
+
+    id: Mapped[int] = mapped_column(BigIntId, primary_key=True)
+    product_id: Mapped[int] = mapped_column(ForeignKey("products.id"))
+    image_uri: Mapped[str] = mapped_column(Text)
+    label: Mapped[str] = mapped_column(String(16))
+    defect_type: Mapped[str | None] = mapped_column(String(200))
+    note: Mapped[str | None] = mapped_column(Text)
+    reviewed_by: Mapped[str | None] = mapped_column(String(200))
+    reviewed_at: Mapped[datetime] = mapped_column(default=utcnow, server_default=func.now())
+
+
 # Read-only reporting views (created by the migration). Separate metadata: never created or diffed as tables.
 views_metadata = MetaData()
 anomaly_history = Table(
@@ -285,6 +312,8 @@ anomaly_history = Table(
     Column("error", Text),
     Column("job_id", BigInteger),
     Column("created_at", UTCDateTime),
+    Column("review", String),  # the operator's verdict on the image: 'good' | 'defective' | NULL
+    Column("defect_type", String),  # the reviewer's defect type, for 'defective'
 )
 job_summary = Table(
     "job_summary",

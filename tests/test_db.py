@@ -40,7 +40,7 @@ from common.migrate import (
     upgrade,
 )
 
-TABLES = {"products", "model_versions", "jobs", "results"}
+TABLES = {"products", "model_versions", "jobs", "results", "reviews"}
 VIEWS = {"anomaly_history", "job_summary"}
 
 
