@@ -135,8 +135,12 @@ class PatchCore:
 
     # ---------------------------------------------------------------------------------------- fit
     def fit(self, images: Sequence[ImageSource], progress: bool = False,
-            scratch_dir: str | Path | None = None) -> dict[str, Any]:
+            scratch_dir: str | Path | None = None, bank_only: Sequence[ImageSource] = ()) -> dict[str, Any]:
         """Build the memory bank from nominal images and calibrate thresholds on a held-out part.
+
+        `bank_only`: more nominal images that always go into the bank and are never held out (false alarms
+        an operator reviewed as good: the point is that the model learns them, not that a held-out one
+        raises the threshold). They count among `train_images`; failure positions run on after `images`.
 
         Memory stays bounded whatever the number of images: patch features go to a temporary file
         (in `scratch_dir`, default `TMPDIR`) batch by batch while their random projection accumulates
@@ -144,13 +148,14 @@ class PatchCore:
         then read back from the file. The `auto` settings are resolved from the training images first;
         when they are, loaders are called once each for both (`spool`)."""
         t0 = time.perf_counter()
-        if self._surveys_sources() and needs_spool(images):
+        sources = [*images, *bank_only]
+        if self._surveys_sources() and needs_spool(sources):
             with TemporaryDirectory(prefix="totalrecall-spool-", dir=scratch_dir) as folder:
-                spooled = spool(images, Path(folder), self._feature_store_bound(len(images)), progress=progress)
+                spooled = spool(sources, Path(folder), self._feature_store_bound(len(sources)), progress=progress)
                 download_seconds = time.perf_counter() - t0
-                stats = self._fit(spooled, progress, scratch_dir, t0)
+                stats = self._fit(spooled, len(images), progress, scratch_dir, t0)
         else:
-            download_seconds, stats = 0.0, self._fit(images, progress, scratch_dir, t0)
+            download_seconds, stats = 0.0, self._fit(sources, len(images), progress, scratch_dir, t0)
         stats["download_seconds"] = round(download_seconds, 3)  # spooling's share of extract_seconds
         return stats
 
@@ -165,14 +170,16 @@ class PatchCore:
         patches = 1.25 * (self.config.image_size / 8) ** 2
         return int(n_images * patches * self.features.dim * 4) + 256 * 2**20
 
-    def _fit(self, images: Sequence[ImageSource], progress: bool, scratch_dir: str | Path | None,
-             t0: float) -> dict[str, Any]:
+    def _fit(self, images: Sequence[ImageSource], n_holdout_pool: int, progress: bool,
+             scratch_dir: str | Path | None, t0: float) -> dict[str, Any]:
+        """Fit on `images`, of which only the first `n_holdout_pool` may be held out."""
         if self.config.resize == "auto":
             self.config = resolve_resize(self.config, source_sizes(images))
         if self.config.bit_depth == 0:
             self.config = resolve_bit_depth(self.config, source_bits(images))
         cfg = self.config
-        bank_ids, hold_ids = calibration.holdout_split(len(images), cfg.holdout_fraction, cfg.seed)
+        bank_ids, hold_ids = calibration.holdout_split(n_holdout_pool, cfg.holdout_fraction, cfg.seed)
+        bank_ids = np.concatenate([bank_ids, np.arange(n_holdout_pool, len(images))])
         projection = StreamingProjection(self.features.dim, cfg.projection_dim, cfg.seed, self.device,
                                          folder=scratch_dir)
         with FeatureStore(self.features.dim, scratch_dir) as store:
