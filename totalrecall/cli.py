@@ -12,6 +12,7 @@ from pathlib import Path
 
 from common.engine.config import INDEX_TYPES, PRECISIONS, RESIZE_MODES, PatchCoreConfig
 from totalrecall.report import add_report_command
+from totalrecall.review_cli import add_review_command
 
 
 def add_model_options(p: argparse.ArgumentParser, defaults: bool = True) -> None:
@@ -441,6 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(handler=cmd_evaluate)
     _add_operations(sub)
     add_report_command(sub)
+    add_review_command(sub)
     return parser
 
 

@@ -1,5 +1,9 @@
 """Fit a product's model on its training images and publish it as a new model version.
 
+Training images: the product's training folder, plus the archived images an operator reviewed as good
+(`scheduler.reviews`: false alarms the model must learn), which always go into the memory bank and are
+never held out.
+
 Thresholds: the nominal rule on held-out training images, or F1-optimal ones when the product has
 labelled validation images (`workers.validation`).
 
@@ -39,6 +43,8 @@ from common.db import (
     JobStatus,
     ModelStatus,
     ModelVersion,
+    Review,
+    ReviewLabel,
     activate_model_version,
     in_transaction,
     utcnow,
@@ -74,6 +80,7 @@ class FitTarget:
     version: int
     validation_uri: str | None = None
     max_false_alarms: float | None = None
+    reviewed_good: tuple[str, ...] = ()  # images reviewed good: bank only, never held out
 
 
 @dataclass(frozen=True)
@@ -111,16 +118,23 @@ def fit_job(job_id: int) -> FitOutcome | None:
 
 def _fit_and_publish(target: FitTarget) -> FitOutcome | None:
     """Fit on the product's training images and publish the version; None if another attempt did."""
-    uris = list_uris(target.train_uri, IMAGE_SUFFIXES)
-    if not uris:
+    train = list_uris(target.train_uri, IMAGE_SUFFIXES)
+    if not train:
         raise FitError(f"no training images under {target.train_uri}")
+    in_train = set(train)
+    reviewed = [u for u in target.reviewed_good if u not in in_train]
+    uris = train + reviewed
     config = PatchCoreConfig.from_dict(target.fit_config)
     validation = list_validation_set(target.validation_uri) if target.validation_uri else None  # fail early
-    log_event(logger, logging.INFO, "fit_started", images=len(uris), backbone=config.backbone,
-              image_size=config.image_size)
+    log_event(logger, logging.INFO, "fit_started", images=len(uris), reviewed_good=len(reviewed),
+              backbone=config.backbone, image_size=config.image_size)
     model = PatchCore(config)
     max_bytes = get_settings().max_image_bytes
-    stats = model.fit([_loader(uri, max_bytes) for uri in uris])
+    stats = model.fit([_loader(uri, max_bytes) for uri in train],
+                      bank_only=[_loader(uri, max_bytes) for uri in reviewed])
+    stats["reviewed_good_images"] = len(reviewed)
+    for failure in stats["failed_images"]:
+        failure["uri"] = uris[failure["position"]]
     if validation is not None:
         summary = calibrate_on_validation_set(model, validation, lambda u: _loader(u, max_bytes), max_bytes,
                                               target.max_false_alarms)
@@ -160,7 +174,8 @@ def start_fit(job_id: int) -> FitTarget | None:
         job.status, job.started_at = JobStatus.RUNNING.value, job.started_at or utcnow()
         product = job.product
         return FitTarget(job.id, product.name, product.train_uri, dict(product.fit_config),
-                         version.id, version.version, product.validation_uri, product.max_false_alarms)
+                         version.id, version.version, product.validation_uri, product.max_false_alarms,
+                         _reviewed_good(session, product.id))
 
     for attempt in range(3):
         try:
@@ -169,6 +184,12 @@ def start_fit(job_id: int) -> FitTarget | None:
             if attempt == 2:
                 raise
     raise AssertionError("unreachable")
+
+
+def _reviewed_good(session: Session, product_id: int) -> tuple[str, ...]:
+    """The product's images an operator reviewed as good (`scheduler.reviews`), sorted."""
+    return tuple(session.scalars(select(Review.image_uri).where(
+        Review.product_id == product_id, Review.label == ReviewLabel.GOOD.value).order_by(Review.image_uri)))
 
 
 def _new_version(session: Session, job: Job) -> ModelVersion:

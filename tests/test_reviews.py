@@ -1,0 +1,148 @@
+"""`totalrecall review`: an inspector's verdicts on scored images, shown in `anomaly_history`, and images
+reviewed good learned by the product's next fit (a false alarm that stops recurring).
+
+In-process on the embedded default (SQLite, local folder, tasks run eagerly): the CLI's own `main`, real
+fits and real score jobs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+from sqlalchemy import select
+
+from common.db import Job, ModelVersion, Product, Result, Review, anomaly_history, get_engine, session_scope
+from common.storage import Storage
+from common.synthetic import nominal_image, plant_defect, png_bytes
+from tests.conftest import SMALL_FIT, embedded_with_training_images
+from totalrecall.cli import main
+
+SIZE = 96
+NAME = "cover"
+
+
+def with_plate(image: np.ndarray) -> np.ndarray:
+    """A good part of a new kind: an engraved plate (fine stripes) in its top-left corner, which no
+    training image shows."""
+    out = image.copy()
+    stripes = np.where(np.arange(28) % 4 < 2, 70, 190).astype(np.uint8)
+    out[6:34, 6:34] = stripes[None, :, None]
+    return out
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Storage]:
+    """Product `cover` fitted once (v1), and one score job over `night/`: four parts with the new plate,
+    two of them also without it, one with a scratch, one plain."""
+    with embedded_with_training_images(tmp_path_factory.mktemp("home"), f"train/{NAME}", 12) as storage:
+        assert main(["product", "add", NAME, "--train", storage.uri_for(f"train/{NAME}"),
+                     "--archive", storage.uri_for(f"archive/{{date}}/{NAME}"), *SMALL_FIT]) == 0
+        assert main(["fit", NAME, "--wait"]) == 0
+        for name, image in _night().items():
+            storage.put_bytes(f"night/{name}.png", png_bytes(image))
+        assert main(["score", NAME, "--images", storage.uri_for("night"), "--wait"]) == 0
+        yield storage
+
+
+UNSEEN = (206, 207)  # parts scored with and without the plate, never reviewed
+
+
+def _night() -> dict[str, np.ndarray]:
+    scratched, _ = plant_defect(nominal_image(203, SIZE), 3, kind="scratch", center=(60, 60))
+    night = {"plate_a": with_plate(nominal_image(200, SIZE)), "plate_b": with_plate(nominal_image(201, SIZE)),
+             "scratch": scratched, "plain": nominal_image(204, SIZE)}
+    for seed in UNSEEN:
+        night[f"plain_{seed}"] = nominal_image(seed, SIZE)
+        night[f"plate_{seed}"] = with_plate(night[f"plain_{seed}"])
+    return night
+
+
+def _results(version: int) -> dict[str, Result]:
+    """image name -> result under the given model version."""
+    with session_scope() as session:
+        rows = session.scalars(select(Result).join(ModelVersion).join(Product, Product.id == ModelVersion.product_id)
+                               .where(Product.name == NAME, ModelVersion.version == version)).all()
+    return {r.image_uri.rsplit("/", 1)[1].removesuffix(".png"): r for r in rows}
+
+
+def _version(version: int) -> ModelVersion:
+    with session_scope() as session:
+        return session.scalars(select(ModelVersion).join(Product).where(
+            Product.name == NAME, ModelVersion.version == version)).one()
+
+
+def test_reviews_refuse_what_was_not_scored_and_record_nothing(store: Storage, capsys) -> None:
+    plate_a = store.uri_for("night/plate_a.png")
+    assert main(["review", "mark", NAME, plate_a, store.uri_for("night/never-scored.png"), "--good"]) == 2
+    assert "only scored images can be reviewed" in capsys.readouterr().err
+    assert main(["review", "mark", "nope", plate_a, "--good"]) == 2
+    assert "unknown product 'nope'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # argparse: a verdict is required, and only one
+        main(["review", "mark", NAME, plate_a])
+    assert main(["review", "mark", NAME, plate_a, "--good", "--type", "scratch"]) == 2
+    assert "a defect type goes with a 'defective' verdict only" in capsys.readouterr().err
+    with session_scope() as session:
+        assert session.scalars(select(Review)).all() == []  # all or nothing: plate_a was not recorded
+
+
+def test_verdicts_show_in_the_history_and_can_be_changed_or_cleared(store: Storage, capsys) -> None:
+    plain, scratch = store.uri_for("night/plain.png"), store.uri_for("night/scratch.png")
+    assert main(["review", "mark", NAME, scratch, "--defective", "--type", "scratch", "--by", "ana"]) == 0
+    assert main(["review", "mark", NAME, plain, "--defective"]) == 0
+    assert main(["review", "mark", NAME, plain, "--good", "--note", "dust on the lens"]) == 0
+    assert "(1 had another verdict)" in capsys.readouterr().out
+    with get_engine().connect() as connection:
+        history = {r.image_uri: (r.review, r.defect_type) for r in connection.execute(
+            select(anomaly_history).where(anomaly_history.c.product == NAME))}
+    assert history[scratch] == ("defective", "scratch") and history[plain] == ("good", None)
+    assert history[store.uri_for("night/plate_a.png")] == (None, None)  # not reviewed
+    assert main(["review", "list", NAME, "--label", "defective"]) == 0
+    out = capsys.readouterr().out
+    assert "ana" in out and scratch in out and plain not in out
+    assert main(["review", "clear", NAME, plain, scratch]) == 0
+    assert "2 review(s)" in capsys.readouterr().out
+    assert main(["review", "list", NAME]) == 0
+    assert f"no reviews of {NAME!r}" in capsys.readouterr().out
+
+
+def test_a_false_alarm_reviewed_good_is_learned_by_the_next_fit(store: Storage) -> None:
+    v1 = _results(1)
+    plates = [name for name in v1 if name.startswith("plate_")]
+    assert all(v1[name].is_anomalous for name in [*plates, "scratch"]), v1  # v1 flags the new plate
+
+    assert main(["review", "mark", NAME, store.uri_for("night/plate_a.png"), store.uri_for("night/plate_b.png"),
+                 "--good"]) == 0
+    assert main(["fit", NAME, "--wait"]) == 0
+    first, second = _version(1), _version(2)
+    assert second.is_active and second.validation["reviewed_good_images"] == 2
+    assert second.train_image_count == first.train_image_count + 2  # in the bank, never held out
+    assert second.validation["holdout_images"] == first.validation["holdout_images"]
+    with session_scope() as session:
+        fits = session.scalars(select(Job).where(Job.kind == "fit").order_by(Job.id)).all()
+        assert fits[-1].total == fits[0].total + 2  # the fit job counts the reviewed images
+
+    assert main(["score", NAME, "--images", store.uri_for("night"), "--wait"]) == 0
+    v2 = _results(2)
+    assert not v2["plate_a"].is_anomalous and not v2["plate_b"].is_anomalous  # the reviewed false alarms
+    assert v2["scratch"].is_anomalous  # a real defect still is one
+    for seed in UNSEEN:  # the plate itself was learned, not two images: on parts never reviewed it adds
+        plate, plain = f"plate_{seed}", f"plain_{seed}"  # almost nothing to the part's own score
+        added_before = v1[plate].score - v1[plain].score
+        added_after = v2[plate].score - v2[plain].score
+        assert added_before > 100 and added_after < 0.05 * added_before, (seed, added_before, added_after)
+
+
+def test_a_reviewed_image_gone_from_storage_is_a_recorded_failure_of_the_fit(store: Storage) -> None:
+    reviewed = [store.uri_for("night/plain.png")]
+    assert main(["review", "mark", NAME, *reviewed, "--good"]) == 0
+    store.delete("night/plain.png")  # archive retention took it before the fit
+    assert main(["fit", NAME, "--wait"]) == 0
+    with session_scope() as session:
+        version = session.scalars(select(ModelVersion).join(Product).where(Product.name == NAME)
+                                  .order_by(ModelVersion.version.desc())).first()
+        job = session.scalars(select(Job).where(Job.model_version_id == version.id)).one()
+        stats, failed = version.validation, job.failed
+    assert reviewed[0] in [f["uri"] for f in stats["failed_images"]]  # named, not skipped
+    assert failed == 1 and stats["reviewed_good_images"] >= 1
