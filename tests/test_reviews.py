@@ -134,7 +134,7 @@ def test_a_false_alarm_reviewed_good_is_learned_by_the_next_fit(store: Storage) 
         assert added_before > 100 and added_after < 0.05 * added_before, (seed, added_before, added_after)
 
 
-def test_a_reviewed_image_gone_from_storage_is_a_recorded_failure_of_the_fit(store: Storage) -> None:
+def test_a_reviewed_image_gone_from_storage_is_a_recorded_failure_of_the_fit(store: Storage, capsys) -> None:
     reviewed = [store.uri_for("night/plain.png")]
     assert main(["review", "mark", NAME, *reviewed, "--good"]) == 0
     store.delete("night/plain.png")  # archive retention took it before the fit
@@ -143,6 +143,10 @@ def test_a_reviewed_image_gone_from_storage_is_a_recorded_failure_of_the_fit(sto
         version = session.scalars(select(ModelVersion).join(Product).where(Product.name == NAME)
                                   .order_by(ModelVersion.version.desc())).first()
         job = session.scalars(select(Job).where(Job.model_version_id == version.id)).one()
-        stats, failed = version.validation, job.failed
+        stats, failed, job_id = version.validation, job.failed, job.id
     assert reviewed[0] in [f["uri"] for f in stats["failed_images"]]  # named, not skipped
     assert failed == 1 and stats["reviewed_good_images"] >= 1
+    capsys.readouterr()
+    assert main(["jobs", str(job_id)]) == 0
+    out = capsys.readouterr().out
+    assert f"job {job_id}: 1 failed image(s)" in out and f"  {reviewed[0]}: " in out

@@ -10,7 +10,7 @@ from datetime import datetime
 from sqlalchemy import func, select
 from tqdm import tqdm
 
-from common.db import JobStatus, Result, ResultStatus, job_summary, session_scope
+from common.db import Job, JobKind, JobStatus, Result, ResultStatus, job_summary, session_scope
 
 FINISHED = (JobStatus.SUCCEEDED.value, JobStatus.FAILED.value)
 
@@ -60,13 +60,24 @@ def _view(row) -> JobView:
 
 
 def load_failures(job_id: int, limit: int = 100) -> tuple[list[tuple[str, str]], int]:
-    """Up to `limit` (image URI, reason) of the job's failed images, and how many there are in all."""
+    """Up to `limit` (image URI, reason) of the job's failed images, and how many there are in all: a
+    score job's failed results, or the training images its model version's fit could not read."""
     where = (Result.job_id == job_id, Result.status == ResultStatus.FAILED.value)
     with session_scope() as session:
+        job = session.get(Job, job_id)
+        if job is not None and job.kind == JobKind.FIT.value:
+            return _fit_failures(job, limit)
         count = session.scalar(select(func.count()).select_from(Result).where(*where))
         rows = session.execute(select(Result.image_uri, Result.error).where(*where)
                                .order_by(Result.image_uri).limit(limit)).all()
     return [(uri, error or "") for uri, error in rows], int(count or 0)
+
+
+def _fit_failures(job: Job, limit: int) -> tuple[list[tuple[str, str]], int]:
+    stats = (job.model_version.validation if job.model_version else None) or {}
+    failed = stats.get("failed_images", [])
+    # versions fitted before failures carried their URI name the image by its position in the listing
+    return [(f.get("uri") or f"training image #{f['position']}", f["error"]) for f in failed[:limit]], len(failed)
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
