@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from scipy import ndimage
+from sqlalchemy import select
 
 from common.db import (
     Job,
@@ -26,6 +27,7 @@ from common.db import (
     Product,
     Result,
     ResultStatus,
+    Review,
     session_scope,
     utcnow,
 )
@@ -212,6 +214,23 @@ def test_report_content(tmp_path: Path) -> None:
                 if t == "meta" and a.get("http-equiv") == "Content-Security-Policy"]
     assert policies == ["default-src 'none'; img-src data:; style-src 'unsafe-inline'"]
     assert out.stat().st_size < 2_000_000
+
+
+def test_report_cards_show_inspector_reviews(tmp_path: Path) -> None:
+    s = _setup(tmp_path)
+    with session_scope(s.url) as session:
+        product_id = session.scalars(select(Product.id)).one()
+        session.add_all([
+            Review(product_id=product_id, image_uri=s.by_score[0], label="defective", defect_type="crack"),
+            Review(product_id=product_id, image_uri=s.by_score[2], label="good", reviewed_by="ana",
+                   note="<b>lens dust</b>"),
+        ])
+    page = build_report(s.job_id, tmp_path / "report.html", top_n=TOP_N, database_url=s.url).read_text()
+    cards = page.split('<div class="card ')[1:]
+    assert '<div class="review">reviewed defective (crack)</div>' in cards[0]
+    assert '<div class="review">reviewed good by ana: &lt;b&gt;lens dust&lt;/b&gt;</div>' in cards[2]
+    assert sum('class="review"' in card for card in cards) == 2  # the unreviewed cards have none
+    assert "totalrecall review mark widget IMAGE_URI" in page
 
 
 @needs_chromium

@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 from sqlalchemy import func, select
 
-from common.db import Job, Result, ResultStatus, session_scope, utcnow
+from common.db import Job, Result, ResultStatus, Review, session_scope, utcnow
 from common.images import decode_image
 from common.settings import redact_text
 from common.storage import read_uri
@@ -52,6 +52,7 @@ class Scored:
     mask_uri: str | None
     heatmap_uri: str | None
     bit_depth: int = 0  # how the model read the original (`PatchCoreConfig.bit_depth`), shown alike
+    review: str | None = None  # an inspector's verdict on the image (`totalrecall review`), if any
 
 
 @dataclass(frozen=True)
@@ -133,9 +134,12 @@ def load_report_data(job_id: int, top_n: int, database_url: str | None = None) -
             select(Result.image_uri, Result.error).where(of_job, Result.status == ResultStatus.FAILED.value)
             .order_by(Result.id).limit(MAX_FAILURES))]
         bit_depth = int((mv.config or {}).get("bit_depth", 0)) if mv is not None else 0
+        reviews = {rv.image_uri: _review_text(rv) for rv in session.scalars(select(Review).where(
+            Review.product_id == job.product_id, Review.image_uri.in_([r.image_uri for r in top_rows])))}
         top = [Scored(i + 1, r.image_uri, r.score, r.threshold, bool(r.is_anomalous), r.defect_fraction,
                       (r.max_y, r.max_x) if r.max_y is not None and r.max_x is not None else None,
-                      r.mask_uri, r.heatmap_uri, bit_depth) for i, r in enumerate(top_rows)]
+                      r.mask_uri, r.heatmap_uri, bit_depth, reviews.get(r.image_uri))
+               for i, r in enumerate(top_rows)]
         threshold = mv.image_threshold if mv is not None else None
         if threshold is None and top:
             threshold = top[0].threshold
@@ -151,6 +155,12 @@ def load_report_data(job_id: int, top_n: int, database_url: str | None = None) -
             enqueued_by=job.enqueued_by, error=job.error, median_score=job.median_score, warning=job.warning,
             scores=scores, top=top, failures=failures,
         )
+
+
+def _review_text(review: Review) -> str:
+    text = f"reviewed {review.label}" + (f" ({review.defect_type})" if review.defect_type else "")
+    return text + (f" by {review.reviewed_by}" if review.reviewed_by else "") + (
+        f": {review.note}" if review.note else "")
 
 
 # --- pictures ------------------------------------------------------------------------------------------
@@ -246,7 +256,9 @@ def render_html(data: ReportData) -> str:
 <section id="summary"><h2>Summary</h2>{_summary(data)}</section>
 <section id="histogram"><h2>Score distribution</h2>{histogram}</section>
 </div>
-<section id="top"><h2>{esc(_top_heading(data))}</h2><div class="cards">
+<section id="top"><h2>{esc(_top_heading(data))}</h2>
+<p class="hint">A false alarm or a confirmed defect: <code>totalrecall review mark {esc(data.product)} IMAGE_URI
+--good</code> (its next fit learns it) or <code>--defective</code>.</p><div class="cards">
 {cards}
 </div></section>
 <section id="failures"><h2>Failures ({data.failed})</h2>{_failures(data)}</section>
@@ -317,7 +329,8 @@ def _card(c: Scored, images_uri: str | None) -> str:
             f'<span class="verdict {verdict}">{verdict}</span><span class="score">{esc(_num(c.score))}</span>'
             f'</div><div class="name" title="{esc(c.image_uri)}">{esc(name)}</div>'
             f'<div class="views">{figures}</div><div class="meta">{esc(" · ".join(details))}</div>'
-            f'<div class="uri">{esc(c.image_uri)}</div></div>')
+            + (f'<div class="review">{esc(c.review)}</div>' if c.review else "")
+            + f'<div class="uri">{esc(c.image_uri)}</div></div>')
 
 
 def _figure(picture: Image.Image | str, caption: str, fmt: str) -> str:
@@ -437,5 +450,6 @@ figcaption{font-size:11px;color:#666;text-align:center}
 .placeholder{aspect-ratio:1;background:#eceff3;border:1px dashed #b5bcc6;color:#7a2a2a;font-size:11px;
 padding:6px;overflow:auto;word-break:break-all;box-sizing:border-box}
 .meta{font-size:12px;color:#444;margin-top:4px}.empty{color:#666}
+.review{font-size:12px;font-weight:bold;color:#235;margin-top:4px}.hint{font-size:13px;color:#444}
 footer{margin-top:24px;font-size:11px;color:#888}
 """
