@@ -202,6 +202,10 @@ def test_same_nightly_again_adds_and_rescores_nothing(system: System) -> None:
 
 
 def test_history_through_the_readonly_role(system: System) -> None:
+    widget = sorted(uri for uri in system.truth if "/widget/" in uri)
+    good, bad = next(u for u in widget if not system.truth[u]), next(u for u in widget if system.truth[u])
+    _ok(system.cli("review", "mark", "widget", good, "--good"))  # its next fit (below) learns it
+    _ok(system.cli("review", "mark", "widget", bad, "--defective", "--type", "stain"))
     password = f"ro-{uuid.uuid4().hex}"
     create_readonly_login(system.pg_url, password)
     engine = sa.create_engine(readonly_url(system.pg_url, password))
@@ -213,6 +217,9 @@ def test_history_through_the_readonly_role(system: System) -> None:
             planted = [uri for uri, bad in system.truth.items() if bad]
             assert set(planted) <= {uri for _, uri, _ in anomalous}
             assert connection.execute(sa.text("SELECT count(*) FROM job_summary")).scalar() >= 4
+            reviews = connection.execute(sa.text(
+                "SELECT image_uri, review, defect_type FROM anomaly_history WHERE review IS NOT NULL")).all()
+            assert sorted(reviews) == sorted([(good, "good", None), (bad, "defective", "stain")])
         with engine.connect() as connection, pytest.raises(ProgrammingError, match="permission denied"):
             connection.execute(sa.text(
                 "INSERT INTO results (job_id, model_version_id, product_id, image_uri, status) "
@@ -264,7 +271,9 @@ def test_fit_survives_a_killed_worker_process(system: System) -> None:
     with session_scope(system.pg_url) as session:
         widget = session.scalars(sa.select(Product).where(Product.name == "widget")).one()
         versions = [(v.version, v.status, v.is_active) for v in widget.model_versions]
+        reviewed = widget.model_versions[-1].validation["reviewed_good_images"]
     assert versions == [(1, "ready", False), (2, "ready", True)]  # the redelivered fit reused version 2
+    assert reviewed == 1  # the archive image reviewed good above, read from S3 by the worker
 
 
 def test_unavailable_storage_is_retried_with_backoff(system: System) -> None:
