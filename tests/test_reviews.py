@@ -150,3 +150,38 @@ def test_a_reviewed_image_gone_from_storage_is_a_recorded_failure_of_the_fit(sto
     assert main(["jobs", str(job_id)]) == 0
     out = capsys.readouterr().out
     assert f"job {job_id}: 1 failed image(s)" in out and f"  {reviewed[0]}: " in out
+
+
+def _active() -> ModelVersion:
+    with session_scope() as session:
+        return session.scalars(select(ModelVersion).join(Product).where(Product.name == NAME,
+                                                                        ModelVersion.is_active)).one()
+
+
+def test_a_fit_that_misses_a_confirmed_defect_is_not_activated(store: Storage, capsys) -> None:
+    scratch = store.uri_for("night/scratch.png")
+    assert _results(1)["scratch"].is_anomalous  # flagged when last scored
+    twin, _ = plant_defect(nominal_image(210, SIZE), 3, kind="scratch", center=(60, 60))  # the same scratch
+    store.put_bytes("night3/twin.png", png_bytes(twin))
+    assert main(["score", NAME, "--images", store.uri_for("night3"), "--wait"]) == 0  # reviewable now
+    before = _active()
+    assert main(["review", "mark", NAME, scratch, "--defective", "--type", "scratch"]) == 0
+    assert main(["review", "mark", NAME, store.uri_for("night3/twin.png"), "--good"]) == 0  # a wrong review
+
+    capsys.readouterr()
+    assert main(["fit", NAME, "--wait"]) == 0  # the fit succeeds; its version is ready, not active
+    out = capsys.readouterr().out
+    assert "is ready but not active: misses 1 confirmed defect(s)" in out
+    with session_scope() as session:
+        newest = session.scalars(select(ModelVersion).join(Product).where(Product.name == NAME)
+                                 .order_by(ModelVersion.version.desc())).first()
+        checked, activation = newest.validation["confirmed_defects"], newest.validation["activation"]
+    assert checked["missed"] == [scratch] and checked["images"] == 1 and checked["flagged"] == 0
+    assert not activation["passed"] and scratch in activation["reason"]
+    assert _active().version == before.version  # the active version stays
+
+    assert main(["review", "mark", NAME, store.uri_for("night3/twin.png"), "--defective"]) == 0  # corrected
+    assert main(["fit", NAME, "--wait"]) == 0
+    corrected = _active()
+    assert corrected.version == newest.version + 1
+    assert corrected.validation["confirmed_defects"] == {"images": 2, "flagged": 2, "failed": [], "missed": []}

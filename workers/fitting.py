@@ -2,15 +2,15 @@
 
 Training images: the product's training folder, plus the archived images an operator reviewed as good
 (`scheduler.reviews`: false alarms the model must learn), which always go into the memory bank and are
-never held out.
+never held out (`workers.reviews`).
 
 Thresholds: the nominal rule on held-out training images, or F1-optimal ones when the product has
 labelled validation images (`workers.validation`).
 
 Activation rule (`check_validation`): a fitted version becomes the product's active model only if its
-thresholds were calibrated on held-out images (at least one held-out image scored, so not in-sample) and
-at most `MAX_FAILED_FRACTION` of the training images failed to load. Otherwise it is kept `ready` but
-inactive, and the job says why. A failed fit leaves its version `failed`, never active.
+thresholds were calibrated on held-out images (at least one held-out image scored, so not in-sample), at
+most `MAX_FAILED_FRACTION` of the training images failed to load, and it flags every image reviewed
+defective that was flagged the last time it was scored (`workers.reviews`). Otherwise it is kept `ready` but inactive, and the job says why. A failed fit leaves its version `failed`, never active.
 
 A redelivered fit task reuses the version row its first attempt created (the job points to it), so a
 worker dying mid-fit never leaves a second half-made version behind.
@@ -43,8 +43,6 @@ from common.db import (
     JobStatus,
     ModelStatus,
     ModelVersion,
-    Review,
-    ReviewLabel,
     activate_model_version,
     in_transaction,
     utcnow,
@@ -57,13 +55,15 @@ from common.logs import log_context, log_event
 from common.settings import get_settings
 from common.storage import list_uris, open_storage, read_uri
 from workers.job_state import describe_error, lock_job
+from workers.reviews import Confirmed, check_confirmed, confirmed_defects, reviewed_good
 from workers.validation import calibrate_on_validation_set, list_validation_set
 
 logger = logging.getLogger(__name__)
 
 MAX_FAILED_FRACTION = 0.10
-ACTIVATION_RULE = (f"active only if calibrated on >= 1 held-out image and <= {MAX_FAILED_FRACTION:.0%} "
-                   "of the training images failed")
+ACTIVATION_RULE = (f"active only if calibrated on >= 1 held-out image, <= {MAX_FAILED_FRACTION:.0%} "
+                   "of the training images failed, and no confirmed defect flagged when last scored is "
+                   "missed")
 
 
 class FitError(RuntimeError):
@@ -81,6 +81,7 @@ class FitTarget:
     validation_uri: str | None = None
     max_false_alarms: float | None = None
     reviewed_good: tuple[str, ...] = ()  # images reviewed good: bank only, never held out
+    confirmed: tuple[Confirmed, ...] = ()  # images reviewed defective: those flagged must stay flagged
 
 
 @dataclass(frozen=True)
@@ -142,6 +143,11 @@ def _fit_and_publish(target: FitTarget) -> FitOutcome | None:
                   defective=summary["defective"], with_mask=summary["defective_with_mask"],
                   failed=len(summary["failed_images"]), image_threshold=model.image_threshold,
                   pixel_threshold=model.pixel_threshold)
+    if target.confirmed:
+        stats["confirmed_defects"] = check_confirmed(model, target.confirmed, lambda u: _loader(u, max_bytes))
+        checked = stats["confirmed_defects"]
+        log_event(logger, logging.INFO, "fit_checked_confirmed_defects", images=checked["images"],
+                  flagged=checked["flagged"], failed=len(checked["failed"]), missed=len(checked["missed"]))
     passed, reason = check_validation(stats, model, len(uris))
     with TemporaryDirectory(prefix="totalrecall-fit-") as tmp:
         sha256 = model.save(tmp)
@@ -175,7 +181,7 @@ def start_fit(job_id: int) -> FitTarget | None:
         product = job.product
         return FitTarget(job.id, product.name, product.train_uri, dict(product.fit_config),
                          version.id, version.version, product.validation_uri, product.max_false_alarms,
-                         _reviewed_good(session, product.id))
+                         reviewed_good(session, product.id), confirmed_defects(session, product.id))
 
     for attempt in range(3):
         try:
@@ -184,12 +190,6 @@ def start_fit(job_id: int) -> FitTarget | None:
             if attempt == 2:
                 raise
     raise AssertionError("unreachable")
-
-
-def _reviewed_good(session: Session, product_id: int) -> tuple[str, ...]:
-    """The product's images an operator reviewed as good (`scheduler.reviews`), sorted."""
-    return tuple(session.scalars(select(Review.image_uri).where(
-        Review.product_id == product_id, Review.label == ReviewLabel.GOOD.value).order_by(Review.image_uri)))
 
 
 def _new_version(session: Session, job: Job) -> ModelVersion:
@@ -224,6 +224,10 @@ def check_validation(stats: dict[str, Any], model: PatchCore, n_images: int) -> 
         return False, f"{failed} of {n_images} training images failed (> {MAX_FAILED_FRACTION:.0%})"
     if not (math.isfinite(model.image_threshold) and math.isfinite(model.pixel_threshold)):
         return False, "calibration produced no finite thresholds"
+    missed = stats.get("confirmed_defects", {}).get("missed", [])
+    if missed:
+        return False, (f"misses {len(missed)} confirmed defect(s) flagged when last scored, e.g. {missed[0]} "
+                       "(an image of that defect reviewed good? see `totalrecall review list`)")
     return True, f"{stats['holdout_images']} held-out images scored, {failed} of {n_images} failed"
 
 
