@@ -4,7 +4,8 @@ No pickle anywhere. `model.json` records the bank file's sha256 and is itself ha
 artifact's identity (stored in the database, used as the workers' cache key). Loading verifies both.
 A model with an approximate (IVF) index also stores, in the same safetensors file, the trained faiss
 index (`faiss.serialize_index` bytes as a uint8 tensor) and each bank row's inverted list; `model.json`
-then has format version 2, the index parameters and each of these tensors' sha256.
+then has format version 2, the index parameters and each of these tensors' sha256. A model with a region
+of interest stores its mask there too (`roi`, uint8), and `model.json` its shape.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ FORMAT = "totalrecall.patchcore"
 FORMAT_VERSION = 1  # exact index: the bank alone
 FORMAT_VERSION_INDEX = 2  # with a stored approximate index
 INDEX_TENSORS = ("index", "index_lists")
+ROI_TENSOR = "roi"  # optional (H, W) uint8 region of interest, in the same file (older code refuses it)
 BANK_FILE = "bank.safetensors"
 META_FILE = "model.json"
 
@@ -42,6 +44,7 @@ class ModelState:
     stats: dict[str, Any] = field(default_factory=dict)  # counts, timings, calibration details
     index: dict[str, Any] | None = None  # approximate index parameters (knn.IndexSpec); None: exact
     index_tensors: dict[str, np.ndarray] = field(default_factory=dict)  # INDEX_TENSORS, with `index`
+    roi: np.ndarray | None = None  # (H, W) bool region of interest (`common.engine.roi`); None: everywhere
 
 
 def sha256_file(path: Path) -> str:
@@ -72,6 +75,8 @@ def save_artifact(folder: str | Path, state: ModelState) -> str:
         raise ValueError(f"an approximate index needs exactly the tensors {INDEX_TENSORS}")
     tensors = {"bank": np.ascontiguousarray(state.bank, dtype=np.float32),
                **{k: np.ascontiguousarray(v) for k, v in state.index_tensors.items()}}
+    if state.roi is not None:
+        tensors[ROI_TENSOR] = np.ascontiguousarray(state.roi, dtype=np.uint8)
     save_file(tensors, str(bank_path))
     meta = {
         "format": FORMAT,
@@ -84,6 +89,8 @@ def save_artifact(folder: str | Path, state: ModelState) -> str:
         "stats": state.stats,
         "versions": library_versions(),
     }
+    if state.roi is not None:
+        meta["roi_shape"] = list(state.roi.shape)
     if state.index is not None:
         meta["index"] = {**state.index, "tensor_sha256": {k: _sha256_array(tensors[k]) for k in INDEX_TENSORS}}
     data = json.dumps(meta, indent=2, sort_keys=True).encode()
@@ -128,6 +135,10 @@ def _state_from(meta: dict[str, Any], bank_path: Path) -> ModelState:
     bank = tensors.pop("bank")
     if list(bank.shape) != meta["bank_shape"] or bank.dtype != np.float32:
         raise ArtifactError(f"memory bank is {bank.shape} {bank.dtype}, config says {meta['bank_shape']}")
+    roi = tensors.pop(ROI_TENSOR, None)
+    if (roi is None) != ("roi_shape" not in meta) or (roi is not None and list(roi.shape) != meta["roi_shape"]):
+        raise ArtifactError(f"{bank_path}: region of interest {None if roi is None else list(roi.shape)}, "
+                            f"{META_FILE} says {meta.get('roi_shape')}")
     index = meta.get("index") if version == FORMAT_VERSION_INDEX else None
     if index is None:
         if tensors or "index" in meta:
@@ -143,4 +154,4 @@ def _state_from(meta: dict[str, Any], bank_path: Path) -> ModelState:
             if _sha256_array(array) != expected[name]:
                 raise ArtifactError(f"{bank_path}: sha256 mismatch of tensor {name!r} (index corrupted)")
     return ModelState(config, bank, float(meta["image_threshold"]), float(meta["pixel_threshold"]),
-                      meta.get("stats", {}), index, tensors)
+                      meta.get("stats", {}), index, tensors, None if roi is None else roi.astype(bool))

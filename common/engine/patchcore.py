@@ -26,6 +26,7 @@ from common.engine.loader import Batch, Failed, ImageSource, iter_batches, sourc
 from common.engine.maps import anomaly_map
 from common.engine.mvtec import resize_mask
 from common.engine.preprocessing import resolve_bit_depth, resolve_resize
+from common.engine.roi import RegionOfInterest
 from common.engine.scoring import image_scores
 from common.engine.spool import needs_spool, spool
 
@@ -72,8 +73,12 @@ def _cpu_has_native_bf16() -> bool:
 
 class PatchCore:
     def __init__(self, config: PatchCoreConfig | None = None, device: str | None = "auto",
-                 weights: str | Path | None = None):
+                 weights: str | Path | None = None, roi: RegionOfInterest | None = None):
         self.config = config or PatchCoreConfig()
+        if roi is not None and self.config.center_crop is not None:
+            raise ValueError("a region of interest covers the whole image and does not combine with "
+                             "center_crop (which already limits what is inspected): use one of them")
+        self.roi = roi  # where images are inspected (`common.engine.roi`); None: everywhere
         self.device = resolve_device(device)
         self._backbone = shared_backbone(self.config.backbone, self.config.layers, weights, self.device)
         self.mean, self.std = self._backbone.mean, self._backbone.std
@@ -102,7 +107,10 @@ class PatchCore:
             return self.features(x)
 
     def _embed(self, batch: Batch) -> torch.Tensor:
-        return self.embed(batch.tensor)
+        x = batch.tensor
+        if self.roi is not None:  # the input is the whole image: no center crop with a region
+            x = x * torch.tensor(self.roi.over_image((int(x.shape[-2]), int(x.shape[-1]))))
+        return self.embed(x)
 
     def _batches(self, images: Sequence[ImageSource]):
         return iter_batches(images, self.config, self.mean, self.std, self.config.batch_size)
@@ -236,6 +244,8 @@ class PatchCore:
             "fit_seconds": round(t3 - t0, 3),
             "device": str(self.device),
         }
+        if self.roi is not None:
+            self.stats["roi_fraction"] = round(self.roi.fraction, 4)  # of the image that is inspected
         return self.stats
 
     def set_bank(self, bank: np.ndarray, index_state: IndexState | None = None) -> None:
@@ -322,6 +332,8 @@ class PatchCore:
         flat = feats.reshape(-1, d).cpu().numpy()
         dist, ids = self.index.search(flat, 1)
         dist, ids = dist.reshape(b, h * w), ids.reshape(b, h * w)
+        if self.roi is not None:  # outside: 0, below any distance, so the image score's patch lies inside
+            dist = np.where(self.roi.on_grid((h, w)).reshape(1, -1), dist, np.float32(0))
         scores = image_scores(flat.reshape(b, h * w, d), dist, ids, self.index, self.config.num_neighbors)
         return dist.reshape(b, h, w), scores
 
@@ -332,6 +344,8 @@ class PatchCore:
         for i, geo in enumerate(batch.geometries):
             top, left, bh, bw = geo.box
             amap = anomaly_map(dist[i], input_hw, (bh, bw), self.config.sigma)
+            if self.roi is not None:  # the box is the whole image: no center crop with a region
+                amap *= self.roi.over_image((bh, bw))
             mask = amap > self.pixel_threshold
             y, x = np.unravel_index(int(np.argmax(amap)), amap.shape)
             out.append(ImageResult(
@@ -351,7 +365,7 @@ class PatchCore:
             index = index_state.spec.to_dict()
             tensors = {"index": index_state.trained, "index_lists": index_state.lists}
         return ModelState(self.config, self.index.bank, self.image_threshold, self.pixel_threshold,
-                          self.stats, index, tensors)
+                          self.stats, index, tensors, None if self.roi is None else self.roi.mask)
 
     def save(self, folder: str | Path) -> str:
         return save_artifact(folder, self.state())
@@ -360,7 +374,11 @@ class PatchCore:
     def load(cls, folder: str | Path, expected_sha256: str | None = None, device: str | None = "auto",
              weights: str | Path | None = None) -> PatchCore:
         state = load_artifact(folder, expected_sha256)
-        model = cls(state.config, device=device, weights=weights)
+        try:
+            roi = None if state.roi is None else RegionOfInterest(state.roi)
+        except ValueError as exc:
+            raise ArtifactError(f"artifact region of interest unusable: {exc}") from exc
+        model = cls(state.config, device=device, weights=weights, roi=roi)
         if state.bank.shape[1] != model.features.dim:
             raise ArtifactError(f"bank has {state.bank.shape[1]}-d features, {state.config.backbone} "
                                 f"with this config produces {model.features.dim}-d")

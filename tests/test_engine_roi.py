@@ -1,0 +1,108 @@
+"""Region of interest: defects outside it are not inspected, defects inside still are; the region scales to
+each image's size, travels in the artifact, and bad regions are refused with a clear message."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from common.engine.artifact import ArtifactError
+from common.engine.config import PatchCoreConfig
+from common.engine.patchcore import PatchCore
+from common.engine.roi import RegionOfInterest
+from tests.synthetic import blob_mask, plant, png_bytes, texture
+
+CFG = PatchCoreConfig(image_size=96, coreset_ratio=0.25, coreset_min_size=0, batch_size=4)
+SIDE = 128
+
+
+def left_half(h: int = SIDE, w: int = SIDE) -> np.ndarray:
+    mask = np.zeros((h, w), dtype=bool)
+    mask[:, : w // 2] = True
+    return mask
+
+
+@pytest.fixture(scope="module")
+def train() -> list[np.ndarray]:
+    rng = np.random.default_rng(0)
+    return [texture(rng) for _ in range(10)]
+
+
+@pytest.fixture(scope="module")
+def models(train) -> dict[str, PatchCore]:
+    """The same fit without a region, with the left half at the images' size, and with it drawn at 32 px."""
+    out = {}
+    for name, roi in (("plain", None), ("roi", RegionOfInterest(left_half())),
+                      ("roi_small", RegionOfInterest(left_half(32, 32)))):
+        out[name] = PatchCore(CFG, roi=roi)
+        out[name].fit(train)
+    return out
+
+
+@pytest.fixture(scope="module")
+def defects() -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    rng = np.random.default_rng(5)
+    out = {}
+    for name, center in (("inside", (64, 30)), ("outside", (64, 100))):
+        mask = blob_mask(SIDE, SIDE, center, 7)
+        out[name] = (plant(texture(rng), mask, 10), mask)
+    return out
+
+
+def test_a_defect_outside_the_region_is_not_inspected(models, defects) -> None:
+    plain = models["plain"].predict([image for image, _ in defects.values()])
+    assert all(r.is_anomalous for r in plain)  # both are defects to a model without a region
+    for name in ("roi", "roi_small"):
+        inside, outside = models[name].predict([defects["inside"][0], defects["outside"][0]])
+        assert inside.is_anomalous and defects["inside"][1][inside.max_location]  # found where it is
+        assert not outside.is_anomalous and not outside.mask.any(), name
+        assert outside.score < 0.8 * plain[1].score
+        assert not inside.anomaly_map[:, SIDE // 2:].any() and not outside.anomaly_map[:, SIDE // 2:].any()
+        assert models[name].stats["roi_fraction"] == 0.5
+
+
+def test_the_region_travels_in_the_artifact(models, defects, tmp_path) -> None:
+    model = models["roi"]
+    images = [image for image, _ in defects.values()]
+    sha = model.save(tmp_path / "art")
+    loaded = PatchCore.load(tmp_path / "art", expected_sha256=sha)
+    assert np.array_equal(loaded.roi.mask, model.roi.mask)
+    for a, b in zip(model.predict(images), loaded.predict(images), strict=True):
+        assert a.score == b.score and np.array_equal(a.anomaly_map, b.anomaly_map)
+
+    meta_path = tmp_path / "art" / "model.json"
+    meta = json.loads(meta_path.read_text())
+    meta["roi_shape"] = [64, 64]
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(ArtifactError, match="region of interest"):
+        PatchCore.load(tmp_path / "art")
+    del meta["roi_shape"]  # a model.json that forgets the region: refused, not loaded without it
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(ArtifactError, match="region of interest"):
+        PatchCore.load(tmp_path / "art")
+
+
+def test_bad_regions_are_refused() -> None:
+    with pytest.raises(ValueError, match="no pixel to inspect"):
+        RegionOfInterest(np.zeros((8, 8), dtype=bool))
+    with pytest.raises(ValueError, match="2-d boolean"):
+        RegionOfInterest(np.ones((8, 8), dtype=np.uint8))
+    with pytest.raises(ValueError, match="no pixel to inspect"):
+        RegionOfInterest.from_image(png_bytes(np.full((8, 8, 3), 40, dtype=np.uint8)))
+    with pytest.raises(ValueError, match="does not combine with center_crop"):
+        PatchCore(PatchCoreConfig(resize="square", image_size=128, center_crop=96),
+                  roi=RegionOfInterest(left_half()))
+
+
+def test_region_from_an_image_and_a_thin_region_on_a_coarse_grid() -> None:
+    drawn = np.zeros((40, 60, 3), dtype=np.uint8)
+    drawn[10:30, 5:25] = 255
+    roi = RegionOfInterest.from_image(png_bytes(drawn))
+    assert roi.mask.shape == (40, 60) and roi.mask.sum() == 400
+    assert roi.over_image((80, 120)).sum() == 1600  # scaled to an image twice the size
+    line = np.zeros((200, 200), dtype=bool)
+    line[100, 20:180] = True  # one pixel high: a share of 1/20 of any cell it crosses on a 10 x 10 grid
+    grid = RegionOfInterest(line).on_grid((10, 10))
+    assert grid.any() and not grid[:, 0].any() and grid[5, 1:9].all()
