@@ -159,6 +159,8 @@ class Product(Base):
     validation_uri: Mapped[str | None] = mapped_column(Text)
     # with validation images: the image threshold flags at most this fraction of nominal ones (None: F1)
     max_false_alarms: Mapped[float | None] = mapped_column(Float)
+    # an image whose white pixels are the part of every image inspected (`common.engine.roi`); None: all
+    roi_uri: Mapped[str | None] = mapped_column(Text)
     fit_config: Mapped[dict[str, Any]] = mapped_column(default=dict)  # backbone, image_size, coreset_ratio...
     created_at: Mapped[datetime] = mapped_column(default=utcnow, server_default=func.now())
 

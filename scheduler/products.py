@@ -41,10 +41,12 @@ class ProductInfo:
     active_version: int | None
     validation_uri: str | None = None
     max_false_alarms: float | None = None
+    roi_uri: str | None = None
 
 
 def add_product(name: str, train_uri: str, archive_uri_template: str, config: PatchCoreConfig,
-                validation_uri: str | None = None, max_false_alarms: float | None = None) -> int:
+                validation_uri: str | None = None, max_false_alarms: float | None = None,
+                roi_uri: str | None = None) -> int:
     """Register a product; returns its id. The archive template must contain `{date}`. `validation_uri`:
     labelled validation images (`workers.validation`), from which each fit sets F1-optimal thresholds, or
     an image threshold flagging at most `max_false_alarms` of the nominal images."""
@@ -53,12 +55,14 @@ def add_product(name: str, train_uri: str, archive_uri_template: str, config: Pa
                               "(it becomes part of storage keys)")
     _check_archive_template(archive_uri_template)
     _check_false_alarms(max_false_alarms)
+    _check_roi(config.center_crop, roi_uri)
     try:
         with session_scope() as session:
             product = Product(name=name, train_uri=absolute_uri(train_uri),
                               archive_uri_template=absolute_uri(archive_uri_template),
                               validation_uri=absolute_uri(validation_uri) if validation_uri else None,
                               max_false_alarms=max_false_alarms,
+                              roi_uri=absolute_uri(roi_uri) if roi_uri else None,
                               fit_config=config.to_dict())
             session.add(product)
             session.flush()
@@ -69,9 +73,10 @@ def add_product(name: str, train_uri: str, archive_uri_template: str, config: Pa
 
 def update_product(name: str, train_uri: str | None = None, archive_uri_template: str | None = None,
                    settings: dict[str, Any] | None = None, validation_uri: str | None = None,
-                   max_false_alarms: float | None | Unset = UNSET) -> dict[str, tuple[Any, Any]]:
+                   max_false_alarms: float | None | Unset = UNSET,
+                   roi_uri: str | None = None) -> dict[str, tuple[Any, Any]]:
     """Change a product's training folder, archive template, validation folder ("" removes it), false-alarm
-    budget (None: F1 again) or fit settings (`PatchCoreConfig` fields); the next fit uses them, model
+    budget (None: F1 again), region of interest ("" removes it) or fit settings (`PatchCoreConfig` fields); the next fit uses them, model
     versions already fitted keep theirs. Returns {what: (before, after)} for what changed. Nothing is
     written unless every change is valid."""
     if archive_uri_template is not None:
@@ -92,6 +97,11 @@ def update_product(name: str, train_uri: str | None = None, archive_uri_template
             if new != product.validation_uri:
                 changes["validation"] = (product.validation_uri, new)
                 product.validation_uri = new
+        if roi_uri is not None:
+            new = absolute_uri(roi_uri) if roi_uri else None
+            if new != product.roi_uri:
+                changes["roi"] = (product.roi_uri, new)
+                product.roi_uri = new
         if not isinstance(max_false_alarms, Unset) and max_false_alarms != product.max_false_alarms:
             changes["max_false_alarms"] = (product.max_false_alarms, max_false_alarms)
             product.max_false_alarms = max_false_alarms
@@ -100,12 +110,19 @@ def update_product(name: str, train_uri: str | None = None, archive_uri_template
             after = PatchCoreConfig.from_dict({**before, **settings}).to_dict()  # validates, or raises
             changes.update({k: (before[k], after[k]) for k in after if after[k] != before[k]})
             product.fit_config = after
+        _check_roi(product.fit_config.get("center_crop"), product.roi_uri)  # raising rolls it all back
         return changes
 
 
 def _check_false_alarms(rate: float | None) -> None:
     if rate is not None and not 0 <= rate < 1:
         raise SchedulingError(f"max_false_alarms must be a fraction in [0, 1), e.g. 0.01, not {rate}")
+
+
+def _check_roi(center_crop: int | None, roi_uri: str | None) -> None:
+    if roi_uri and center_crop is not None:
+        raise SchedulingError("a region of interest covers the whole image and does not combine with a "
+                              "center crop (which already limits what is inspected): use one of them")
 
 
 def _check_archive_template(template: str) -> None:
@@ -140,6 +157,6 @@ def list_products() -> list[ProductInfo]:
         return [
             ProductInfo(p.name, p.train_uri, p.archive_uri_template, p.fit_config,
                         getattr(active_version(session, p), "version", None), p.validation_uri,
-                        p.max_false_alarms)
+                        p.max_false_alarms, p.roi_uri)
             for p in products
         ]

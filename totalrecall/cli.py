@@ -117,7 +117,7 @@ def cmd_product_add(a: argparse.Namespace) -> int:
         raise ValueError("--weights is not stored with a product: workers use the backbone's packaged weights")
     if a.max_false_alarms is not None and not a.validation:
         raise ValueError("--max-false-alarms sets the image threshold from --validation images: give both")
-    add_product(a.name, a.train, a.archive, config_from_args(a), a.validation, a.max_false_alarms)
+    add_product(a.name, a.train, a.archive, config_from_args(a), a.validation, a.max_false_alarms, a.roi)
     print(f"product {a.name!r} registered; fit it with `totalrecall fit {a.name}`")
     return 0
 
@@ -130,7 +130,7 @@ def cmd_product_set(a: argparse.Namespace) -> int:
     from scheduler.products import UNSET
 
     changes = update_product(a.name, a.train, a.archive, _given_settings(a), a.validation,
-                             getattr(a, "max_false_alarms", UNSET))
+                             getattr(a, "max_false_alarms", UNSET), a.roi)
     if not changes:
         print(f"product {a.name!r}: nothing changed")
         return 0
@@ -205,9 +205,10 @@ def cmd_product_list(a: argparse.Namespace) -> int:
     from totalrecall.jobs_view import format_table
 
     rows = [[p.name, p.active_version and f"v{p.active_version}", p.fit_config.get("backbone"),
-             p.fit_config.get("image_size"), p.train_uri, p.archive_uri_template, p.validation_uri or ""]
-            for p in list_products()]
-    print(format_table(["product", "active model", "backbone", "size", "train", "archive", "validation"], rows)
+             p.fit_config.get("image_size"), p.train_uri, p.archive_uri_template, p.validation_uri or "",
+             p.roi_uri or ""] for p in list_products()]
+    print(format_table(["product", "active model", "backbone", "size", "train", "archive", "validation", "roi"],
+                       rows)
           if rows else "no products registered (see `totalrecall product add`)")
     return 0
 
@@ -416,6 +417,9 @@ def _add_product_options(p: argparse.ArgumentParser, update: bool) -> None:
     p.add_argument("--max-false-alarms", type=_fraction_or_none, default=argparse.SUPPRESS if update else None,
                    help="with --validation: the image threshold flags at most this fraction of the nominal "
                    "images (e.g. 0.01) instead of being F1-optimal" + ("; none: F1 again" if update else ""))
+    p.add_argument("--roi", default=None, metavar="IMAGE_URI", help="region of interest: an image whose white "
+                   "pixels are the part of every image inspected (drawn on one of the product's images; scaled "
+                   "to each image's size)" + ("; an empty string removes it" if update else ""))
 
 
 def _add_wait(p: argparse.ArgumentParser) -> None:

@@ -50,10 +50,11 @@ from common.db import (
 from common.engine.artifact import BANK_FILE, META_FILE
 from common.engine.config import PatchCoreConfig
 from common.engine.patchcore import PatchCore
+from common.engine.roi import RegionOfInterest
 from common.images import IMAGE_SUFFIXES
 from common.logs import log_context, log_event
 from common.settings import get_settings
-from common.storage import list_uris, open_storage, read_uri
+from common.storage import StorageError, StorageUnavailable, list_uris, open_storage, read_uri
 from workers.job_state import describe_error, lock_job
 from workers.reviews import Confirmed, check_confirmed, confirmed_defects, reviewed_good
 from workers.validation import calibrate_on_validation_set, list_validation_set
@@ -82,6 +83,7 @@ class FitTarget:
     max_false_alarms: float | None = None
     reviewed_good: tuple[str, ...] = ()  # images reviewed good: bank only, never held out
     confirmed: tuple[Confirmed, ...] = ()  # images reviewed defective: those flagged must stay flagged
+    roi_uri: str | None = None  # region of interest image (`common.engine.roi`)
 
 
 @dataclass(frozen=True)
@@ -127,10 +129,11 @@ def _fit_and_publish(target: FitTarget) -> FitOutcome | None:
     uris = train + reviewed
     config = PatchCoreConfig.from_dict(target.fit_config)
     validation = list_validation_set(target.validation_uri) if target.validation_uri else None  # fail early
-    log_event(logger, logging.INFO, "fit_started", images=len(uris), reviewed_good=len(reviewed),
-              backbone=config.backbone, image_size=config.image_size)
-    model = PatchCore(config)
     max_bytes = get_settings().max_image_bytes
+    roi = _read_roi(target.roi_uri, max_bytes) if target.roi_uri else None
+    log_event(logger, logging.INFO, "fit_started", images=len(uris), reviewed_good=len(reviewed),
+              backbone=config.backbone, image_size=config.image_size, roi=target.roi_uri)
+    model = PatchCore(config, roi=roi)
     stats = model.fit([_loader(uri, max_bytes) for uri in train],
                       bank_only=[_loader(uri, max_bytes) for uri in reviewed])
     stats["reviewed_good_images"] = len(reviewed)
@@ -154,6 +157,15 @@ def _fit_and_publish(target: FitTarget) -> FitOutcome | None:
         published = publish(target, Path(tmp), model, stats, sha256, passed, reason, len(uris))
     failed = len(stats.get("failed_images", []))
     return FitOutcome(target.version, sha256, passed, reason, len(uris), failed) if published else None
+
+
+def _read_roi(uri: str, max_bytes: int) -> RegionOfInterest:
+    try:
+        return RegionOfInterest.from_image(read_uri(uri, max_bytes))
+    except StorageUnavailable:
+        raise  # transient: the task retries
+    except (StorageError, ValueError, OSError) as exc:
+        raise FitError(f"region of interest {uri}: {describe_error(exc)}") from exc
 
 
 def _loader(uri: str, max_bytes: int) -> Callable[[], bytes]:
@@ -181,7 +193,8 @@ def start_fit(job_id: int) -> FitTarget | None:
         product = job.product
         return FitTarget(job.id, product.name, product.train_uri, dict(product.fit_config),
                          version.id, version.version, product.validation_uri, product.max_false_alarms,
-                         reviewed_good(session, product.id), confirmed_defects(session, product.id))
+                         reviewed_good(session, product.id), confirmed_defects(session, product.id),
+                         product.roi_uri)
 
     for attempt in range(3):
         try:

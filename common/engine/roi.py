@@ -8,8 +8,8 @@ center crop (which already limits what is inspected).
 Three things happen outside the region:
 - The model input there is set to the mean colour (0 after normalisation), for the training images and
   the scored ones alike. A CNN feature sees far beyond its own patch (before this, a dark blob 40 pixels to
-  the right of the region raised patches inside it above the threshold). The edge it
-  draws is in every training image, so it is nominal.
+  the right of the region raised patches inside it above the threshold). The edge it draws is in every
+  training image, so it is nominal.
 - Patch distances are set to 0 before the image score is taken (so its patch lies inside) and before the
   map is smoothed (so a defect just outside does not bleed into the region's edge).
 - The map is 0 there, so no mask pixel lies outside.
