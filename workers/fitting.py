@@ -10,7 +10,8 @@ labelled validation images (`workers.validation`).
 Activation rule (`check_validation`): a fitted version becomes the product's active model only if its
 thresholds were calibrated on held-out images (at least one held-out image scored, so not in-sample), at
 most `MAX_FAILED_FRACTION` of the training images failed to load, and it flags every image reviewed
-defective that was flagged the last time it was scored (`workers.reviews`). Otherwise it is kept `ready` but inactive, and the job says why. A failed fit leaves its version `failed`, never active.
+defective that was flagged the last time it was scored (`workers.reviews`). Otherwise it is kept `ready`
+but inactive, and the job says why. A failed fit leaves its version `failed`, never active.
 
 A redelivered fit task reuses the version row its first attempt created (the job points to it), so a
 worker dying mid-fit never leaves a second half-made version behind.
@@ -240,7 +241,8 @@ def check_validation(stats: dict[str, Any], model: PatchCore, n_images: int) -> 
     missed = stats.get("confirmed_defects", {}).get("missed", [])
     if missed:
         return False, (f"misses {len(missed)} confirmed defect(s) flagged when last scored, e.g. {missed[0]} "
-                       "(an image of that defect reviewed good? see `totalrecall review list`)")
+                       "(an image of that defect reviewed good, or a region of interest that leaves it out? "
+                       "see `totalrecall review list`)")
     return True, f"{stats['holdout_images']} held-out images scored, {failed} of {n_images} failed"
 
 
