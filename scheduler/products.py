@@ -76,8 +76,8 @@ def update_product(name: str, train_uri: str | None = None, archive_uri_template
                    max_false_alarms: float | None | Unset = UNSET,
                    roi_uri: str | None = None) -> dict[str, tuple[Any, Any]]:
     """Change a product's training folder, archive template, validation folder ("" removes it), false-alarm
-    budget (None: F1 again), region of interest ("" removes it) or fit settings (`PatchCoreConfig` fields); the next fit uses them, model
-    versions already fitted keep theirs. Returns {what: (before, after)} for what changed. Nothing is
+    budget (None: F1 again), region of interest ("" removes it) or fit settings (`PatchCoreConfig` fields);
+    the next fit uses them, model versions already fitted keep theirs. Returns {what: (before, after)} for what changed. Nothing is
     written unless every change is valid."""
     if archive_uri_template is not None:
         _check_archive_template(archive_uri_template)

@@ -76,7 +76,7 @@ def load_failures(job_id: int, limit: int = 100) -> tuple[list[tuple[str, str]],
 def _fit_failures(job: Job, limit: int) -> tuple[list[tuple[str, str]], int]:
     stats = (job.model_version.validation if job.model_version else None) or {}
     failed = stats.get("failed_images", [])
-    # versions fitted before failures carried their URI name the image by its position in the listing
+    # a failure recorded before failures carried their URI is named by its position in the listing
     return [(f.get("uri") or f"training image #{f['position']}", f["error"]) for f in failed[:limit]], len(failed)
 
 
