@@ -106,3 +106,22 @@ def test_region_from_an_image_and_a_thin_region_on_a_coarse_grid() -> None:
     line[100, 20:180] = True  # one pixel high: a share of 1/20 of any cell it crosses on a 10 x 10 grid
     grid = RegionOfInterest(line).on_grid((10, 10))
     assert grid.any() and not grid[:, 0].any() and grid[5, 1:9].all()
+
+
+def test_evaluate_with_a_region_judges_the_inspection_as_configured(tmp_path) -> None:
+    from tests.synthetic import make_mvtec
+    from totalrecall.cli import main
+
+    data = make_mvtec(tmp_path / "mvtec")
+    region = np.zeros((SIDE, SIDE, 3), dtype=np.uint8)
+    region[:, : SIDE // 2] = 255
+    (tmp_path / "roi.png").write_bytes(png_bytes(region))
+    reports = {}
+    for name, extra in (("plain", []), ("roi", ["--roi", str(tmp_path / "roi.png")])):
+        out = tmp_path / f"{name}.json"
+        assert main(["evaluate", "--data", str(data["root"]), "--category", data["category"], "--image-size", "96",
+                     "--coreset-ratio", "0.25", "--quiet", "--json", str(out), *extra]) == 0
+        reports[name] = json.loads(out.read_text())
+    assert reports["plain"]["roi_fraction"] is None and reports["roi"]["roi_fraction"] == 0.5
+    # the scratches run into the right half: their pixels there are missed, by design
+    assert reports["roi"]["pixel_auroc"] < reports["plain"]["pixel_auroc"] - 0.05

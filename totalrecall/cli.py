@@ -91,9 +91,11 @@ def config_from_args(a: argparse.Namespace) -> PatchCoreConfig:
 
 def cmd_evaluate(a: argparse.Namespace) -> int:
     from common.engine.evaluate import evaluate, format_table
+    from common.engine.roi import RegionOfInterest
 
+    roi = RegionOfInterest.from_image(Path(a.roi).read_bytes()) if a.roi else None
     report = evaluate(a.data, a.category, config_from_args(a), shots=a.shots, weights=a.weights,
-                      device=a.device, progress=not a.quiet)
+                      device=a.device, progress=not a.quiet, roi=roi)
     print(format_table(report))
     if a.json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
@@ -442,6 +444,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", default=None, help="write the report here")
     ev.add_argument("--device", default="auto")
     ev.add_argument("--quiet", action="store_true", help="no progress bars")
+    ev.add_argument("--roi", default=None, metavar="IMAGE", help="region of interest image (white: inspected); "
+                    "defect pixels outside it count as missed")
     add_model_options(ev)
     ev.set_defaults(handler=cmd_evaluate)
     _add_operations(sub)
