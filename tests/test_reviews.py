@@ -1,8 +1,9 @@
-"""`totalrecall review`: an inspector's verdicts on scored images, shown in `anomaly_history`, and images
-reviewed good learned by the product's next fit (a false alarm that stops recurring).
+"""`totalrecall review`: an inspector's verdicts on scored images, shown in `anomaly_history`; images
+reviewed good learned by the product's next fit (a false alarm that stops recurring); images reviewed
+defective guarding each fit's activation.
 
 In-process on the embedded default (SQLite, local folder, tasks run eagerly): the CLI's own `main`, real
-fits and real score jobs.
+fits and real score jobs. The tests share one product and add versions to it; each also passes alone.
 """
 
 from __future__ import annotations
