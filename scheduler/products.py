@@ -60,9 +60,8 @@ def add_product(name: str, train_uri: str, archive_uri_template: str, config: Pa
         with session_scope() as session:
             product = Product(name=name, train_uri=absolute_uri(train_uri),
                               archive_uri_template=absolute_uri(archive_uri_template),
-                              validation_uri=absolute_uri(validation_uri) if validation_uri else None,
-                              max_false_alarms=max_false_alarms,
-                              roi_uri=absolute_uri(roi_uri) if roi_uri else None,
+                              validation_uri=_optional_uri(validation_uri), max_false_alarms=max_false_alarms,
+                              roi_uri=_optional_uri(roi_uri),
                               fit_config=config.to_dict())
             session.add(product)
             session.flush()
@@ -77,34 +76,30 @@ def update_product(name: str, train_uri: str | None = None, archive_uri_template
                    roi_uri: str | None = None) -> dict[str, tuple[Any, Any]]:
     """Change a product's training folder, archive template, validation folder ("" removes it), false-alarm
     budget (None: F1 again), region of interest ("" removes it) or fit settings (`PatchCoreConfig` fields);
-    the next fit uses them, model versions already fitted keep theirs. Returns {what: (before, after)} for what changed. Nothing is
-    written unless every change is valid."""
+    the next fit uses them, model versions already fitted keep theirs. Returns {what: (before, after)} for
+    what changed. Nothing is written unless every change is valid."""
     if archive_uri_template is not None:
         _check_archive_template(archive_uri_template)
     if not isinstance(max_false_alarms, Unset):
         _check_false_alarms(max_false_alarms)
+    wanted: dict[str, tuple[str, Any]] = {}  # what -> (Product attribute, new value), for those given
+    if train_uri is not None:
+        wanted["train"] = ("train_uri", absolute_uri(train_uri))
+    if archive_uri_template is not None:
+        wanted["archive"] = ("archive_uri_template", absolute_uri(archive_uri_template))
+    if validation_uri is not None:
+        wanted["validation"] = ("validation_uri", _optional_uri(validation_uri))
+    if roi_uri is not None:
+        wanted["roi"] = ("roi_uri", _optional_uri(roi_uri))
+    if not isinstance(max_false_alarms, Unset):
+        wanted["max_false_alarms"] = ("max_false_alarms", max_false_alarms)
     with session_scope() as session:
         product = get_product(session, name)
         changes: dict[str, tuple[Any, Any]] = {}
-        if train_uri is not None and absolute_uri(train_uri) != product.train_uri:
-            changes["train"] = (product.train_uri, absolute_uri(train_uri))
-            product.train_uri = absolute_uri(train_uri)
-        if archive_uri_template is not None and absolute_uri(archive_uri_template) != product.archive_uri_template:
-            changes["archive"] = (product.archive_uri_template, absolute_uri(archive_uri_template))
-            product.archive_uri_template = absolute_uri(archive_uri_template)
-        if validation_uri is not None:
-            new = absolute_uri(validation_uri) if validation_uri else None
-            if new != product.validation_uri:
-                changes["validation"] = (product.validation_uri, new)
-                product.validation_uri = new
-        if roi_uri is not None:
-            new = absolute_uri(roi_uri) if roi_uri else None
-            if new != product.roi_uri:
-                changes["roi"] = (product.roi_uri, new)
-                product.roi_uri = new
-        if not isinstance(max_false_alarms, Unset) and max_false_alarms != product.max_false_alarms:
-            changes["max_false_alarms"] = (product.max_false_alarms, max_false_alarms)
-            product.max_false_alarms = max_false_alarms
+        for what, (attribute, new) in wanted.items():
+            if new != getattr(product, attribute):
+                changes[what] = (getattr(product, attribute), new)
+                setattr(product, attribute, new)
         if settings:
             before = PatchCoreConfig.from_dict(product.fit_config).to_dict()
             after = PatchCoreConfig.from_dict({**before, **settings}).to_dict()  # validates, or raises
@@ -112,6 +107,11 @@ def update_product(name: str, train_uri: str | None = None, archive_uri_template
             product.fit_config = after
         _check_roi(product.fit_config.get("center_crop"), product.roi_uri)  # raising rolls it all back
         return changes
+
+
+def _optional_uri(uri: str | None) -> str | None:
+    """The absolute form of an optional folder or file URI; None for None or "" (none)."""
+    return absolute_uri(uri) if uri else None
 
 
 def _check_false_alarms(rate: float | None) -> None:

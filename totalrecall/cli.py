@@ -125,12 +125,10 @@ def cmd_product_add(a: argparse.Namespace) -> int:
 
 
 def cmd_product_set(a: argparse.Namespace) -> int:
-    from scheduler.products import update_product
+    from scheduler.products import UNSET, update_product
 
     if getattr(a, "weights", None):
         raise ValueError("--weights is not stored with a product: workers use the backbone's packaged weights")
-    from scheduler.products import UNSET
-
     changes = update_product(a.name, a.train, a.archive, _given_settings(a), a.validation,
                              getattr(a, "max_false_alarms", UNSET), a.roi)
     if not changes:
