@@ -25,12 +25,16 @@ class VersionInfo:
     status: str
     is_active: bool
     created_at: datetime | None
-    train_images: int | None
+    train_images: int | None  # in the bank; the held-out ones come on top
+    holdout_images: int | None
     bank_size: int | None
     image_threshold: float | None
     nominal_median_score: float | None
     activation: dict[str, Any] | None  # the fit's activation rule outcome: passed, reason
     validation_set: dict[str, Any] | None  # labelled images the thresholds were set on (F1), if any
+    reviewed_good_images: int | None  # images reviewed good that joined the bank
+    confirmed_defects: dict[str, Any] | None  # images reviewed defective, scored by this version
+    roi_fraction: float | None  # of each image inspected; None: the whole image
     error: str | None
     config: dict[str, Any]
 
@@ -90,7 +94,11 @@ def deactivate(product_name: str) -> int | None:
 
 def _info(v: ModelVersion) -> VersionInfo:
     validation = v.validation or {}
-    return VersionInfo(v.version, v.status, v.is_active, v.created_at, v.train_image_count,
-                       validation.get("bank_size"), v.image_threshold, v.nominal_median_score,
-                       validation.get("activation"), validation.get("validation_set"), v.error,
-                       dict(v.config or {}))
+    return VersionInfo(
+        version=v.version, status=v.status, is_active=v.is_active, created_at=v.created_at,
+        train_images=v.train_image_count, holdout_images=validation.get("holdout_images"),
+        bank_size=validation.get("bank_size"), image_threshold=v.image_threshold,
+        nominal_median_score=v.nominal_median_score, activation=validation.get("activation"),
+        validation_set=validation.get("validation_set"), reviewed_good_images=validation.get("reviewed_good_images"),
+        confirmed_defects=validation.get("confirmed_defects"), roi_fraction=validation.get("roi_fraction"),
+        error=v.error, config=dict(v.config or {}))

@@ -58,6 +58,9 @@ def test_a_stain_outside_the_region_is_not_flagged(store: Storage, capsys) -> No
     assert _add(store, "--roi", store.uri_for("setup/roi.png")) == 0
     assert main(["fit", NAME, "--wait"]) == 0
     assert _newest().validation["roi_fraction"] == pytest.approx(EDGE / SIZE, abs=1e-3)
+    capsys.readouterr()
+    assert main(["model", "list", NAME]) == 0
+    assert f"roi {EDGE / SIZE:.0%}" in capsys.readouterr().out.splitlines()[2]
     assert main(["score", NAME, "--images", store.uri_for("night"), "--wait"]) == 0
     assert _verdicts() == {"inside": True, "outside": False}
 

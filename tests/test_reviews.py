@@ -186,3 +186,9 @@ def test_a_fit_that_misses_a_confirmed_defect_is_not_activated(store: Storage, c
     corrected = _active()
     assert corrected.version == newest.version + 1
     assert corrected.validation["confirmed_defects"] == {"images": 2, "flagged": 2, "failed": [], "missed": []}
+    capsys.readouterr()
+    assert main(["model", "list", NAME]) == 0  # what shaped each version, newest first
+    rows = capsys.readouterr().out.splitlines()[2:]
+    assert f"{newest.validation['reviewed_good_images']} reviewed good, flags 0/1 confirmed defects" in rows[1]
+    assert rows[0].startswith(f"v{corrected.version} ") and "flags 2/2 confirmed defects" in rows[0]
+    assert corrected.validation["reviewed_good_images"] == newest.validation["reviewed_good_images"] - 1

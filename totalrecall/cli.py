@@ -9,10 +9,14 @@ import sys
 from dataclasses import fields
 from datetime import date
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from common.engine.config import INDEX_TYPES, PRECISIONS, RESIZE_MODES, PatchCoreConfig
 from totalrecall.report import add_report_command
 from totalrecall.review_cli import add_review_command
+
+if TYPE_CHECKING:
+    from scheduler.versions import VersionInfo
 
 
 def add_model_options(p: argparse.ArgumentParser, defaults: bool = True) -> None:
@@ -164,14 +168,30 @@ def cmd_model_list(a: argparse.Namespace) -> int:
         thresholds = "" if v.status != "ready" else "nominal" if not labelled else (
             ("F1" if labelled.get("max_false_alarms") is None else f"<= {labelled['max_false_alarms']:.1%} FA")
             + f" ({labelled['nominal']}+{labelled['defective']})")
+        images = "" if v.train_images is None else f"{v.train_images}" + (
+            f"+{v.holdout_images}" if v.holdout_images is not None else "")
         rows.append([f"v{v.version}", "*" if v.is_active else "", v.status,
-                     v.created_at.strftime("%Y-%m-%d %H:%M") if v.created_at else "", v.train_images,
+                     v.created_at.strftime("%Y-%m-%d %H:%M") if v.created_at else "", images,
                      v.bank_size, number(v.image_threshold), thresholds, number(v.nominal_median_score),
-                     v.config.get("backbone"), ",".join(v.config.get("layers") or []) or "default", note])
-    print(format_table(["version", "active", "status", "created (UTC)", "train images", "bank", "threshold",
-                        "set by", "nominal median", "backbone", "layers", "note"], rows)
+                     v.config.get("backbone"), ",".join(v.config.get("layers") or []) or "default",
+                     _fit_inputs(v), note])
+    print(format_table(["version", "active", "status", "created (UTC)", "images (bank+held out)", "bank",
+                        "threshold", "set by", "nominal median", "backbone", "layers", "inputs", "note"], rows)
           if rows else f"product {a.name!r} has no model versions yet (`totalrecall fit {a.name}`)")
     return 0
+
+
+def _fit_inputs(v: VersionInfo) -> str:
+    """What besides the training folder shaped a version: its region of interest, the images reviewed good
+    in its bank, and how many confirmed defects it flags."""
+    parts = []
+    if v.roi_fraction is not None:
+        parts.append(f"roi {v.roi_fraction:.0%}")
+    if v.reviewed_good_images:
+        parts.append(f"{v.reviewed_good_images} reviewed good")
+    if v.confirmed_defects:
+        parts.append(f"flags {v.confirmed_defects['flagged']}/{v.confirmed_defects['images']} confirmed defects")
+    return ", ".join(parts)
 
 
 def cmd_model_activate(a: argparse.Namespace) -> int:
