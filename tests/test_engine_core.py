@@ -54,6 +54,30 @@ def test_eq7_by_hand() -> None:
     assert reweighted_image_score(t, 0, np.array([], dtype=np.int64), BANK, 1.0) == 1.0
 
 
+def test_image_score_top_fraction_by_hand() -> None:
+    """s* = the mean of the highest fraction of the patch distances (at least one patch; of the counted
+    patches), and Eq. 7 weighs it with the worst patch's neighbourhood."""
+    index = NearestNeighbors(BANK, use_gpu=False)
+    t = np.array([-1.0, 0.0], dtype=np.float32)  # nearest bank point (0, 0) at distance 1
+    feats = np.stack([t + np.float32(0.5), t * 0, t * 0, t])[None]  # (1, 4, 2): t is the worst patch
+    dist, ids = index.search(feats[0], 1)
+    dist, ids = dist.reshape(1, 4), ids.reshape(1, 4)
+    assert dist[0].argmax() == 3
+    d = np.sort(dist[0])
+    assert image_scores(feats, dist, ids, index, 0, top_fraction=0.5)[0] == pytest.approx((d[2] + d[3]) / 2)
+    assert image_scores(feats, dist, ids, index, 0, top_fraction=1.0)[0] == pytest.approx(d.mean())
+    assert image_scores(feats, dist, ids, index, 0, top_fraction=0.01)[0] == pytest.approx(d[3])  # one patch
+    # two counted patches (a region of interest): half of them is one patch, the highest
+    assert image_scores(feats, dist, ids, index, 0, top_fraction=0.5, counted=2)[0] == pytest.approx(d[3])
+    _, neighbors = index.search(BANK[[0]], 3)
+    expected = reweighted_image_score(t, 0, neighbors[0], BANK, float((d[2] + d[3]) / 2))
+    assert image_scores(feats, dist, ids, index, 3, top_fraction=0.5)[0] == pytest.approx(expected, rel=1e-6)
+    assert image_scores(feats, dist, ids, index, 3)[0] == pytest.approx(
+        reweighted_image_score(t, 0, neighbors[0], BANK, float(d[3])), rel=1e-6)
+    with pytest.raises(ValueError, match="image_score_top"):
+        PatchCoreConfig(image_score_top=1.5)
+
+
 def test_eq7_b_larger_than_bank_uses_whole_bank() -> None:
     t = np.array([-1.0, 0.0], dtype=np.float32)
     index = NearestNeighbors(BANK, use_gpu=False)

@@ -44,6 +44,9 @@ def add_model_options(p: argparse.ArgumentParser, defaults: bool = True) -> None
         help="the bank keeps at least this many features (or all of them)")
     arg("--projection-dim", type=int, default=d.projection_dim)
     arg("--num-neighbors", type=int, default=d.num_neighbors, help="b of Eq. 7 (0 = off)")
+    arg("--image-score-top", type=float, default=d.image_score_top,
+        help="the image score averages this fraction of the highest patch distances (0 = the highest alone, "
+             "as in the paper)")
     arg("--holdout-fraction", type=float, default=d.holdout_fraction)
     arg("--batch-size", type=int, default=d.batch_size)
     arg("--seed", type=int, default=d.seed)
@@ -81,16 +84,7 @@ def _given_settings(a: argparse.Namespace) -> dict:
 
 
 def config_from_args(a: argparse.Namespace) -> PatchCoreConfig:
-    return PatchCoreConfig(
-        backbone=a.backbone, layers=tuple(a.layers.split(",")) if a.layers else None,
-        image_size=a.image_size, resize=a.resize, scale=a.scale, center_crop=a.center_crop, embed_dim=a.embed_dim,
-        coreset_ratio=a.coreset_ratio, coreset_min_size=a.coreset_min_size, projection_dim=a.projection_dim,
-        num_neighbors=a.num_neighbors,
-        holdout_fraction=a.holdout_fraction, batch_size=a.batch_size, seed=a.seed, precision=a.precision,
-        bit_depth=a.bit_depth,
-        index=a.index, index_min_bank=a.index_min_bank, index_nlist=a.index_nlist, index_nprobe=a.index_nprobe,
-        index_pq_m=a.index_pq_m,
-    )
+    return PatchCoreConfig(**_given_settings(a))
 
 
 def cmd_evaluate(a: argparse.Namespace) -> int:

@@ -25,6 +25,8 @@ from common.engine.config import PatchCoreConfig
 FORMAT = "totalrecall.patchcore"
 FORMAT_VERSION = 1  # exact index: the bank alone
 FORMAT_VERSION_INDEX = 2  # with a stored approximate index
+# settings added after artifacts were first written, at the value that reproduces those artifacts' scores
+PRE_SETTING_DEFAULTS = {"image_score_top": 0.0}
 INDEX_TENSORS = ("index", "index_lists")
 ROI_TENSOR = "roi"  # optional (H, W) uint8 region of interest, in the same file (older code refuses it)
 BANK_FILE = "bank.safetensors"
@@ -128,7 +130,7 @@ def _state_from(meta: dict[str, Any], bank_path: Path) -> ModelState:
     if sha256_file(bank_path) != meta["bank_sha256"]:
         raise ArtifactError(f"{bank_path}: sha256 mismatch (memory bank corrupted)")
     try:
-        config = PatchCoreConfig.from_dict(meta["config"])
+        config = PatchCoreConfig.from_dict({**PRE_SETTING_DEFAULTS, **meta["config"]})
     except (TypeError, ValueError) as exc:
         raise ArtifactError(f"artifact config incompatible with this code: {exc}") from exc
     tensors = load_file(str(bank_path))

@@ -6,6 +6,11 @@ Nominal-only rule (the cold-start case, no defect labels): with s the held-out i
 so no held-out nominal image is flagged and a wide nominal spread earns a wider margin. The pixel
 threshold applies the same rule to each held-out image's maximum map value, so a nominal image
 gets an empty mask.
+
+A threshold placed at or just beside a score keeps a relative `SCORE_RTOL` from it: scores come from
+float32 distances whose last bits depend on how the images were batched (faiss and BLAS sum in another
+order), so the same image scored again can land one float32 step higher, and "just above the highest
+nominal score" must still be above it then.
 """
 
 from __future__ import annotations
@@ -17,13 +22,22 @@ import numpy as np
 from common.engine.metrics import PixelMetrics, f1_max, score_from_code, score_to_code
 
 RULE = "max(max(s), mean(s) + 3 std(s)) over held-out nominal images"
+SCORE_RTOL = 1e-5  # about 100 float32 steps: well above batching noise, far below any score difference
+
+
+def just_above(score: float) -> float:
+    return float(max(np.nextafter(score, np.inf), score + SCORE_RTOL * abs(score)))
+
+
+def just_below(score: float) -> float:
+    return float(min(np.nextafter(score, -np.inf), score - SCORE_RTOL * abs(score)))
 
 
 def nominal_threshold(values: Sequence[float]) -> float:
     v = np.asarray(values, dtype=np.float64)
     if v.size == 0:
         raise ValueError("no held-out scores to calibrate on")
-    return float(max(v.max(), v.mean() + 3.0 * v.std()))
+    return max(just_above(float(v.max())), float(v.mean() + 3.0 * v.std()))
 
 
 def holdout_split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -41,7 +55,7 @@ def f1_image_threshold(image_scores: Sequence[float], labels: Sequence[int]) -> 
     scores = np.asarray(image_scores, dtype=np.float64)
     _, t = f1_max(scores, np.asarray(labels))
     below = scores[scores < t]
-    return float((t + below.max()) / 2 if below.size else np.nextafter(t, -np.inf))
+    return float((t + below.max()) / 2) if below.size else just_below(float(t))
 
 
 def false_alarm_threshold(nominal_scores: Sequence[float], rate: float) -> float:
@@ -54,7 +68,7 @@ def false_alarm_threshold(nominal_scores: Sequence[float], rate: float) -> float
     if not 0 <= rate < 1:
         raise ValueError(f"false-alarm rate must be in [0, 1), not {rate}")
     k = int(np.floor(rate * s.size + 1e-9))
-    return float(np.nextafter(s[0], np.inf) if k == 0 else (s[k] + s[k - 1]) / 2)
+    return just_above(float(s[0])) if k == 0 else float((s[k] + s[k - 1]) / 2)
 
 
 def f1_pixel_threshold(pixels: PixelMetrics) -> float:
@@ -62,4 +76,4 @@ def f1_pixel_threshold(pixels: PixelMetrics) -> float:
     lower one (masks are `map > threshold`)."""
     _, pt = pixels.pixel_f1_max()
     code = int(score_to_code(np.array([pt]))[0])
-    return float((pt + score_from_code(code - 1)) / 2 if code > 0 else np.nextafter(pt, -np.inf))
+    return float((pt + score_from_code(code - 1)) / 2) if code > 0 else just_below(float(pt))

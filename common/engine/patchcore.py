@@ -332,9 +332,12 @@ class PatchCore:
         flat = feats.reshape(-1, d).cpu().numpy()
         dist, ids = self.index.search(flat, 1)
         dist, ids = dist.reshape(b, h * w), ids.reshape(b, h * w)
-        if self.roi is not None:  # outside: 0, below any distance, so the image score's patch lies inside
-            dist = np.where(self.roi.on_grid((h, w)).reshape(1, -1), dist, np.float32(0))
-        scores = image_scores(flat.reshape(b, h * w, d), dist, ids, self.index, self.config.num_neighbors)
+        counted = h * w
+        if self.roi is not None:  # outside: 0, below any distance, so the image score's patches lie inside
+            inside = self.roi.on_grid((h, w)).reshape(1, -1)
+            dist, counted = np.where(inside, dist, np.float32(0)), int(inside.sum())
+        scores = image_scores(flat.reshape(b, h * w, d), dist, ids, self.index, self.config.num_neighbors,
+                              self.config.image_score_top, counted)
         return dist.reshape(b, h, w), scores
 
     def _score_batch(self, batch: Batch) -> list[ImageResult]:

@@ -15,6 +15,8 @@ def reweighted_image_score(test_feature: np.ndarray, nearest_id: int, bank_neigh
                            bank: np.ndarray, max_distance: float) -> float:
     """Paper Eq. 7: s = (1 - exp|m_test - m*| / sum_{m in N_b(m*)} exp|m_test - m|) * s*.
 
+    `max_distance` is s*, or what stands for it (`image_scores`' mean of the highest patch distances).
+
     `bank_neighbors` are the ids of the b nearest bank features of m* (m* itself among them, as the
     nearest of itself). A test patch whose nearest bank feature sits in a sparse region of the bank
     (its neighbours are far from the test patch too) keeps more of its score.
@@ -29,13 +31,22 @@ def reweighted_image_score(test_feature: np.ndarray, nearest_id: int, bank_neigh
 
 
 def image_scores(features: np.ndarray, patch_dist: np.ndarray, patch_ids: np.ndarray,
-                 index: NearestNeighbors, num_neighbors: int) -> np.ndarray:
-    """Image scores for a batch: features (B, P, D), 1-NN distances/ids (B, P)."""
+                 index: NearestNeighbors, num_neighbors: int, top_fraction: float = 0.0,
+                 counted: int | None = None) -> np.ndarray:
+    """Image scores for a batch: features (B, P, D), 1-NN distances/ids (B, P).
+
+    The paper's score is Eq. 7's weight of the worst patch m_test times its distance s*. With
+    `top_fraction` > 0, s* is replaced by the mean of the highest `top_fraction` of the patch distances
+    (at least one; of `counted` patches, default all P: a region of interest counts only its own), the
+    weight still the worst patch's. A single patch's distance is the noisiest statistic of a nominal image;
+    the mean of its few highest is steadier, and a defect raises a neighbourhood of patches, not one."""
     worst = patch_dist.argmax(axis=1)
     rows = np.arange(len(worst))
-    s_star = patch_dist[rows, worst]
+    s_star = patch_dist[rows, worst].astype(np.float64)
+    if top_fraction > 0:
+        s_star = top_mean(patch_dist, top_count(top_fraction, patch_dist.shape[1] if counted is None else counted))
     if num_neighbors == 0:
-        return s_star.astype(np.float64)
+        return s_star
     m_star = patch_ids[rows, worst]
     _, neighbors = index.search(index.bank[m_star], min(num_neighbors, len(index)))
     return np.array([
@@ -43,6 +54,17 @@ def image_scores(features: np.ndarray, patch_dist: np.ndarray, patch_ids: np.nda
                                float(s_star[b]))
         for b in range(len(worst))
     ])
+
+
+def top_count(fraction: float, patches: int) -> int:
+    """How many of `patches` patch distances make the image score: `fraction` of them, at least one."""
+    return max(1, round(fraction * patches))
+
+
+def top_mean(patch_dist: np.ndarray, k: int) -> np.ndarray:
+    """(B, P) distances -> (B,) mean of each row's k highest, in float64."""
+    k = min(k, patch_dist.shape[1])
+    return np.partition(patch_dist, -k, axis=1)[:, -k:].astype(np.float64).mean(axis=1)
 
 
 def gaussian_kernel(sigma: float) -> torch.Tensor:
