@@ -12,7 +12,7 @@ building a labelled validation folder; they never enter a fit.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -51,8 +51,8 @@ def mark(product_name: str, image_uris: Sequence[str], label: str, defect_type: 
     def work(session: Session) -> dict[str, str | None]:
         product = get_product(session, product_name)
         _require_results(session, product, uris)
-        existing = {r.image_uri: r for r in session.scalars(
-            select(Review).where(Review.product_id == product.id, Review.image_uri.in_(uris)).with_for_update())}
+        existing = {r.image_uri: r for part in _chunks(uris) for r in session.scalars(
+            select(Review).where(Review.product_id == product.id, Review.image_uri.in_(part)).with_for_update())}
         before: dict[str, str | None] = {}
         for uri in uris:
             review = existing.get(uri) or Review(product_id=product.id, image_uri=uri)
@@ -75,8 +75,8 @@ def clear(product_name: str, image_uris: Sequence[str]) -> int:
 
     def work(session: Session) -> int:
         product = get_product(session, product_name)
-        return session.execute(delete(Review).where(Review.product_id == product.id,
-                                                    Review.image_uri.in_(uris))).rowcount
+        return sum(session.execute(delete(Review).where(Review.product_id == product.id,
+                                                        Review.image_uri.in_(part))).rowcount for part in _chunks(uris))
 
     removed = in_transaction(work)
     log_event(logger, logging.INFO, "reviews_cleared", product=product_name, images=len(uris), removed=removed)
@@ -100,9 +100,9 @@ def list_reviews(product_name: str, label: str | None = None) -> list[ReviewInfo
 
 def _require_results(session: Session, product: Product, uris: list[str]) -> None:
     scored: set[str] = set()
-    for start in range(0, len(uris), 500):  # bounded IN lists
+    for part in _chunks(uris):
         scored.update(session.scalars(select(Result.image_uri).distinct().where(
-            Result.product_id == product.id, Result.image_uri.in_(uris[start:start + 500]))))
+            Result.product_id == product.id, Result.image_uri.in_(part))))
     missing = [u for u in uris if u not in scored]
     if missing:
         shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
@@ -112,3 +112,9 @@ def _require_results(session: Session, product: Product, uris: list[str]) -> Non
 
 def _unique(items: list[str]) -> list[str]:
     return list(dict.fromkeys(items))
+
+
+def _chunks(items: list[str], size: int = 500) -> Iterator[list[str]]:
+    """Bounded IN lists: backends cap the parameters of one statement (SQLite 32766, PostgreSQL 65535)."""
+    for start in range(0, len(items), size):
+        yield items[start:start + size]

@@ -8,11 +8,12 @@ fits and real score jobs. The tests share one product and add versions to it; ea
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Iterator
 
 import numpy as np
 import pytest
-from sqlalchemy import select
+from sqlalchemy import event, insert, select
 
 from common.db import Job, ModelVersion, Product, Result, Review, anomaly_history, get_engine, session_scope
 from common.storage import Storage
@@ -86,6 +87,52 @@ def test_reviews_refuse_what_was_not_scored_and_record_nothing(store: Storage, c
     assert "a defect type goes with a 'defective' verdict only" in capsys.readouterr().err
     with session_scope() as session:
         assert session.scalars(select(Review)).all() == []  # all or nothing: plate_a was not recorded
+
+
+def test_a_bulk_review_of_more_images_than_one_statement_can_bind(store: Storage, capsys) -> None:
+    """An inspector's whole backlog in one call: 40,000 scored images of another product are marked,
+    re-marked and cleared, on a SQLite that binds at most 32,766 parameters a statement (its default
+    build; Debian's allows 250,000), which one IN list of them would exceed."""
+    engine = get_engine()
+    event.listen(engine, "connect", _default_sqlite_variable_limit)
+    engine.dispose()  # new connections, with the limit
+    try:
+        _bulk_review(store, capsys, 40_000)
+    finally:
+        event.remove(engine, "connect", _default_sqlite_variable_limit)
+        engine.dispose()
+
+
+def _default_sqlite_variable_limit(dbapi_connection, _record) -> None:
+    dbapi_connection.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 32_766)
+
+
+def _bulk_review(store: Storage, capsys, n: int) -> None:
+    uris = [store.uri_for(f"bulk/{i:05d}.png") for i in range(n)]
+    with session_scope() as session:
+        product = Product(name="bulk", train_uri=store.uri_for("train"), archive_uri_template="x/{date}")
+        session.add(product)
+        session.flush()
+        version = ModelVersion(product_id=product.id, version=1, status="ready")
+        session.add(version)
+        session.flush()
+        job = Job(kind="score", product_id=product.id, model_version_id=version.id, status="succeeded", total=n)
+        session.add(job)
+        session.flush()
+        session.execute(insert(Result), [
+            {"job_id": job.id, "model_version_id": version.id, "product_id": product.id, "image_uri": u,
+             "status": "ok", "score": 1.0, "threshold": 2.0, "is_anomalous": False} for u in uris])
+    assert main(["review", "mark", "bulk", *uris, "--good"]) == 0
+    assert main(["review", "mark", "bulk", *uris[:3], "--defective"]) == 0
+    assert "(3 had another verdict)" in capsys.readouterr().out
+    with session_scope() as session:
+        labels = dict(session.execute(select(Review.image_uri, Review.label).join(Product).where(
+            Product.name == "bulk")).all())
+    assert len(labels) == n and [labels[u] for u in uris[:4]] == ["defective"] * 3 + ["good"]
+    assert main(["review", "clear", "bulk", *uris]) == 0
+    assert f"{n} review(s)" in capsys.readouterr().out
+    with session_scope() as session:
+        assert session.scalars(select(Review).join(Product).where(Product.name == "bulk")).all() == []
 
 
 def test_verdicts_show_in_the_history_and_can_be_changed_or_cleared(store: Storage, capsys) -> None:
