@@ -4,6 +4,7 @@ each image's size, travels in the artifact, and bad regions are refused with a c
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -61,6 +62,21 @@ def test_a_defect_outside_the_region_is_not_inspected(models, defects) -> None:
         assert outside.score < 0.8 * plain[1].score
         assert not inside.anomaly_map[:, SIDE // 2:].any() and not outside.anomaly_map[:, SIDE // 2:].any()
         assert models[name].stats["roi_fraction"] == 0.5
+
+
+def test_the_image_score_averages_the_top_fraction_of_the_region_s_patches(models, defects) -> None:
+    """s* is the mean of the highest `image_score_top` of the patches inside the region, not of the whole
+    grid (whose outside patches are 0): a fraction of all 144 would average 3, of the 72 inside only 1."""
+    image = defects["inside"][0]
+    for top in (0.02, 0.25):
+        model = PatchCore(replace(CFG, num_neighbors=0, image_score_top=top), roi=models["roi"].roi)
+        model.set_bank(models["roi"].index.bank)
+        batch = next(model._batches([image]))
+        dist, scores = model.patch_scores(batch)
+        inside = np.sort(dist[0][model.roi.on_grid(dist.shape[1:])])[::-1]
+        assert len(inside) == dist[0].size // 2
+        k = max(1, round(top * len(inside)))
+        assert scores[0] == pytest.approx(inside[:k].mean(), rel=1e-6)
 
 
 def test_the_region_travels_in_the_artifact(models, defects, tmp_path) -> None:
