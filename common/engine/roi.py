@@ -10,7 +10,8 @@ Three things happen outside the region:
   the scored ones alike. A CNN feature sees far beyond its own patch (before this, a dark blob 40 pixels to
   the right of the region raised patches inside it above the threshold). The edge it draws is in every
   training image, so it is nominal.
-- Patch distances are set to 0 before the image score is taken (so its patch lies inside) and before the
+- Patch distances are set to 0 before the image score is taken (so its patches lie inside; the top fraction
+  it averages is a fraction of the inside patches) and before the
   map is smoothed (so a defect just outside does not bleed into the region's edge).
 - The map is 0 there, so no mask pixel lies outside.
 
