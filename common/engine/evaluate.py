@@ -60,7 +60,7 @@ def evaluate(data: str | Path, category: str, config: PatchCoreConfig, shots: in
     score_seconds = time.perf_counter() - t0 - metric_seconds
     image_f1, _ = f1_max(np.array(scores), np.array(labels))
     pixel_f1, _ = pixels.pixel_f1_max()
-    predicted = np.array(scores) >= model.image_threshold
+    predicted = np.array(scores) > model.image_threshold  # the verdict rule of `ImageResult.is_anomalous`
     return {
         "category": category,
         "data": str(data),
