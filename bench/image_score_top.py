@@ -38,14 +38,10 @@ def scores_by_fraction(model: PatchCore, images: list, fractions=FRACTIONS) -> d
     """Image scores of `images` for each fraction, from one kNN search per batch."""
     out = {f: np.zeros(len(images)) for f in fractions}
     for batch in model._batches(images):
-        feats = model._embed(batch)
-        b, h, w, d = feats.shape
-        flat = feats.reshape(-1, d).cpu().numpy()
-        dist, ids = model.index.search(flat, 1)
-        dist, ids = dist.reshape(b, h * w), ids.reshape(b, h * w)
+        feats, dist, ids, counted, _ = model.nearest(batch)
         for f in fractions:
-            out[f][batch.positions] = image_scores(flat.reshape(b, h * w, d), dist, ids, model.index,
-                                                   model.config.num_neighbors, f)
+            out[f][batch.positions] = image_scores(feats, dist, ids, model.index, model.config.num_neighbors, f,
+                                                   counted)
     return out
 
 

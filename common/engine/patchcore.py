@@ -325,8 +325,9 @@ class PatchCore:
                 yield from zip(item.positions, self._score_batch(item), strict=True)
                 bar.update(len(item.positions))
 
-    def patch_scores(self, batch: Batch) -> tuple[np.ndarray, np.ndarray]:
-        """(B, h, w) distances of each patch to its nearest bank feature, and the (B,) Eq. 7 image scores."""
+    def nearest(self, batch: Batch) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, tuple[int, int]]:
+        """Features (B, P, D), distances and ids (B, P) of each patch's nearest bank feature (0 outside a
+        region of interest), how many patches count for the image score, and the (h, w) grid."""
         feats = self._embed(batch)
         b, h, w, d = feats.shape
         flat = feats.reshape(-1, d).cpu().numpy()
@@ -336,9 +337,14 @@ class PatchCore:
         if self.roi is not None:  # outside: 0, below any distance, so the image score's patches lie inside
             inside = self.roi.on_grid((h, w)).reshape(1, -1)
             dist, counted = np.where(inside, dist, np.float32(0)), int(inside.sum())
-        scores = image_scores(flat.reshape(b, h * w, d), dist, ids, self.index, self.config.num_neighbors,
-                              self.config.image_score_top, counted)
-        return dist.reshape(b, h, w), scores
+        return flat.reshape(b, h * w, d), dist, ids, counted, (h, w)
+
+    def patch_scores(self, batch: Batch) -> tuple[np.ndarray, np.ndarray]:
+        """(B, h, w) distances of each patch to its nearest bank feature, and the (B,) Eq. 7 image scores."""
+        feats, dist, ids, counted, grid = self.nearest(batch)
+        scores = image_scores(feats, dist, ids, self.index, self.config.num_neighbors, self.config.image_score_top,
+                              counted)
+        return dist.reshape(len(dist), *grid), scores
 
     def _score_batch(self, batch: Batch) -> list[ImageResult]:
         dist, scores = self.patch_scores(batch)

@@ -42,9 +42,7 @@ def image_scores(features: np.ndarray, patch_dist: np.ndarray, patch_ids: np.nda
     the mean of its few highest is steadier, and a defect raises a neighbourhood of patches, not one."""
     worst = patch_dist.argmax(axis=1)
     rows = np.arange(len(worst))
-    s_star = patch_dist[rows, worst].astype(np.float64)
-    if top_fraction > 0:
-        s_star = top_mean(patch_dist, top_count(top_fraction, patch_dist.shape[1] if counted is None else counted))
+    s_star = top_mean(patch_dist, top_count(top_fraction, patch_dist.shape[1] if counted is None else counted))
     if num_neighbors == 0:
         return s_star
     m_star = patch_ids[rows, worst]
@@ -57,7 +55,8 @@ def image_scores(features: np.ndarray, patch_dist: np.ndarray, patch_ids: np.nda
 
 
 def top_count(fraction: float, patches: int) -> int:
-    """How many of `patches` patch distances make the image score: `fraction` of them, at least one."""
+    """How many of `patches` patch distances make the image score: `fraction` of them, at least one (0: the
+    highest alone, the paper's s*)."""
     return max(1, round(fraction * patches))
 
 
