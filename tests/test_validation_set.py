@@ -162,3 +162,17 @@ def test_a_false_alarm_budget_sets_the_image_threshold_from_the_nominal_images(s
     assert "max_false_alarms 0.0 -> None" in capsys.readouterr().out
     assert main(["product", "set", "budget", "--max-false-alarms", "1.5"]) == 2
     assert "a fraction in [0, 1)" in capsys.readouterr().err
+
+
+def test_an_unreadable_validation_image_is_named_and_the_others_still_calibrate(store: Storage) -> None:
+    for key in ("good/g0.png", "good/g1.png", "scratch/d1.png"):
+        store.put_bytes(f"partly-broken/{key}", store.get_bytes(f"validation/{key}"))
+    store.put_bytes("partly-broken/ground_truth/scratch/d1_mask.png",
+                    store.get_bytes("validation/ground_truth/scratch/d1_mask.png"))
+    store.put_bytes("partly-broken/good/torn.png", b"\x89PNG\r\n\x1a\n truncated")
+    _add(store, "partly", "--validation", store.uri_for("partly-broken"))
+    assert main(["fit", "partly", "--wait"]) == 0
+    summary = _latest("partly")[0].validation["validation_set"]
+    assert [f["uri"] for f in summary["failed_images"]] == [store.uri_for("partly-broken/good/torn.png")]
+    assert "corrupt or truncated image" in summary["failed_images"][0]["error"]
+    assert (summary["nominal"], summary["defective"]) == (2, 1)  # scored; the unreadable one is listed above

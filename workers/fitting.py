@@ -56,7 +56,7 @@ from common.images import IMAGE_SUFFIXES
 from common.logs import log_context, log_event
 from common.settings import get_settings
 from common.storage import StorageError, StorageUnavailable, list_uris, open_storage, read_uri
-from workers.job_state import describe_error, lock_job
+from workers.job_state import describe_error, lock_job, name_failures
 from workers.reviews import Confirmed, check_confirmed, confirmed_defects, reviewed_good
 from workers.validation import calibrate_on_validation_set, list_validation_set
 
@@ -138,8 +138,7 @@ def _fit_and_publish(target: FitTarget) -> FitOutcome | None:
     stats = model.fit([_loader(uri, max_bytes) for uri in train],
                       bank_only=[_loader(uri, max_bytes) for uri in reviewed])
     stats["reviewed_good_images"] = len(reviewed)
-    for failure in stats["failed_images"]:
-        failure["uri"] = uris[failure["position"]]
+    stats["failed_images"] = name_failures(stats["failed_images"], uris)
     if validation is not None:
         summary = calibrate_on_validation_set(model, validation, lambda u: _loader(u, max_bytes), max_bytes,
                                               target.max_false_alarms)

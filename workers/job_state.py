@@ -32,6 +32,11 @@ def describe_error(exc: BaseException) -> str:
     return redact_text(text)[:MAX_ERROR_CHARS]
 
 
+def name_failures(failures: Sequence[dict[str, Any]], uris: Sequence[str]) -> list[dict[str, Any]]:
+    """The engine's failure records (`position` in the images it was given, `error`) named by URI."""
+    return [{"uri": uris[f["position"]], "error": f["error"]} for f in failures]
+
+
 def mark_running(job_id: int) -> None:
     """queued -> running (first start time kept); other states are left alone."""
     in_transaction(lambda session: session.execute(

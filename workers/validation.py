@@ -26,6 +26,7 @@ from common.engine.mvtec import read_mask
 from common.engine.patchcore import PatchCore
 from common.images import IMAGE_SUFFIXES
 from common.storage import StorageNotFound, list_uris, open_storage, read_uri
+from workers.job_state import name_failures
 
 NOMINAL = "good"
 MASKS = "ground_truth"
@@ -104,6 +105,5 @@ def calibrate_on_validation_set(model: PatchCore, found: ValidationSet,
     summary = model.stats["validation_set"]
     summary["uri"] = found.uri
     summary["unreadable_masks"] = masks.unreadable
-    for failure in summary["failed_images"]:
-        failure["uri"] = found.images[failure.pop("position")]
+    summary["failed_images"] = name_failures(summary["failed_images"], found.images)
     return summary
