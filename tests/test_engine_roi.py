@@ -122,6 +122,12 @@ def test_region_from_an_image_and_a_thin_region_on_a_coarse_grid() -> None:
     line[100, 20:180] = True  # one pixel high: a share of 1/20 of any cell it crosses on a 10 x 10 grid
     grid = RegionOfInterest(line).on_grid((10, 10))
     assert grid.any() and not grid[:, 0].any() and grid[5, 1:9].all()
+    for left in (449, 450, 451):  # a seam two pixels wide; at 449 nearest-neighbour scaling to 288 px drops it
+        seam = np.zeros((900, 900), dtype=bool)
+        seam[:, left: left + 2] = True
+        model_input = RegionOfInterest(seam).over_image((288, 288))
+        columns = np.flatnonzero(model_input.any(axis=0))  # the one or two cells it straddles, whole
+        assert 1 <= len(columns) <= 2 and model_input[:, columns].all() and model_input.sum() == 288 * len(columns)
 
 
 def test_evaluate_with_a_region_judges_the_inspection_as_configured(tmp_path) -> None:

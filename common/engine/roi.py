@@ -15,8 +15,9 @@ Three things happen outside the region:
   map is smoothed (so a defect just outside does not bleed into the region's edge).
 - The map is 0 there, so no mask pixel lies outside.
 
-A patch counts as inside when at least half of its cell is; when no cell is, the cells with the largest
-share are, so every image keeps a score.
+Scaled to another size (the model input, a feature grid, an image of another resolution), a pixel or patch
+counts as inside when at least half of its cell is; when no cell is, the cells with the largest share are,
+so a thin region (a seam) stays whole in the model input and every image keeps a score.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common.engine.mvtec import resize_mask
 from common.images import decode_image
 
 _CACHE_SIZE = 64  # image and grid sizes remembered (one of each for a fixed camera; tiles of many sizes cycle)
@@ -40,7 +40,8 @@ class RegionOfInterest:
             raise ValueError(f"a region of interest is a 2-d boolean mask, got {mask.shape} {mask.dtype}")
         if not mask.any():
             raise ValueError("the region of interest has no pixel to inspect (draw it white on black)")
-        self.mask = mask
+        self.mask = np.array(mask)  # its own memory, read-only: returned as is for images of its size
+        self.mask.setflags(write=False)
         self._images: dict[tuple[int, int], np.ndarray] = {}
         self._grids: dict[tuple[int, int], np.ndarray] = {}
 
@@ -55,20 +56,24 @@ class RegionOfInterest:
         return float(self.mask.mean())
 
     def over_image(self, hw: tuple[int, int]) -> np.ndarray:
-        """(H, W) boolean: the region over an image of that size (nearest neighbour)."""
-        found = self._images.get(hw)
-        if found is None:
-            found = self._remember(self._images, hw, resize_mask(self.mask, hw))
-        return found
+        """(H, W) boolean: the region over an image of that size (the model input or the original image)."""
+        if self.mask.shape == tuple(hw):
+            return self.mask
+        return self._scaled(self._images, hw)
 
     def on_grid(self, grid_hw: tuple[int, int]) -> np.ndarray:
-        """(h, w) boolean: which patches of a feature grid over the whole image are inside. Taken from the
-        mask at its own resolution, so a thin region never vanishes however small the grid."""
-        found = self._grids.get(grid_hw)
+        """(h, w) boolean: which patches of a feature grid over the whole image are inside."""
+        return self._scaled(self._grids, grid_hw)
+
+    def _scaled(self, cache: dict, hw: tuple[int, int]) -> np.ndarray:
+        """The mask at `hw`: a cell is inside when at least half of it is; when none is, the cells with the
+        largest share are. Taken from the mask at its own resolution, so a thin region (a seam a few pixels
+        wide on a large image) never vanishes however small the grid or the model input."""
+        found = cache.get(hw)
         if found is None:
             share = F.adaptive_avg_pool2d(torch.from_numpy(self.mask.astype(np.float32))[None, None],
-                                          grid_hw)[0, 0].numpy()  # the share of each cell inside
-            found = self._remember(self._grids, grid_hw, share >= min(0.5, float(share.max())))
+                                          hw)[0, 0].numpy()  # the share of each cell inside
+            found = self._remember(cache, hw, share >= min(0.5, float(share.max())))
         return found
 
     @staticmethod
