@@ -176,6 +176,12 @@ def test_coreset_size(n: int, ratio: float) -> None:
     assert selected.min() >= 0 and selected.max() < n
 
 
+def test_a_coreset_of_everything_selects_nothing() -> None:
+    x = np.random.default_rng(4).standard_normal((5000, 8)).astype(np.float32)
+    assert np.array_equal(greedy_coreset(x, 1.0, seed=3), np.arange(5000))  # not a farthest-first permutation
+    assert np.array_equal(greedy_coreset(x[:200], 0.01, seed=3, minimum=300), np.arange(200))
+
+
 def test_coreset_minimum_size_keeps_small_sets_covered() -> None:
     x = np.random.default_rng(3).standard_normal((2000, 8)).astype(np.float32)
     assert coreset_size(2000, 0.01, minimum=300) == 300  # 1 % would be 20

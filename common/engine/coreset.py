@@ -136,7 +136,8 @@ def coreset_size(n: int, ratio: float, minimum: int = 0) -> int:
 
 def greedy_coreset(features: np.ndarray | torch.Tensor, ratio: float, projection_dim: int = 128,
                    seed: int = 0, progress: ProgressFn | None = None, minimum: int = 0) -> np.ndarray:
-    """Indices (into `features`) of the greedy k-center coreset, in selection order."""
+    """Indices (into `features`) of the greedy k-center coreset, in selection order (all of them, in their
+    own order, when the coreset is the whole set)."""
     return greedy_from_projection(random_projection(features, projection_dim, seed), ratio, seed, progress,
                                   minimum)
 
@@ -149,6 +150,8 @@ def greedy_from_projection(projected: torch.Tensor, ratio: float, seed: int = 0,
     copy of it (memory: N x dim float32 plus O(N) vectors and the k selected centres)."""
     n = len(projected)
     k = coreset_size(n, ratio, minimum)
+    if k == n:  # every feature (ratio 1, or a set below the minimum): no selection to make
+        return np.arange(n)
     projected -= projected.mean(dim=0)  # distances unchanged; float32 |x|^2 - 2xc + |c|^2 more exact
     start = int(torch.randint(n, (1,), generator=torch.Generator().manual_seed(seed)).item())
     if projected.is_cuda:
