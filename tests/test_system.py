@@ -301,9 +301,13 @@ def test_unavailable_storage_is_retried_with_backoff(system: System) -> None:
         _wait_for(lambda: "Retry in" in system.worker_log.read_text(), 60)
     finally:
         configure(app)
-        subprocess.run([script, "start-s3"], check=True, capture_output=True)
-    system.s3.create_bucket(Bucket=system.bucket)  # moto keeps objects in memory: restore what we need
-    system.put(key, png_bytes(nominal_image(4242, SIZE)))
+        os.killpg(system.worker_pid, signal.SIGSTOP)  # frozen while S3 comes back empty and is refilled,
+        try:  # so that no retry finds the bucket missing (a permanent error) in between
+            subprocess.run([script, "start-s3"], check=True, capture_output=True)
+            system.s3.create_bucket(Bucket=system.bucket)  # moto keeps objects in memory: restore what we need
+            system.put(key, png_bytes(nominal_image(4242, SIZE)))
+        finally:
+            os.killpg(system.worker_pid, signal.SIGCONT)
     _wait_for(lambda: _job_status(system, job_id) in ("succeeded", "failed"), 120)
     with session_scope(system.pg_url) as session:
         job = session.get(Job, job_id)
