@@ -16,7 +16,7 @@
 # need a password (scram-sha-256). Data is throw-away: fsync is off and moto keeps everything in memory.
 set -euo pipefail
 
-STATE_DIR=${TOTALRECALL_SERVICES_DIR:-/tmp/totalrecall-services}
+STATE_DIR=$(realpath -m "${TOTALRECALL_SERVICES_DIR:-/tmp/totalrecall-services}")  # absolute: as_pg runs from /
 PG_PORT=${TOTALRECALL_PG_PORT:-54329}
 REDIS_PORT=${TOTALRECALL_REDIS_PORT:-63799}
 S3_PORT=${TOTALRECALL_S3_PORT:-50009}
@@ -55,10 +55,11 @@ wait_port_closed() {  # port name
   die "$2 still listening on $HOST:$1"
 }
 
-# Run as the PostgreSQL owner: `postgres` when we are root, ourselves otherwise.
+# Run as the PostgreSQL owner: `postgres` when we are root (from /, since it may not enter our working
+# directory), ourselves otherwise.
 as_pg() {
   if [ "$(id -u)" = 0 ]; then
-    runuser -u postgres -- "$@"
+    (cd / && runuser -u postgres -- "$@")
   else
     "$@"
   fi
