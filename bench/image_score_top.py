@@ -15,7 +15,6 @@ and how many score above the highest good one.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import sys
 from pathlib import Path
@@ -29,6 +28,7 @@ from common.engine import mvtec  # noqa: E402
 from common.engine.metrics import image_auroc  # noqa: E402
 from common.engine.patchcore import PatchCore  # noqa: E402
 from common.engine.scoring import image_scores  # noqa: E402
+from common.images import png_bytes  # noqa: E402
 
 FRACTIONS = (0.0, 0.005, 0.01, 0.02, 0.05)
 RADII = (3, 6, 10, 16)
@@ -62,9 +62,7 @@ def planted(paths: list[Path], seed: int) -> tuple[list[bytes], np.ndarray]:
             yy, xx = np.ogrid[:h, :w]
             disk = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
             a[disk] = (a[disk] * 0.3).astype(np.uint8)
-            buf = io.BytesIO()
-            Image.fromarray(a).save(buf, format="PNG")
-            images.append(buf.getvalue())
+            images.append(png_bytes(a))
             radii.append(r)
     return images, np.array(radii)
 

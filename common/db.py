@@ -568,14 +568,20 @@ def record_results(session: Session, rows: Sequence[dict[str, Any]]) -> int:
     return session.execute(stmt).rowcount
 
 
+def in_chunks(items: Sequence[str], size: int = 500) -> Iterator[Sequence[str]]:
+    """Bounded IN lists: backends cap the parameters of one statement (SQLite 32766, PostgreSQL 65535)."""
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
 def images_with_results(session: Session, model_version_id: int, image_uris: Sequence[str],
                         ok_only: bool = False) -> set[str]:
     """Those of `image_uris` that already have a result (or only an `ok` one) for the model version."""
     found: set[str] = set()
-    for start in range(0, len(image_uris), 500):  # bounded IN lists
+    for part in in_chunks(image_uris):
         query = select(Result.image_uri).where(
             Result.model_version_id == model_version_id,
-            Result.image_uri.in_(image_uris[start : start + 500]),
+            Result.image_uri.in_(part),
         )
         if ok_only:
             query = query.where(Result.status == ResultStatus.OK.value)

@@ -12,14 +12,14 @@ building a labelled validation folder; they never enter a fit.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
-from common.db import Product, Result, Review, ReviewLabel, in_transaction, utcnow
+from common.db import Product, Result, Review, ReviewLabel, in_chunks, in_transaction, utcnow
 from common.logs import log_event
 from common.storage import absolute_uri
 from scheduler.products import SchedulingError, get_product
@@ -51,7 +51,7 @@ def mark(product_name: str, image_uris: Sequence[str], label: str, defect_type: 
     def work(session: Session) -> dict[str, str | None]:
         product = get_product(session, product_name)
         _require_results(session, product, uris)
-        existing = {r.image_uri: r for part in _chunks(uris) for r in session.scalars(
+        existing = {r.image_uri: r for part in in_chunks(uris) for r in session.scalars(
             select(Review).where(Review.product_id == product.id, Review.image_uri.in_(part)).with_for_update())}
         before: dict[str, str | None] = {}
         for uri in uris:
@@ -76,7 +76,7 @@ def clear(product_name: str, image_uris: Sequence[str]) -> int:
     def work(session: Session) -> int:
         product = get_product(session, product_name)
         return sum(session.execute(delete(Review).where(Review.product_id == product.id,
-                                                        Review.image_uri.in_(part))).rowcount for part in _chunks(uris))
+                                                        Review.image_uri.in_(part))).rowcount for part in in_chunks(uris))
 
     removed = in_transaction(work)
     log_event(logger, logging.INFO, "reviews_cleared", product=product_name, images=len(uris), removed=removed)
@@ -100,7 +100,7 @@ def list_reviews(product_name: str, label: str | None = None) -> list[ReviewInfo
 
 def _require_results(session: Session, product: Product, uris: list[str]) -> None:
     scored: set[str] = set()
-    for part in _chunks(uris):
+    for part in in_chunks(uris):
         scored.update(session.scalars(select(Result.image_uri).distinct().where(
             Result.product_id == product.id, Result.image_uri.in_(part))))
     missing = [u for u in uris if u not in scored]
@@ -112,9 +112,3 @@ def _require_results(session: Session, product: Product, uris: list[str]) -> Non
 
 def _unique(items: list[str]) -> list[str]:
     return list(dict.fromkeys(items))
-
-
-def _chunks(items: list[str], size: int = 500) -> Iterator[list[str]]:
-    """Bounded IN lists: backends cap the parameters of one statement (SQLite 32766, PostgreSQL 65535)."""
-    for start in range(0, len(items), size):
-        yield items[start:start + size]
