@@ -1,9 +1,11 @@
 """The nightly inspection: score yesterday's archive of every product with an active model.
 
 One job per (product, date, model version), guarded by the unique `jobs.idempotency_key`: a second run for
-the same date (or two schedulers racing) finds the existing job and enqueues nothing. Images that already
-have a result for the model version are left out. Chunks are enqueued product by product, so a worker
-takes consecutive chunks of one product and loads few models.
+the same date (or two schedulers racing) finds the existing job and enqueues nothing, unless that job
+failed or found no images: then it gives up its key and the run schedules the date again (a repaired
+model, or images uploaded late). Images that already have a result for the model version are left out.
+Chunks are enqueued product by product, so a worker takes consecutive chunks of one product and loads few
+models.
 """
 
 from __future__ import annotations
@@ -12,16 +14,17 @@ import logging
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 
-from common.db import Job, Product, images_with_results, session_scope
+from common.db import Job, JobStatus, Product, images_with_results, session_scope
 from common.images import IMAGE_SUFFIXES
 from common.logs import log_context, log_event
 from common.settings import redact_text
 from common.storage import StorageError, list_uris
 from scheduler.jobs import ScheduledJob, enqueue_score, log_scheduled, new_score_job, nightly_key
 from scheduler.products import SchedulingError, active_version
+from workers.job_state import describe_error
 
 logger = logging.getLogger(__name__)
 
@@ -57,8 +60,9 @@ def schedule_nightly(day: date | None = None, enqueued_by: str = "nightly") -> N
         try:
             with log_context(product=target.product):
                 run.jobs.append(_schedule(target, run.day, enqueued_by))
-        except (StorageError, SchedulingError) as exc:  # e.g. a missing bucket: the other products go on
-            run.errors[target.product] = redact_text(str(exc))
+        except Exception as exc:  # e.g. a missing bucket, or (in-process) a task's error: the others go on
+            known = isinstance(exc, (StorageError, SchedulingError))
+            run.errors[target.product] = redact_text(str(exc)) if known else describe_error(exc)
             log_event(logger, logging.ERROR, "nightly_product_not_scheduled", day=run.day,
                       product=target.product, error=run.errors[target.product])
     log_event(logger, logging.INFO, "nightly_scheduled", day=run.day, jobs=len(run.jobs),
@@ -82,7 +86,7 @@ def _targets(run: NightlyRun) -> list[_Target]:
 
 def _schedule(target: _Target, day: date, enqueued_by: str) -> ScheduledJob:
     key = nightly_key(target.product, day, target.version)
-    existing = _existing(key, target)
+    existing = _existing(key, target, release=True)
     if existing is not None:
         return existing
     uris = list_uris(target.archive_uri, IMAGE_SUFFIXES)
@@ -107,12 +111,26 @@ def _schedule(target: _Target, day: date, enqueued_by: str) -> ScheduledJob:
     return scheduled
 
 
-def _existing(key: str, target: _Target) -> ScheduledJob | None:
+def _existing(key: str, target: _Target, release: bool = False) -> ScheduledJob | None:
+    """The job holding `key`, or None when there is none; with `release`, also None when it failed or
+    found no images, after taking the key from it so that this run schedules the date again."""
     with session_scope() as session:
         job = session.scalars(select(Job).where(Job.idempotency_key == key)).one_or_none()
         if job is None:
+            return None
+        if release and _rerunnable(job):
+            released = session.execute(
+                update(Job).where(Job.id == job.id, Job.idempotency_key == key)
+                .values(idempotency_key=None)).rowcount
+            log_event(logger, logging.INFO, "nightly_rescheduled", job=job.id, status=job.status,
+                      total=job.total, released=bool(released))
             return None
         scheduled = ScheduledJob(target.product, job.id, False, job.total,
                                  message=f"already scheduled as job {job.id} ({job.status}): nothing enqueued")
     log_scheduled("score", scheduled, version=target.version)
     return scheduled
+
+
+def _rerunnable(job: Job) -> bool:
+    """A failed nightly job, or a finished one that found nothing to score, does not hold its date."""
+    return job.status == JobStatus.FAILED or (job.status == JobStatus.SUCCEEDED and job.total == 0)

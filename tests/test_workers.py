@@ -339,6 +339,54 @@ def test_empty_archive_gives_a_succeeded_job_with_zero_images(embedded: Embedded
     assert "no new images" in job.error and job.finished_at is not None
 
 
+def test_a_nightly_that_found_no_images_does_not_hold_its_date(embedded: Embedded) -> None:
+    day = date(2001, 1, 2)
+    (empty,) = schedule_nightly(day).jobs
+    assert empty.created and empty.total == 0
+    truth = _write_archive(embedded, day, n=2, corrupt=False)  # uploaded late
+    (late,) = schedule_nightly(day).jobs
+    assert late.created and late.job_id != empty.job_id and late.total == 2
+    assert sorted(r.image_uri for r in _results(late.job_id)) == sorted(truth)
+    assert _job(empty.job_id).idempotency_key is None
+    assert _job(late.job_id).idempotency_key == nightly_key(PRODUCT, day, _active_version().version)
+    (again,) = schedule_nightly(day).jobs  # a job with images holds the date
+    assert not again.created and again.job_id == late.job_id
+
+
+def test_a_broken_model_fails_its_product_only_and_its_date_is_retried(embedded: Embedded) -> None:
+    import shutil
+
+    add_product("aaa", embedded.store.uri_for(f"train/{PRODUCT}"), embedded.store.uri_for("archive/{date}/aaa"),
+                CONFIG)  # sorted before "part": its failure must not stop the nightly
+    enqueue_fits(["aaa"])
+    day = date(2026, 4, 1)
+    _write_archive(embedded, day, n=2, corrupt=False)
+    embedded.store.put_bytes(f"archive/{day.isoformat()}/aaa/a.png", png_bytes(nominal_image(5, SIZE)))
+    with session_scope() as session:
+        version = session.scalars(select(ModelVersion).join(ModelVersion.product)
+                                  .where(Product.name == "aaa", ModelVersion.is_active)).one()
+        version_id, folder = version.id, Path(version.artifact_uri)
+    shutil.rmtree(folder)  # the active model's artifact is gone
+    try:
+        first = schedule_nightly(day)
+        assert [j.product for j in first.jobs] == [PRODUCT] and _job(first.jobs[0].job_id).status == "succeeded"
+        assert "aaa" in first.errors and "ModelUnusable" in first.errors["aaa"]
+        with session_scope() as session:
+            failed = session.scalars(select(Job).where(Job.model_version_id == version_id, Job.kind == "score")).one()
+            failed_id = failed.id
+        assert failed.status == "failed" and failed.idempotency_key is not None
+        second = schedule_nightly(day)  # the failed job gives up its date: scheduled (and failing) again
+        assert "ModelUnusable" in second.errors["aaa"] and not second.jobs[0].created
+        with session_scope() as session:
+            jobs = session.scalars(select(Job).where(Job.model_version_id == version_id, Job.kind == "score")
+                                  .order_by(Job.id)).all()
+        assert [j.id for j in jobs][0] == failed_id and len(jobs) == 2
+        assert jobs[0].idempotency_key is None and jobs[1].status == "failed"
+    finally:
+        with session_scope() as session:  # the other tests expect one product with a model
+            session.get(ModelVersion, version_id).is_active = False
+
+
 def test_adhoc_scoring_skips_ok_images_and_retries_failed_ones(embedded: Embedded) -> None:
     day = date(2026, 3, 1)
     folder = embedded.archive_uri(day)
@@ -371,6 +419,37 @@ def test_missing_image_is_a_failed_row_and_the_rest_goes_on(embedded: Embedded) 
     assert rows[missing].error.startswith("StorageNotFound: no object at")
     job = _job(job_id)
     assert (job.status, job.done, job.failed) == ("succeeded", 1, 1)
+
+
+def test_soft_time_limit_while_writing_rows_fails_the_images_not_the_job(embedded: Embedded,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from celery.exceptions import SoftTimeLimitExceeded
+
+    from workers import scoring
+
+    version = _active_version()
+    uris = [embedded.store.put_bytes(f"adhoc/soft/{i}.png", png_bytes(nominal_image(70 + i, SIZE))) for i in range(2)]
+    with session_scope() as session:
+        job = new_score_job(version.product_id, version.id, embedded.store.uri_for("adhoc/soft"), 2,
+                            enqueued_by="test")
+        session.add(job)
+        session.flush()
+        job_id = job.id
+    real, calls = scoring.record_chunk, []
+
+    def limit_on_first_write(*args: object) -> None:
+        calls.append(args)
+        if len(calls) == 1:
+            raise SoftTimeLimitExceeded()  # the limit fires while the chunk's rows are being written
+        real(*args)
+
+    monkeypatch.setattr(scoring, "record_chunk", limit_on_first_write)
+    score_chunk.apply(args=(job_id, uris))
+    rows = _results(job_id)
+    assert [r.image_uri for r in rows] == sorted(uris) and all(r.status == "failed" for r in rows)
+    assert all("soft time limit" in r.error for r in rows)
+    job = _job(job_id)
+    assert (job.status, job.done, job.failed) == ("succeeded", 0, 2)
 
 
 def test_unreachable_storage_fails_the_job_in_process(embedded: Embedded,

@@ -161,6 +161,10 @@ def score_chunk(self: Task, job_id: int, image_uris: list[str]) -> dict[str, int
     deadline = None if self.request.is_eager else scoring.chunk_deadline()
     try:
         return asdict(scoring.score_chunk(job_id, image_uris, deadline))
+    except SoftTimeLimitExceeded:  # outside the scoring loop (e.g. writing rows): the images fail, not the job
+        soft = get_settings().score_time_limits[0]
+        return asdict(scoring.give_up(job_id, image_uris, f"not scored: the chunk hit its soft time limit "
+                                                          f"({soft} s)"))
     except Exception as exc:
         if _can_retry(self, exc):
             if self.request.retries < MAX_RETRIES:
