@@ -590,11 +590,16 @@ def images_with_results(session: Session, model_version_id: int, image_uris: Seq
 
 
 def activate_model_version(session: Session, version: ModelVersion) -> None:
-    """Make `version` its product's only active version (deactivate the others first, then flush)."""
+    """Make `version` its product's only active version (deactivate the others first, then flush).
+
+    The product's row is locked first (PostgreSQL; SQLite serialises writers anyway), so two activations
+    of one product run one after the other instead of both passing the deactivation and colliding on
+    the one-active-version index."""
     if version.status != ModelStatus.READY:
         raise ValueError(
             f"model version {version.version} is {version.status}, only a ready one can be active"
         )
+    session.execute(select(Product.id).where(Product.id == version.product_id).with_for_update())
     session.execute(
         update(ModelVersion)
         .where(

@@ -244,6 +244,38 @@ def test_one_active_version_per_product(db_url: str) -> None:
         assert session.get(ModelVersion, v1.id).is_active is False
 
 
+@pytest.mark.integration
+def test_concurrent_activations_of_one_product_do_not_collide(clean_pg_url: str) -> None:
+    import threading
+
+    with session_scope(clean_pg_url) as session:
+        product = _product(session)
+        _version(session, product, 1, is_active=True)
+        ids = [_version(session, product, v).id for v in (2, 3)]
+        product_id = product.id
+    outcome: dict[str, object] = {}
+
+    def second() -> None:  # starts while the first activation holds its transaction open
+        try:
+            with session_scope(clean_pg_url) as session:
+                activate_model_version(session, session.get(ModelVersion, ids[1]))
+            outcome["second"] = "ok"
+        except Exception as exc:  # the race this guards against: a unique violation on one-active
+            outcome["second"] = repr(exc)
+
+    with session_scope(clean_pg_url) as session:
+        activate_model_version(session, session.get(ModelVersion, ids[0]))
+        thread = threading.Thread(target=second)
+        thread.start()
+        thread.join(1.0)  # it must wait for this transaction, not pass it
+        outcome["waited"] = thread.is_alive()
+    thread.join(30)
+    assert outcome == {"waited": True, "second": "ok"}
+    with session_scope(clean_pg_url) as session:
+        active = session.scalars(sa.select(ModelVersion.id).filter_by(product_id=product_id, is_active=True))
+        assert active.all() == [ids[1]]
+
+
 def test_idempotency_key_unique_and_checks(db_url: str) -> None:
     with session_scope(db_url) as session:
         product = _product(session)
