@@ -383,6 +383,15 @@ def test_center_crop_box_is_in_the_middle() -> None:
     assert torch.equal(x, full[:, 16:80, 16:80])
 
 
+@pytest.mark.parametrize("hw", [(8, 64), (1, 1), (3, 500)])
+def test_center_crop_box_of_a_thin_image_keeps_at_least_a_pixel(hw: tuple[int, int]) -> None:
+    cfg = PatchCoreConfig(image_size=512, resize="square", center_crop=32)  # the crop is 1/16 of a side
+    _, geo = to_input(_image(*hw), cfg, MEAN, STD)
+    top, left, bh, bw = geo.box
+    assert bh >= 1 and bw >= 1 and top >= 0 and top + bh <= hw[0] and left >= 0 and left + bw <= hw[1]
+    assert bh == max(1, round(hw[0] / 16)) and bw == max(1, round(hw[1] / 16))
+
+
 def test_normalisation_and_input_checks() -> None:
     white = np.full((40, 60, 3), 255, np.uint8)
     x, _ = to_input(white, PatchCoreConfig(image_size=64), MEAN, STD)

@@ -72,8 +72,9 @@ def geometry(h: int, w: int, config: PatchCoreConfig) -> Geometry:
         return Geometry((h, w), (0, 0, h, w), (rh, rw))
     c = config.center_crop
     top, left = (rh - c) // 2, (rw - c) // 2
-    sy, sx = h / rh, w / rw  # crop box mapped back to original pixels
-    box = (round(top * sy), round(left * sx), round(c * sy), round(c * sx))
+    sy, sx = h / rh, w / rw  # crop box mapped back to original pixels, at least one pixel of the image
+    bh, bw = max(1, round(c * sy)), max(1, round(c * sx))
+    box = (min(round(top * sy), h - bh), min(round(left * sx), w - bw), bh, bw)
     return Geometry((h, w), box, (c, c))
 
 
