@@ -59,7 +59,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
 from sqlalchemy.types import JSON
 
@@ -348,9 +348,16 @@ READONLY_ROLE = "totalrecall_readonly"  # PostgreSQL role allowed to SELECT the 
 _engines: PerProcess[str, Engine] = PerProcess(forget=lambda engine: engine.dispose(close=False))
 
 
+def parse_database_url(url: str) -> URL:
+    """`url` parsed; a plain `postgresql://` gets psycopg2, the driver this project installs (SQLAlchemy
+    2.1 would otherwise pick psycopg 3, which is not installed)."""
+    parsed = make_url(url)
+    return parsed.set(drivername="postgresql+psycopg2") if parsed.drivername == "postgresql" else parsed
+
+
 def make_engine(url: str, **kwargs: Any) -> Engine:
     """A new engine for `url` (uncached): pre-ping; SQLite gets WAL, foreign keys and a busy timeout."""
-    parsed = make_url(url)
+    parsed = parse_database_url(url)
     if parsed.get_backend_name() == "sqlite":
         database = parsed.database
         if database and database != ":memory:" and not database.startswith("file:"):
@@ -462,7 +469,7 @@ def execute_autocommit(server_url: str, *statements: str) -> None:
     their own, closed afterwards (so it works after a server restart)."""
     from sqlalchemy.pool import NullPool
 
-    engine = create_engine(server_url, isolation_level="AUTOCOMMIT", poolclass=NullPool)
+    engine = create_engine(parse_database_url(server_url), isolation_level="AUTOCOMMIT", poolclass=NullPool)
     try:
         with engine.connect() as connection:
             for statement in statements:

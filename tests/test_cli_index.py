@@ -96,3 +96,13 @@ def test_unknown_index_kind_is_refused_by_the_parser(store: Storage, capsys: pyt
         _add(store, "part-bad", "--index", "hnsw")
     assert exit_info.value.code == 2
     assert "invalid choice: 'hnsw'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("limit", ["-1", "0", "x"])
+def test_jobs_limit_must_be_positive(limit: str, capsys: pytest.CaptureFixture) -> None:
+    from totalrecall.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:  # argparse refuses it before any database is opened
+        main(["jobs", "--limit", limit])
+    assert exit_info.value.code == 2
+    assert f"a whole number of at least 1: not '{limit}'" in capsys.readouterr().err

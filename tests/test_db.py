@@ -28,6 +28,7 @@ from common.db import (
     anomaly_history,
     get_engine,
     job_summary,
+    make_engine,
     record_results,
     session_scope,
 )
@@ -274,6 +275,12 @@ def test_concurrent_activations_of_one_product_do_not_collide(clean_pg_url: str)
     with session_scope(clean_pg_url) as session:
         active = session.scalars(sa.select(ModelVersion.id).filter_by(product_id=product_id, is_active=True))
         assert active.all() == [ids[1]]
+
+
+def test_a_plain_postgresql_url_uses_the_installed_driver() -> None:
+    engine = make_engine("postgresql://user@127.0.0.1:1/db")  # no connection is made here
+    assert engine.dialect.driver == "psycopg2"
+    engine.dispose()
 
 
 def test_idempotency_key_unique_and_checks(db_url: str) -> None:

@@ -66,6 +66,16 @@ def add_model_options(p: argparse.ArgumentParser, defaults: bool = True) -> None
         help="IVF-PQ bytes per feature, a divisor of the feature dimension (0: about dim / 4)")
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"a whole number of at least 1: not {text!r}")
+    return value
+
+
 def _crop_or_none(text: str) -> int | None:
     """--center-crop: a side in pixels, or 0 for none (so `product set` can take a crop away again)."""
     try:
@@ -398,7 +408,7 @@ def _add_operations(sub: argparse._SubParsersAction) -> None:
 
     jobs = sub.add_parser("jobs", help="recent jobs, or one job with its failed images")
     jobs.add_argument("job_id", nargs="?", type=int, metavar="JOB_ID")
-    jobs.add_argument("--limit", type=int, default=20)
+    jobs.add_argument("--limit", type=_positive_int, default=20)
     jobs.set_defaults(handler=cmd_jobs)
 
     worker = sub.add_parser("worker", help="run a Celery worker (needs TOTALRECALL_BROKER_URL)")
