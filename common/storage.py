@@ -464,7 +464,7 @@ class _S3Errors:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
         if exc is None or isinstance(exc, StorageError) or not isinstance(exc, Exception):
             return
-        from boto3.exceptions import S3TransferFailedError, S3UploadFailedError
+        from boto3.exceptions import RetriesExceededError, S3TransferFailedError, S3UploadFailedError
         from botocore.exceptions import (
             BotoCoreError,
             ClientError,
@@ -491,8 +491,14 @@ class _S3Errors:
             raise StorageError(f"S3 error for {uri}: {code or status}: {error.get('Message', '')}") from exc
         if isinstance(exc, ConnectionError | HTTPClientError | IncompleteReadError):
             raise StorageUnavailable(f"cannot reach S3 for {uri}: {exc} (retries exhausted)") from exc
+        if isinstance(exc, RetriesExceededError):  # download_file's retries of failed reads ran out
+            raise StorageUnavailable(f"cannot read {uri} from S3: {exc} (retries exhausted)") from exc
         if isinstance(exc, S3UploadFailedError | S3TransferFailedError):
-            # boto3's transfer manager flattens the cause into the message.
+            # boto3's transfer manager raises these while handling the original error: classify that one
+            # (a throttled or failing upload is transient), else go by the message it flattens in.
+            cause = exc.__cause__ or exc.__context__
+            if isinstance(cause, Exception) and not isinstance(cause, S3UploadFailedError | S3TransferFailedError):
+                self.__exit__(type(cause), cause, tb)
             if "404" in str(exc) or "NoSuchKey" in str(exc) or "Not Found" in str(exc):
                 raise StorageNotFound(f"no object at {uri}") from exc
             raise StorageError(f"S3 transfer failed for {uri}: {exc}") from exc

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import http.server
 import os
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -208,3 +211,62 @@ def test_absolute_uri(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     assert absolute_uri("in/{date}/x") == str(tmp_path / "in" / "{date}" / "x")
     assert absolute_uri("s3://bucket/a/{date}/") == "s3://bucket/a/{date}/"
+
+
+class _FailingS3(http.server.BaseHTTPRequestHandler):
+    """An S3 endpoint that throttles every upload and cuts every download short."""
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def do_PUT(self) -> None:  # noqa: N802 (http.server's naming)
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        body = b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
+        self.send_response(503)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_HEAD(self) -> None:  # noqa: N802
+        self.send_response(200)
+        self.send_header("Content-Length", "1000")
+        self.send_header("ETag", '"abc"')
+        self.end_headers()
+
+    def do_GET(self) -> None:  # noqa: N802
+        self.do_HEAD()
+        self.wfile.write(b"x" * 10)  # then the connection closes: an incomplete read
+        self.close_connection = True
+
+
+@pytest.fixture
+def failing_s3(monkeypatch: pytest.MonkeyPatch) -> Iterator[Storage]:
+    for name, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
+                        ("AWS_DEFAULT_REGION", "us-east-1")):
+        monkeypatch.setenv(name, value)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _FailingS3)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield open_storage("s3://bucket/", endpoint_url=f"http://127.0.0.1:{server.server_port}", max_attempts=1)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_throttled_file_upload_is_transient(failing_s3: Storage, tmp_path: Path) -> None:
+    """upload_file wraps the 503 SlowDown in S3UploadFailedError; it must stay retryable, as put_bytes's."""
+    path = tmp_path / "bank.bin"
+    path.write_bytes(b"0" * 100)
+    with pytest.raises(StorageUnavailable, match="SlowDown"):
+        failing_s3.put_file("models/bank.bin", path)
+    with pytest.raises(StorageUnavailable, match="SlowDown"):
+        failing_s3.put_bytes("models/small.bin", b"0")
+
+
+def test_download_cut_short_every_time_is_transient(failing_s3: Storage, tmp_path: Path) -> None:
+    """download_file retries broken reads itself, then raises RetriesExceededError: retryable too."""
+    dest = tmp_path / "bank.bin"
+    with pytest.raises(StorageUnavailable, match="retries exhausted"):
+        failing_s3.get_file("models/bank.bin", dest)
+    assert list(tmp_path.iterdir()) == []  # no partial file left behind
