@@ -44,7 +44,7 @@ def brute_aupro(maps: list[np.ndarray], masks: list[np.ndarray | None], limit: f
     for amap, mask in zip(maps, masks, strict=True):
         m = np.zeros(amap.shape, bool) if mask is None else mask.astype(bool)
         negatives.append(amap[~m])
-        lab, k = ndimage.label(m)
+        lab, k = ndimage.label(m, structure=np.ones((3, 3), int))  # 8-connected regions
         regions += [amap[lab == i] for i in range(1, k + 1)]
     neg = np.concatenate(negatives)
     points = [(0.0, 0.0)]
@@ -255,13 +255,13 @@ def test_aupro_perfect_and_inverted():
     assert fed([inverted], [HAND_MASK]).pixel_auroc() == 0.0
 
 
-def test_aupro_regions_use_4_connectivity():
-    # diagonal neighbours are separate regions under 4-connectivity (sizes 1 and 2, not one of size 3)
-    mask = np.array([[1, 0, 0], [0, 1, 1], [0, 0, 0]], bool)  # regions {(0,0)} and {(1,1),(1,2)}
-    amap = np.array([[2.0, 0, 0], [0, 0, 0], [0, 0, 0]])  # only the single-pixel region is hit
-    # t=2: FPR 0, PRO (1 + 0)/2 = 1/2 (one 3-pixel region would give 1/3); then t=0: (1, 1).
-    # curve (0,0) (0,1/2) (1,1): area to 0.3 = 0.3 * (1/2 + (1/2 + 0.3/2)) / 2
-    expected = (0.5 + 0.5 + 0.15) / 2
+def test_aupro_regions_are_8_connected():
+    # as in the MVTec AD evaluation code: diagonal neighbours form one region (of 3 pixels, not 1 and 2)
+    mask = np.array([[1, 0, 0], [0, 1, 1], [0, 0, 0]], bool)
+    amap = np.array([[2.0, 0, 0], [0, 0, 0], [0, 0, 0]])  # one pixel of the region is hit first
+    # t=2: FPR 0, PRO 1/3 (4-connectivity would give (1 + 0)/2 = 1/2); then t=0: (1, 1).
+    # curve (0,0) (0,1/3) (1,1): area to 0.3 = 0.3 * (1/3 + (1/3 + 0.3 * 2/3)) / 2, normalised by 0.3
+    expected = (1 / 3 + 1 / 3 + 0.2) / 2
     assert fed([amap], [mask]).aupro() == pytest.approx(expected, abs=1e-12)
 
 

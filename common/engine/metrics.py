@@ -87,6 +87,11 @@ def _trapezoid_to(x: np.ndarray, y: np.ndarray, x_max: float) -> float:
     return float(np.sum(np.diff(xs) * (ys[1:] + ys[:-1]) / 2.0))
 
 
+# Defect regions for AUPRO are 8-connected, as in the MVTec AD evaluation code (a pixel touching a defect
+# only diagonally belongs to it, and does not count as a region of its own).
+REGION_CONNECTIVITY = np.ones((3, 3), dtype=int)
+
+
 class PixelMetrics:
     """Streaming pixel AUROC, AUPRO and F1-max over float16-quantised anomaly maps (maps are not stored)."""
 
@@ -115,7 +120,7 @@ class PixelMetrics:
         if group is not None:
             self.pos_hist_by_group.setdefault(group, np.zeros(N_BINS, dtype=np.int64))
             self.pos_hist_by_group[group] += positives
-        regions, n_regions = ndimage.label(m)
+        regions, n_regions = ndimage.label(m, structure=REGION_CONNECTIVITY)
         if n_regions:
             inv_size = 1.0 / np.bincount(regions.ravel())[regions[m]]
             self.pro_weight += np.bincount(code[m], weights=inv_size, minlength=N_BINS)
