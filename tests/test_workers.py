@@ -111,6 +111,15 @@ def _job_count() -> int:
         return session.scalar(select(func.count()).select_from(Job))
 
 
+def _adhoc_job(version: ModelVersion, images_uri: str, total: int) -> int:
+    """A queued score job of `total` images for `version`, made here (its chunks are sent by the test)."""
+    with session_scope() as session:
+        job = new_score_job(version.product_id, version.id, images_uri, total, enqueued_by="test")
+        session.add(job)
+        session.flush()
+        return job.id
+
+
 def _active_version() -> ModelVersion:
     with session_scope() as session:
         return session.scalars(select(ModelVersion).where(ModelVersion.is_active)).one()
@@ -407,12 +416,7 @@ def test_missing_image_is_a_failed_row_and_the_rest_goes_on(embedded: Embedded) 
     version = _active_version()
     good = embedded.store.put_bytes("adhoc/good.png", png_bytes(nominal_image(7, SIZE)))
     missing = embedded.store.uri_for("adhoc/missing.png")
-    with session_scope() as session:
-        job = new_score_job(version.product_id, version.id, embedded.store.uri_for("adhoc"), 2,
-                            enqueued_by="test")
-        session.add(job)
-        session.flush()
-        job_id = job.id
+    job_id = _adhoc_job(version, embedded.store.uri_for("adhoc"), 2)
     score_chunk.apply(args=(job_id, [missing, good]))
     rows = {r.image_uri: r for r in _results(job_id)}
     assert rows[good].status == "ok" and rows[missing].status == "failed"
@@ -429,12 +433,7 @@ def test_soft_time_limit_while_writing_rows_fails_the_images_not_the_job(embedde
 
     version = _active_version()
     uris = [embedded.store.put_bytes(f"adhoc/soft/{i}.png", png_bytes(nominal_image(70 + i, SIZE))) for i in range(2)]
-    with session_scope() as session:
-        job = new_score_job(version.product_id, version.id, embedded.store.uri_for("adhoc/soft"), 2,
-                            enqueued_by="test")
-        session.add(job)
-        session.flush()
-        job_id = job.id
+    job_id = _adhoc_job(version, embedded.store.uri_for("adhoc/soft"), 2)
     real, calls = scoring.record_chunk, []
 
     def limit_on_first_write(*args: object) -> None:
@@ -460,11 +459,7 @@ def test_unreachable_storage_fails_the_job_in_process(embedded: Embedded,
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     monkeypatch.setenv("TOTALRECALL_S3_MAX_ATTEMPTS", "1")
     version = _active_version()
-    with session_scope() as session:
-        job = new_score_job(version.product_id, version.id, "s3://bucket/in", 1, enqueued_by="test")
-        session.add(job)
-        session.flush()
-        job_id = job.id
+    job_id = _adhoc_job(version, "s3://bucket/in", 1)
     with pytest.raises(StorageUnavailable):
         score_chunk.apply(args=(job_id, ["s3://bucket/in/a.png"]))  # in-process: no broker to retry on
     job = _job(job_id)
