@@ -464,6 +464,10 @@ class _S3Errors:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
         if exc is None or isinstance(exc, StorageError) or not isinstance(exc, Exception):
             return
+        self._translate(exc)
+
+    def _translate(self, exc: Exception) -> None:
+        """Raise the Storage error for `exc`; return if it is none of S3's."""
         from boto3.exceptions import RetriesExceededError, S3TransferFailedError, S3UploadFailedError
         from botocore.exceptions import (
             BotoCoreError,
@@ -498,7 +502,7 @@ class _S3Errors:
             # (a throttled or failing upload is transient), else go by the message it flattens in.
             cause = exc.__cause__ or exc.__context__
             if isinstance(cause, Exception) and not isinstance(cause, S3UploadFailedError | S3TransferFailedError):
-                self.__exit__(type(cause), cause, tb)
+                self._translate(cause)
             if "404" in str(exc) or "NoSuchKey" in str(exc) or "Not Found" in str(exc):
                 raise StorageNotFound(f"no object at {uri}") from exc
             raise StorageError(f"S3 transfer failed for {uri}: {exc}") from exc

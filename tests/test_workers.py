@@ -389,7 +389,7 @@ def test_a_broken_model_fails_its_product_only_and_its_date_is_retried(embedded:
         with session_scope() as session:
             jobs = session.scalars(select(Job).where(Job.model_version_id == version_id, Job.kind == "score")
                                   .order_by(Job.id)).all()
-        assert [j.id for j in jobs][0] == failed_id and len(jobs) == 2
+        assert len(jobs) == 2 and jobs[0].id == failed_id
         assert jobs[0].idempotency_key is None and jobs[1].status == "failed"
     finally:
         with session_scope() as session:  # the other tests expect one product with a model
