@@ -2,7 +2,7 @@
 
 A score job's images are accounted for by its result rows; the images it still waits for are in queued or
 unacknowledged tasks in the broker (`workers.broker.pending_work`). An image of an unfinished job that is
-in neither was lost (a Redis restart without persistence, a task dropped after its hard time limit ...)
+in neither was lost (a Redis restart without persistence, a fit dropped after its hard time limit ...)
 and is sent again in new chunks. A fit job with no task in the broker is sent again, unless it has been
 running for longer than the fit time limit: then it failed, and says so.
 

@@ -155,8 +155,8 @@ class Cluster:
 
     # --- workers ---------------------------------------------------------------------------------------
     def start_workers(self, *names: str, extra: dict[str, str] | None = None, concurrency: int = 1,
-                      timeout: float = 120) -> list[Worker]:
-        """Start workers (in parallel) and wait until each is ready."""
+                      timeout: float = 120, include: tuple[str, ...] = ()) -> list[Worker]:
+        """Start workers (in parallel) and wait until each is ready; `include`: more modules they import."""
         started = []
         for name in names:
             log = self.tmp / f"worker-{name}-{uuid.uuid4().hex[:6]}.log"
@@ -164,7 +164,7 @@ class Cluster:
                 proc = subprocess.Popen(
                     [sys.executable, "-m", "celery", "-A", "workers.app:app", "worker", "-n", f"{name}@%h",
                      "-Q", "fit,score", "-P", "prefork", "-c", str(concurrency), "--loglevel", "INFO",
-                     "--without-gossip", "--without-mingle"],
+                     "--without-gossip", "--without-mingle", *(f"--include={m}" for m in include)],
                     env=self.env | (extra or {}), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
             self.workers[name] = worker = Worker(name, proc, log)
             started.append(worker)

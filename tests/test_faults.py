@@ -199,3 +199,28 @@ def test_database_restart_mid_run(c: Cluster) -> None:
     logs = "".join(w.text() for w in c.workers.values())
     assert "event=database_unreachable" in logs or "event=database_transaction_interrupted" in logs
     assert all(w.alive() for w in c.workers.values())
+
+
+@pytest.mark.integration
+def test_chunk_stuck_past_its_hard_time_limit_is_given_up_after_three_starts(c: Cluster) -> None:
+    """A chunk that the soft limit cannot stop is killed at the hard limit and requeued under its own id,
+    so it is counted like a dead worker's chunk and given up, instead of being acknowledged and sent
+    again by the recovery sweep for ever."""
+    c.stop_workers()
+    day = date(2026, 6, 7)
+    stuck = c.put(f"archive/{day}/{PRODUCT}/stuck.png", c.get(c.archive(day, 1)[0]))
+    c.start_workers("h", include=("tests.stuck_scoring",),
+                    extra={"TOTALRECALL_SCORE_SOFT_TIME_LIMIT": "6", "TOTALRECALL_SCORE_TIME_LIMIT": "8",
+                           "TOTALRECALL_TEST_CHUNK_DELAY": "0"})
+    ok(c.cli("nightly", "--date", str(day), extra={"TOTALRECALL_CHUNK_SIZE": "1"}))
+    (job,) = c.jobs(day)
+    (job,) = c.wait_finished([job.id], 90)
+    rows = c.results(job_id=job.id)
+    by_uri = {r.image_uri: r for r in rows}
+    assert by_uri[stuck].status == "failed", by_uri[stuck].error
+    assert "started 4 times" in by_uri[stuck].error
+    assert [r.status for u, r in by_uri.items() if u != stuck] == ["ok"]
+    worker = c.workers["h"]
+    assert worker.text().count("Hard time limit (8") == 3
+    assert len(set(worker.received())) == 2  # the stuck chunk kept its task id: one id per chunk
+    c.stop_workers()

@@ -8,9 +8,12 @@ Failure policy (with a broker; in-process there is no broker to retry on, so eve
   retries the task with exponential backoff and jitter, up to `MAX_RETRIES` times. A score chunk that is
   still failing then records a failed row with the reason for each of its images, so the job completes;
   a fit fails its job.
-- a chunk whose worker died `MAX_INTERRUPTIONS` times while running it (killed, crashed, out of memory) is
+- a chunk whose worker died `MAX_INTERRUPTIONS` times while running it (killed, crashed, out of memory, or
+  stopped by the hard time limit, e.g. stuck in native code where the soft limit cannot interrupt it) is
   not tried again: its images get failed rows saying so (a fit fails its job). Deliveries are counted in
-  Redis per task id (`workers.broker.count_delivery`).
+  Redis per task id (`workers.broker.count_delivery`); a chunk past its hard limit goes back to the queue
+  under the same id (`acks_on_timeout=False`) so it is counted, instead of being acknowledged, lost and
+  sent again without limit by the recovery sweep under a new id.
 - any other error (a model that cannot be loaded, storage refusing the outputs or the training images,
   a missing job, a bug) marks the job failed with a secret-free message and re-raises, so Celery logs it.
 - the soft time limit: a chunk records what it finished and fails the rest (`workers.scoring`); a fit fails
@@ -148,7 +151,7 @@ def fit_product(self: Task, job_id: int) -> dict[str, Any] | None:
     return asdict(outcome) if outcome else None
 
 
-@app.task(bind=True, name=SCORE_TASK, max_retries=MAX_RETRIES)
+@app.task(bind=True, name=SCORE_TASK, max_retries=MAX_RETRIES, acks_on_timeout=False)
 def score_chunk(self: Task, job_id: int, image_uris: list[str]) -> dict[str, int]:
     """Score one chunk of a score job (see `workers.scoring`)."""
     from workers import scoring
