@@ -23,6 +23,7 @@ PREFIX = "TOTALRECALL_"
 DEFAULT_HOME = "./totalrecall-data"
 DEFAULT_CHUNK_SIZE = 64
 DEFAULT_MODEL_CACHE_MB = 2048
+DEFAULT_MODEL_DISK_CACHE_MB = 20480
 DEFAULT_NIGHTLY_AT = "02:00"
 DEFAULT_S3_MAX_ATTEMPTS = 6
 DEFAULT_DOWNLOAD_THREADS = 8
@@ -95,6 +96,7 @@ class Settings:
     preload_backbones: tuple[str, ...] = DEFAULT_PRELOAD_BACKBONES  # built when a worker process starts
     save_maps: str = DEFAULT_SAVE_MAPS  # which scored images get mask and heatmap PNGs (SAVE_MAPS_CHOICES)
     drift_level: float = DEFAULT_DRIFT_LEVEL  # score jobs warn from this drift level (common.drift); 0: off
+    model_disk_cache_mb: int = DEFAULT_MODEL_DISK_CACHE_MB  # bound of the on-disk model cache (cache_dir)
     # Fault-injection tests only: seconds a scoring task sleeps after each image (and a fit before each
     # training image), so that "in the middle of a chunk" lasts long enough to kill a worker in.
     test_chunk_delay: float = 0.0
@@ -111,6 +113,7 @@ class Settings:
             chunk_size=_positive_int(env, "CHUNK_SIZE", DEFAULT_CHUNK_SIZE),
             cache_dir=Path(_get(env, "CACHE_DIR") or home / "cache").expanduser().absolute(),
             model_cache_mb=_positive_int(env, "MODEL_CACHE_MB", DEFAULT_MODEL_CACHE_MB),
+            model_disk_cache_mb=_positive_int(env, "MODEL_DISK_CACHE_MB", DEFAULT_MODEL_DISK_CACHE_MB),
             nightly_at=_hh_mm(env, "NIGHTLY_AT", DEFAULT_NIGHTLY_AT),
             readonly_password=_get(env, "READONLY_PASSWORD"),
             aws_endpoint_url=aws_endpoint_url(env),
@@ -161,6 +164,7 @@ class Settings:
             "chunk_size": str(self.chunk_size),
             "cache_dir": str(self.cache_dir),
             "model_cache_mb": str(self.model_cache_mb),
+            "model_disk_cache_mb": str(self.model_disk_cache_mb),
             "nightly_at": self.nightly_at,
             "readonly_password": REDACTED if self.readonly_password else "(unset)",
             "aws_endpoint_url": redact_url(self.aws_endpoint_url) if self.aws_endpoint_url else "(default)",

@@ -304,9 +304,11 @@ def cluster(services: Any, pg_url: str, tmp: Path, extra: dict[str, str] | None 
     env |= BASE_ENV | {
         "TOTALRECALL_DATABASE_URL": pg_url, "TOTALRECALL_BROKER_URL": services.redis_url,
         "TOTALRECALL_STORAGE_URL": f"s3://{bucket}/store", "TOTALRECALL_HOME": str(tmp / "home"),
+        "TMPDIR": str(tmp / "scratch"),  # the workers' scratch folders, which tests inspect
         "AWS_ENDPOINT_URL": services.s3_endpoint, "AWS_ACCESS_KEY_ID": "testing",
         "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
     } | (extra or {})
+    (tmp / "scratch").mkdir()
     c = Cluster(env, pg_url, services.redis_url, bucket, s3, broker, tmp, services.script)
     try:
         for i in range(TRAIN):

@@ -104,6 +104,7 @@ def test_worker_killed_mid_fit_leaves_no_half_published_model(c: Cluster) -> Non
     out = ok(c.cli("fit", PRODUCT))
     job_id = int(out.split("fit job ")[1].split()[0])
     wait_for(lambda: c.job(job_id).status == "running", 60)
+    wait_for(lambda: any((c.tmp / "scratch").glob("totalrecall-*")), 60)  # its scratch folders made
     holder = next(w for w in c.workers.values() if w.received("fit_product"))
     holder.kill()  # whole worker, mid-fit (the fit reads its 10 images ~1 s each)
     (job,) = c.wait_finished([job_id], 150)
@@ -113,6 +114,18 @@ def test_worker_killed_mid_fit_leaves_no_half_published_model(c: Cluster) -> Non
     versions = c.query(lambda s: s.scalars(sa.select(ModelVersion).order_by(ModelVersion.version)).all())
     assert [(v.version, v.status, v.is_active) for v in versions] == [(1, "ready", False), (2, "ready", True)]
     c.assert_active_artifacts_complete()
+    # The killed fit left its scratch folders (spooled images, features); a worker starting on the machine
+    # deletes those untouched for longer than any task may run (here 3 s).
+    leftovers = sorted((c.tmp / "scratch").glob("totalrecall-*"))
+    assert leftovers
+    time.sleep(3)
+    (tidy,) = c.start_workers("t", extra={"TOTALRECALL_FIT_SOFT_TIME_LIMIT": "1", "TOTALRECALL_FIT_TIME_LIMIT": "3",
+                                          "TOTALRECALL_SCORE_SOFT_TIME_LIMIT": "1",
+                                          "TOTALRECALL_SCORE_TIME_LIMIT": "2"})
+    assert not any(p.exists() for p in leftovers), leftovers
+    assert f"event=worker_disk_tidied leftovers={len(leftovers)}" in tidy.text()
+    tidy.stop()
+    del c.workers["t"]
 
 
 @pytest.mark.integration

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -55,3 +56,33 @@ def test_a_model_larger_than_the_bound_is_kept_alone(artifacts, tmp_path: Path) 
         cache.get(sha, uri)
         assert cache.cached() == [sha]  # the newest model always stays, the others go
     assert cache.stats.evictions == 2
+
+
+def _copies(cache: ModelCache) -> list[str]:
+    return sorted(p.name for p in cache.cache_dir.iterdir())
+
+
+def test_disk_copies_stay_within_their_bound_least_recently_used_first(artifacts, tmp_path: Path) -> None:
+    one = sum(f.stat().st_size for f in Path(artifacts[0][1]).iterdir())
+    cache = ModelCache(tmp_path / "cache", max_bytes=1, device="cpu", disk_max_bytes=int(2.5 * one))
+    (a, a_uri), (b, b_uri), (c, c_uri) = artifacts[:3]
+
+    def get(sha: str, uri: str) -> None:
+        time.sleep(0.05)  # file times tick in steps of a few ms: one step between uses
+        cache.get(sha, uri)
+
+    get(a, a_uri)
+    get(b, b_uri)
+    assert _copies(cache) == sorted([a, b])
+    get(a, a_uri)  # a from its disk copy (b evicted it from memory): used after b now
+    assert cache.stats.downloads == 2
+    get(c, c_uri)  # the third copy is past the bound: b, the least recently used, goes
+    assert _copies(cache) == sorted([a, c])
+    get(b, b_uri)
+    assert cache.stats.downloads == 4 and _copies(cache) == sorted([b, c])
+
+    alone = ModelCache(tmp_path / "small", max_bytes=1, device="cpu", disk_max_bytes=1)
+    alone.get(a, a_uri)  # a model larger than the bound keeps its own copy
+    alone.get(b, b_uri)
+    assert _copies(alone) == [b]
+

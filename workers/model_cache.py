@@ -7,7 +7,8 @@ many products on one worker cost one backbone and their banks.
 A nightly run scores many chunks of one product in a row; each worker process loads that product's model
 once. The disk copy (`<cache_dir>/<sha256>/`) survives restarts and is shared by the processes of one
 machine; it is written to a temporary folder and renamed into place, so a half-downloaded artifact is
-never read. Every load verifies the artifact against the sha256 recorded in the database.
+never read, and kept within `TOTALRECALL_MODEL_DISK_CACHE_MB` (`workers.local_disk`). Every load verifies
+the artifact against the sha256 recorded in the database.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from common.logs import log_event
 from common.per_process import PerProcess
 from common.settings import get_settings
 from common.storage import open_storage
+from workers.local_disk import discard_model, mark_used, prune_model_cache
 
 logger = logging.getLogger(__name__)
 
@@ -43,9 +45,11 @@ class CacheStats:
 class ModelCache:
     """Process-local, thread-safe cache of `PatchCore` models keyed by artifact sha256."""
 
-    def __init__(self, cache_dir: str | Path, max_bytes: int, device: str | None = "auto") -> None:
+    def __init__(self, cache_dir: str | Path, max_bytes: int, device: str | None = "auto",
+                 disk_max_bytes: int | None = None) -> None:
         self.cache_dir = Path(cache_dir)
         self.max_bytes = max_bytes
+        self.disk_max_bytes = disk_max_bytes  # None: the disk copies are never pruned
         self.device = device
         self.stats = CacheStats()
         self._models: OrderedDict[str, PatchCore] = OrderedDict()
@@ -56,9 +60,10 @@ class ModelCache:
         """The model with this artifact hash, loading it (from disk, else from `artifact_uri`) if needed."""
         with self._lock:
             model = self._touch(sha256)
-            if model is not None:
-                return model
-            key_lock = self._key_locks.setdefault(sha256, threading.Lock())
+            key_lock = None if model is not None else self._key_locks.setdefault(sha256, threading.Lock())
+        if model is not None:
+            mark_used(self.cache_dir / sha256)  # its disk copy is in use too: pruned last
+            return model
         with key_lock:  # one load per model, while other models stay available
             with self._lock:
                 model = self._touch(sha256)
@@ -111,13 +116,22 @@ class ModelCache:
         folder = self.cache_dir / sha256
         if folder.is_dir():
             try:
-                return PatchCore.load(folder, sha256, device=self.device), "disk"
-            except ArtifactError as exc:
+                model = PatchCore.load(folder, sha256, device=self.device)
+                mark_used(folder)
+                return model, "disk"
+            except (ArtifactError, OSError) as exc:  # damaged, or deleted meanwhile by another process
                 log_event(logger, logging.WARNING, "model_copy_damaged", sha256=sha256[:12], error=str(exc),
                           action="downloading it again")
-                shutil.rmtree(folder, ignore_errors=True)
+                discard_model(folder)
         self._download(artifact_uri, folder)
-        return PatchCore.load(folder, sha256, device=self.device), "storage"
+        model = PatchCore.load(folder, sha256, device=self.device)
+        mark_used(folder)
+        if self.disk_max_bytes is not None:
+            pruned = prune_model_cache(self.cache_dir, self.disk_max_bytes, keep=[sha256])
+            if pruned:
+                log_event(logger, logging.INFO, "model_copies_pruned", count=len(pruned),
+                          sha256=",".join(p[:12] for p in pruned), max_bytes=self.disk_max_bytes)
+        return model, "storage"
 
     def _download(self, artifact_uri: str, folder: Path) -> None:
         self.cache_dir.mkdir(parents=True, exist_ok=True)
@@ -150,7 +164,8 @@ def get_model_cache() -> ModelCache:
 
     def make() -> ModelCache:
         settings = get_settings()
-        return ModelCache(settings.cache_dir, settings.model_cache_mb * 2**20)
+        return ModelCache(settings.cache_dir, settings.model_cache_mb * 2**20,
+                          disk_max_bytes=settings.model_disk_cache_mb * 2**20)
 
     return _cache.get(_THE_CACHE, make)
 
