@@ -50,6 +50,17 @@ def yesterday_utc() -> date:
     return datetime.now(UTC).date() - timedelta(days=1)
 
 
+def scheduled_day(nightly_at: tuple[int, int], now: datetime | None = None) -> date:
+    """The day that the most recent scheduled nightly (daily at `nightly_at`, UTC, at or before `now`)
+    inspects: the day before it fired. A beat task that waited in the queue past midnight still inspects
+    the day it was sent for (as long as it waited less than a day)."""
+    now = now or datetime.now(UTC)
+    fired = now.astimezone(UTC).replace(hour=nightly_at[0], minute=nightly_at[1], second=0, microsecond=0)
+    if fired > now:
+        fired -= timedelta(days=1)
+    return fired.date() - timedelta(days=1)
+
+
 def schedule_nightly(day: date | None = None, enqueued_by: str = "nightly") -> NightlyRun:
     """Create and enqueue the nightly jobs for `day` (default: yesterday, UTC).
 

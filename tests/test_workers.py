@@ -11,7 +11,7 @@ import statistics
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import date
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +38,7 @@ from common.storage import Storage, StorageUnavailable, open_storage
 from common.synthetic import nominal_image, plant_defect, png_bytes
 from scheduler.adhoc import enqueue_fits, score_images
 from scheduler.jobs import new_score_job, nightly_key
-from scheduler.nightly import schedule_nightly
+from scheduler.nightly import schedule_nightly, scheduled_day
 from scheduler.products import SchedulingError, add_product
 from tests.conftest import embedded_default
 from totalrecall.jobs_view import format_jobs, format_warnings, load_jobs
@@ -320,6 +320,36 @@ def test_racing_schedulers_create_one_job(embedded: Embedded) -> None:
     with session_scope() as session:
         assert session.scalar(select(func.count()).select_from(Job).where(Job.run_date == day)) == 1
     assert len(_results(outcomes[0].job_id)) == 4
+
+
+@pytest.mark.parametrize(("now", "at", "day"), [
+    ("2026-12-04T02:00+00:00", (2, 0), "2026-12-03"),  # on time
+    ("2026-12-04T09:30+00:00", (2, 0), "2026-12-03"),  # late, same day
+    ("2026-12-04T01:59+00:00", (2, 0), "2026-12-02"),  # before today's firing: yesterday's, still queued
+    ("2026-12-04T00:10+00:00", (23, 50), "2026-12-02"),  # fired at 23:50 on the 3rd, ran after midnight
+    ("2026-12-04T00:30+00:00", (0, 30), "2026-12-03"),
+    ("2026-12-04T03:00+02:00", (2, 0), "2026-12-02"),  # 01:00 UTC, before today's 02:00 UTC
+])
+def test_beat_nightly_inspects_the_day_before_its_scheduled_time(now: str, at: tuple[int, int],
+                                                                  day: str) -> None:
+    assert scheduled_day(at, datetime.fromisoformat(now)) == date.fromisoformat(day)
+
+
+def test_nightly_task_without_a_date_inspects_the_scheduled_day(embedded: Embedded,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Scheduled an hour from now: the last firing was yesterday's, so the day before yesterday."""
+    now = datetime.now(UTC)
+    later = now + timedelta(hours=1)
+    if later.date() != now.date():
+        pytest.skip("less than an hour before midnight UTC")
+    monkeypatch.setenv("TOTALRECALL_NIGHTLY_AT", f"{later:%H:%M}")
+    reset_settings_cache()
+    try:
+        summary = nightly_inspection.apply().get()
+    finally:
+        monkeypatch.undo()
+        reset_settings_cache()
+    assert summary["day"] == (now.date() - timedelta(days=2)).isoformat()
 
 
 def test_nightly_task_and_an_unlistable_archive(embedded: Embedded, monkeypatch: pytest.MonkeyPatch) -> None:

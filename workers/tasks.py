@@ -191,8 +191,11 @@ def score_chunk(self: Task, job_id: int, image_uris: list[str]) -> dict[str, int
 
 @app.task(name=NIGHTLY_TASK)
 def nightly_inspection(run_date: str | None = None) -> dict[str, Any]:
-    """Schedule the nightly inspection for `run_date` (YYYY-MM-DD; default yesterday, UTC)."""
-    from scheduler.nightly import schedule_nightly  # the scheduler imports these tasks
+    """Schedule the nightly inspection for `run_date` (YYYY-MM-DD; default: the day before the most
+    recent scheduled time, `TOTALRECALL_NIGHTLY_AT` UTC, so a run that waited past midnight in the queue
+    inspects the day beat sent it for)."""
+    from scheduler.nightly import schedule_nightly, scheduled_day  # the scheduler imports these tasks
 
-    run = schedule_nightly(date.fromisoformat(run_date) if run_date else None, enqueued_by="beat")
+    day = date.fromisoformat(run_date) if run_date else scheduled_day(get_settings().nightly_time)
+    run = schedule_nightly(day, enqueued_by="beat")
     return asdict(run) | {"day": run.day.isoformat()}  # the scheduler logged each product's outcome
