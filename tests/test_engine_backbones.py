@@ -267,3 +267,21 @@ def test_lite0_default_stages_have_strides_8_and_16() -> None:
     # EfficientNet-B0/Lite0: stage 3 has 40 channels at stride 8, stage 5 has 112 at stride 16
     assert s8.shape == (1, 40, 8, 12)
     assert s16.shape == (1, 112, 4, 6)
+
+
+def test_patch_features_do_not_depend_on_canvas_beyond_them() -> None:
+    """An input side that is not a multiple of the deepest stride (a square resize or centre crop of
+    any size): the deeper map is registered on the stride-8 grid by the ratio of the strides, so adding
+    canvas at the bottom right (the same parity of padding at every stage) leaves the features of the
+    top-left cells as they were. Stretching the deeper map onto the grid instead moved them."""
+    from common.engine.features import PatchFeatures, probe_channels
+
+    extractor, _ = load_extractor("efficientnet_lite0")
+    features = PatchFeatures(extractor, probe_channels(extractor), 256)
+    image = torch.from_numpy(data.chelsea()[:296, :296].copy()).permute(2, 0, 1).float()[None] / 255 - 0.5
+    canvas = image.shape[-1] + 64  # the same parity of padding at strides 2 to 16
+    bigger = F.pad(image, (0, canvas - 296, 0, canvas - 296))
+    small, large = features(image)[0], features(bigger)[0]
+    assert small.shape[:2] == (37, 37) and large.shape[:2] == (45, 45)
+    top_left = (slice(0, 12), slice(0, 12))  # cells whose receptive fields do not reach the new canvas
+    assert torch.allclose(small[top_left], large[top_left], atol=1e-4, rtol=1e-4)

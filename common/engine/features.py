@@ -1,8 +1,8 @@
 """Locally aware patch features (PatchCore paper, section 3.1).
 
 Each stage map is averaged over a 3x3 neighbourhood (anomalib's reading of the paper's aggregation), the
-stride-16 map is bilinearly upsampled onto the stride-8 grid, and each stage is brought to an equal
-share of the `embed_dim` budget before concatenation:
+stride-16 map is bilinearly upsampled onto the stride-8 grid (by the ratio of the strides, anchored at the
+top left), and each stage is brought to an equal share of the `embed_dim` budget before concatenation:
 - a stage with more channels than its share is reduced by adaptive average pooling over channels;
 - a stage with fewer channels keeps them and is scaled by sqrt(share / channels): repeating its channels
   up to the share would multiply its squared L2 distances by share / channels, so the scaling gives the
@@ -41,13 +41,26 @@ class PatchFeatures(nn.Module):
             fmap = fmap.float()
             fmap = F.avg_pool2d(fmap, kernel_size=3, stride=1, padding=1, count_include_pad=False)
             if fmap.shape[-2:] != grid:
-                fmap = F.interpolate(fmap, size=grid, mode="bilinear", align_corners=False)
+                fmap = _onto_grid(fmap, grid)
             fmap = fmap.permute(0, 2, 3, 1)  # channels last: pooling over channels is a 1-D pool
             if fmap.shape[-1] != out_c:
                 b, h, w, c = fmap.shape
                 fmap = F.adaptive_avg_pool1d(fmap.reshape(-1, 1, c), out_c).reshape(b, h, w, out_c)
             parts.append(fmap * scale if scale != 1.0 else fmap)
         return torch.cat(parts, dim=-1).contiguous()
+
+
+def _onto_grid(fmap: torch.Tensor, grid: torch.Size) -> torch.Tensor:
+    """A deeper stage's map upsampled onto the finer grid by the whole ratio of their strides, anchored at
+    the top left and cut (or edge-padded) to the grid. An input side that is not a multiple of the deeper
+    stride gives the deeper map a last, partly padded cell (e.g. 37 cells at stride 8, 19 at stride 16);
+    stretching the map onto the grid would shift its cells against the finer ones by up to one cell."""
+    factor = max(1, round(grid[0] / fmap.shape[-2]))
+    fmap = F.interpolate(fmap, scale_factor=factor, mode="bilinear", align_corners=False)
+    short_h, short_w = max(0, grid[0] - fmap.shape[-2]), max(0, grid[1] - fmap.shape[-1])
+    if short_h or short_w:
+        fmap = F.pad(fmap, (0, short_w, 0, short_h), mode="replicate")
+    return fmap[..., : grid[0], : grid[1]]
 
 
 def probe_channels(extractor: StageExtractor) -> list[int]:
