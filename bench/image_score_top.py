@@ -29,6 +29,7 @@ from common.engine.metrics import image_auroc  # noqa: E402
 from common.engine.patchcore import PatchCore  # noqa: E402
 from common.engine.scoring import image_scores  # noqa: E402
 from common.images import png_bytes  # noqa: E402
+from common.synthetic import blob_mask  # noqa: E402
 
 FRACTIONS = (0.0, 0.005, 0.01, 0.02, 0.05)
 RADII = (3, 6, 10, 16)
@@ -59,8 +60,7 @@ def planted(paths: list[Path], seed: int) -> tuple[list[bytes], np.ndarray]:
             h, w = a.shape[:2]
             angle, off = rng.uniform(0, 2 * np.pi), rng.uniform(0.05, 0.28) * min(h, w)
             cy, cx = h / 2 + off * np.sin(angle), w / 2 + off * np.cos(angle)
-            yy, xx = np.ogrid[:h, :w]
-            disk = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+            disk = blob_mask(h, w, (cy, cx), r)
             a[disk] = (a[disk] * 0.3).astype(np.uint8)
             images.append(png_bytes(a))
             radii.append(r)

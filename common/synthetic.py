@@ -26,6 +26,12 @@ def nominal_image(seed: int, size: int = 192) -> np.ndarray:
     return np.clip(base[..., None] * tint, 0, 255).astype(np.uint8)
 
 
+def blob_mask(h: int, w: int, center: tuple[float, float], radius: float) -> np.ndarray:
+    """(h, w) bool: the disk of `radius` pixels around `center` (row, column)."""
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
+    return np.hypot(yy - center[0], xx - center[1]) <= radius
+
+
 def plant_defect(image: np.ndarray, seed: int, kind: str | None = None,
                  center: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Copy of `image` with a scratch or stain, and its boolean mask."""

@@ -12,6 +12,8 @@ import numpy as np
 import scipy.ndimage as ndi
 from PIL import Image
 
+from common.synthetic import blob_mask  # noqa: F401 - one disk for tests and benchmarks
+
 
 def texture(rng: np.random.Generator, h: int = 128, w: int = 128) -> np.ndarray:
     """(h, w, 3) uint8 nominal image: diagonal stripes with a random phase, smooth and fine noise."""
@@ -35,11 +37,6 @@ def scratch_mask(h: int, w: int, start: tuple[float, float], end: tuple[float, f
     t = np.clip(((yy - p0[0]) * d[0] + (xx - p0[1]) * d[1]) / float(d @ d), 0.0, 1.0)
     dist = np.hypot(yy - (p0[0] + t * d[0]), xx - (p0[1] + t * d[1]))
     return dist <= thickness
-
-
-def blob_mask(h: int, w: int, center: tuple[float, float], radius: float) -> np.ndarray:
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
-    return np.hypot(yy - center[0], xx - center[1]) <= radius
 
 
 def plant(image: np.ndarray, mask: np.ndarray, value: int) -> np.ndarray:
