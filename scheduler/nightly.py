@@ -28,6 +28,8 @@ from workers.job_state import describe_error
 
 logger = logging.getLogger(__name__)
 
+CLOCK_SKEW = timedelta(minutes=10)  # how far a worker's clock may be behind beat's
+
 
 @dataclass(frozen=True)
 class _Target:
@@ -51,12 +53,13 @@ def yesterday_utc() -> date:
 
 
 def scheduled_day(nightly_at: tuple[int, int], now: datetime | None = None) -> date:
-    """The day that the most recent scheduled nightly (daily at `nightly_at`, UTC, at or before `now`)
-    inspects: the day before it fired. A beat task that waited in the queue past midnight still inspects
-    the day it was sent for (as long as it waited less than a day)."""
+    """The day that the most recent scheduled nightly (daily at `nightly_at` UTC, at or before `now` give
+    or take `CLOCK_SKEW`) inspects: the day before it fired. A beat task that waited in the queue past
+    midnight still inspects the day it was sent for (as long as it waited less than a day), and a worker
+    whose clock is a little behind beat's takes a task sent at 02:00:00 for today's, not yesterday's."""
     now = now or datetime.now(UTC)
     fired = now.astimezone(UTC).replace(hour=nightly_at[0], minute=nightly_at[1], second=0, microsecond=0)
-    if fired > now:
+    if fired > now + CLOCK_SKEW:
         fired -= timedelta(days=1)
     return fired.date() - timedelta(days=1)
 

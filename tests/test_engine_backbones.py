@@ -274,10 +274,12 @@ def test_patch_features_do_not_depend_on_canvas_beyond_them() -> None:
     any size): the deeper map is registered on the stride-8 grid by the ratio of the strides, so adding
     canvas at the bottom right (the same parity of padding at every stage) leaves the features of the
     top-left cells as they were. Stretching the deeper map onto the grid instead moved them."""
-    from common.engine.features import PatchFeatures, probe_channels
+    from common.engine.features import PatchFeatures, probe_stages
 
     extractor, _ = load_extractor("efficientnet_lite0")
-    features = PatchFeatures(extractor, probe_channels(extractor), 256)
+    stages = probe_stages(extractor)
+    assert stages == [(40, 8), (112, 16)]
+    features = PatchFeatures(extractor, stages, 256)
     image = torch.from_numpy(data.chelsea()[:296, :296].copy()).permute(2, 0, 1).float()[None] / 255 - 0.5
     canvas = image.shape[-1] + 64  # the same parity of padding at strides 2 to 16
     bigger = F.pad(image, (0, canvas - 296, 0, canvas - 296))

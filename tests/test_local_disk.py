@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
-from workers.local_disk import prune_model_cache, sweep_leftovers
+import pytest
+
+from common.settings import reset_settings_cache
+from workers.local_disk import TIDY_INTERVAL, DiskTidyStep, prune_model_cache, sweep_leftovers
 
 SHA = "ab" * 32
 HOUR = 3600
@@ -48,5 +53,44 @@ def test_prune_deletes_least_recently_used_models_beyond_the_bound(tmp_path: Pat
     assert prune_model_cache(tmp_path, max_bytes=400) == []
     assert prune_model_cache(tmp_path, max_bytes=250) == names[:2]
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == names[2:]
-    assert prune_model_cache(tmp_path, max_bytes=0, keep=[names[2]]) == [names[3]]
-    assert [p.name for p in tmp_path.iterdir() if not p.name.startswith(".")] == [names[2]]
+    assert prune_model_cache(tmp_path, max_bytes=0, keep=[names[2]]) == []  # d: the most recently used
+    assert prune_model_cache(tmp_path, max_bytes=0) == [names[2]]
+    assert [p.name for p in tmp_path.iterdir() if not p.name.startswith(".")] == [names[3]]
+
+
+def test_workers_tidy_on_their_timer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Between restarts too (a pool process killed by the kernel is replaced without one): the worker
+    step registered with the app runs the tidy-up on Celery's timer, off the event loop."""
+    from workers.app import app
+
+    assert DiskTidyStep in app.steps["worker"]
+    scratch, cache = tmp_path / "tmp", tmp_path / "cache"
+    for name, value in {"CACHE_DIR": str(cache), "SCORE_SOFT_TIME_LIMIT": "1", "SCORE_TIME_LIMIT": "2",
+                        "FIT_SOFT_TIME_LIMIT": "1", "FIT_TIME_LIMIT": "2"}.items():
+        monkeypatch.setenv(f"TOTALRECALL_{name}", value)
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    reset_settings_cache()
+    leftovers = [_make(scratch / "totalrecall-spool-x", 60), _make(cache / f".{SHA}-y", 60)]
+    recent = _make(scratch / "totalrecall-features-z", 0)
+
+    class Timer:
+        def __init__(self) -> None:
+            self.calls: list[tuple[float, Any]] = []
+
+        def call_repeatedly(self, seconds: float, fn: Any, priority: int = 0) -> Any:
+            self.calls.append((seconds, fn))
+            return None
+
+    class Worker:
+        timer = Timer()
+
+    try:
+        step = DiskTidyStep(Worker())
+        step.start(Worker)
+        ((seconds, tick),) = Worker.timer.calls
+        assert seconds == TIDY_INTERVAL
+        tick()
+        step.thread.join(30)
+    finally:
+        reset_settings_cache()
+    assert not any(p.exists() for p in leftovers) and recent.exists()

@@ -325,10 +325,11 @@ def test_racing_schedulers_create_one_job(embedded: Embedded) -> None:
 @pytest.mark.parametrize(("now", "at", "day"), [
     ("2026-12-04T02:00+00:00", (2, 0), "2026-12-03"),  # on time
     ("2026-12-04T09:30+00:00", (2, 0), "2026-12-03"),  # late, same day
-    ("2026-12-04T01:59+00:00", (2, 0), "2026-12-02"),  # before today's firing: yesterday's, still queued
+    ("2026-12-04T01:45+00:00", (2, 0), "2026-12-02"),  # before today's firing: yesterday's, still queued
+    ("2026-12-04T01:59:59.990+00:00", (2, 0), "2026-12-03"),  # this worker's clock a little behind beat's
     ("2026-12-04T00:10+00:00", (23, 50), "2026-12-02"),  # fired at 23:50 on the 3rd, ran after midnight
     ("2026-12-04T00:30+00:00", (0, 30), "2026-12-03"),
-    ("2026-12-04T03:00+02:00", (2, 0), "2026-12-02"),  # 01:00 UTC, before today's 02:00 UTC
+    ("2026-12-04T03:00+02:00", (2, 0), "2026-12-02"),  # 01:00 UTC, long before today's 02:00 UTC
 ])
 def test_beat_nightly_inspects_the_day_before_its_scheduled_time(now: str, at: tuple[int, int],
                                                                   day: str) -> None:

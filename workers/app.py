@@ -134,6 +134,8 @@ def _setup_logging(loglevel: int | str | None = None, **_: Any) -> None:
 
 
 app = configure(Celery("totalrecall", include=["workers.tasks"]))
+from workers.local_disk import DiskTidyStep  # noqa: E402
 from workers.recovery import RecoveryStep  # noqa: E402 - needs `app`'s module loaded first
 
 app.steps["worker"].add(RecoveryStep)
+app.steps["worker"].add(DiskTidyStep)

@@ -9,8 +9,9 @@ that was about to read it downloads the model again, `workers.model_cache`).
 A task killed mid-way (SIGKILL, out of memory, the hard time limit) leaves what its `finally` blocks would
 have deleted: a half-downloaded model (`<cache_dir>/.<sha256>-*`) and a fit's scratch folders in TMPDIR
 (`totalrecall-fit-*`, `-spool-*`, `-features-*`: the spooled training images and their features, up to a
-few GB). When a worker starts, it deletes those in which nothing changed for longer than any task may run
-(the longer of the two hard time limits), so nothing still in use is touched.
+few GB). A worker deletes those in which nothing changed for longer than any task may run (the longer of
+the two hard time limits), so nothing still in use is touched: when it starts, and every
+`TIDY_INTERVAL` seconds after (a pool process killed by the kernel is replaced without a restart).
 """
 
 from __future__ import annotations
@@ -21,16 +22,21 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
+
+from celery import bootsteps
 
 from common.logs import log_event
 from common.settings import get_settings
 
 logger = logging.getLogger(__name__)
 
+TIDY_INTERVAL = 3600
 SCRATCH_PREFIXES = ("totalrecall-fit-", "totalrecall-spool-", "totalrecall-features-")
 _MODEL_FOLDER = re.compile(r"^[0-9a-f]{64}$")
 _PARTIAL_MODEL = re.compile(r"^\.[0-9a-f]{64}-")  # a download's temporary folder, or one renamed away
@@ -49,23 +55,24 @@ def discard_model(folder: Path) -> bool:
 
 def prune_model_cache(cache_dir: Path, max_bytes: int, keep: Iterable[str] = ()) -> list[str]:
     """Delete the least recently used model folders until the cache fits `max_bytes`; the sha256 of those
-    deleted. Folders named in `keep` stay, even when they alone exceed the bound."""
-    keep = set(keep)
+    deleted. The most recently used folder and those named in `keep` stay, even beyond the bound."""
     folders = []
     for entry in _entries(cache_dir):
         if _MODEL_FOLDER.match(entry.name) and entry.is_dir():
             with contextlib.suppress(OSError):
                 folders.append((entry.stat().st_mtime, entry.name, _tree_bytes(Path(entry.path))))
+    folders.sort()
+    keep = {*keep, *(name for _, name, _ in folders[-1:])}
     total = sum(size for _, _, size in folders)
     removed = []
-    for _, name, size in sorted(folders):
+    for _, name, size in folders:
         if total <= max_bytes:
             break
         if name in keep:
             continue
         if discard_model(cache_dir / name):
-            total -= size
             removed.append(name)
+        total -= size  # gone either way: deleted here, or by another process pruning at the same time
     return removed
 
 
@@ -79,18 +86,44 @@ def sweep_leftovers(cache_dir: Path, scratch_dir: Path, older_than: float) -> li
 
 
 def tidy_worker_disk() -> None:
-    """At worker start: sweep the leftovers of killed tasks and bring the model cache within its bound."""
+    """Sweep the leftovers of killed tasks and bring the model cache within its bound (never raises)."""
     settings = get_settings()
     longest_task = max(settings.score_time_limits[1], settings.fit_time_limits[1])
     try:
         swept = sweep_leftovers(settings.cache_dir, Path(tempfile.gettempdir()), longest_task)
         pruned = prune_model_cache(settings.cache_dir, settings.model_disk_cache_mb * 2**20)
-    except OSError as exc:  # a full or read-only disk must not keep the worker from starting
+    except Exception as exc:  # e.g. a read-only disk: it must not stop the worker
         log_event(logger, logging.WARNING, "worker_disk_not_tidied", error=str(exc))
         return
     if swept or pruned:
         log_event(logger, logging.INFO, "worker_disk_tidied", leftovers=len(swept),
                   models_pruned=len(pruned), examples=",".join(p.name for p in swept[:3]))
+
+
+class DiskTidyStep(bootsteps.StartStopStep):
+    """Worker bootstep: `tidy_worker_disk` every `TIDY_INTERVAL` seconds, on a thread of its own so the
+    worker's event loop never waits for the disk (the first time is at start, `workers.tasks`)."""
+
+    requires = ("celery.worker.components:Timer",)
+
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        super().__init__(parent, **kwargs)
+        self.tref: Any = None
+        self.thread: threading.Thread | None = None
+
+    def start(self, parent: Any) -> None:
+        self.tref = parent.timer.call_repeatedly(TIDY_INTERVAL, self.tick, priority=10)
+
+    def stop(self, parent: Any) -> None:
+        if self.tref is not None:
+            self.tref.cancel()
+            self.tref = None
+
+    def tick(self) -> None:
+        if self.thread is not None and self.thread.is_alive():
+            return
+        self.thread = threading.Thread(target=tidy_worker_disk, name="totalrecall-disk", daemon=True)
+        self.thread.start()
 
 
 def _entries(folder: Path) -> list[os.DirEntry]:

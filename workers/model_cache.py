@@ -116,9 +116,8 @@ class ModelCache:
         folder = self.cache_dir / sha256
         if folder.is_dir():
             try:
-                model = PatchCore.load(folder, sha256, device=self.device)
-                mark_used(folder)
-                return model, "disk"
+                mark_used(folder)  # first: a process pruning meanwhile deletes other copies first
+                return PatchCore.load(folder, sha256, device=self.device), "disk"
             except (ArtifactError, OSError) as exc:  # damaged, or deleted meanwhile by another process
                 log_event(logger, logging.WARNING, "model_copy_damaged", sha256=sha256[:12], error=str(exc),
                           action="downloading it again")

@@ -167,8 +167,8 @@ def score_chunk(self: Task, job_id: int, image_uris: list[str]) -> dict[str, int
 
     interrupted = interruptions(self)
     if interrupted >= MAX_INTERRUPTIONS:
-        reason = (f"not scored: the chunk was started {interrupted + 1} times and its worker died each "
-                  "time (killed, crashed or out of memory)")
+        reason = (f"not scored: the chunk was started {interrupted + 1} times and never finished (its worker "
+                  "killed, crashed, out of memory, or stopped at the hard time limit)")
         return asdict(scoring.give_up(job_id, image_uris, reason))  # logs event=chunk_given_up
     deadline = None if self.request.is_eager else scoring.chunk_deadline()
     try:

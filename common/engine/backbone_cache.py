@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from common.engine.backbones import fold_batchnorm, get_spec, load_extractor, static_same_padding
-from common.engine.features import probe_channels
+from common.engine.features import probe_stages
 
 
 class Backbone:
@@ -29,7 +29,7 @@ class Backbone:
             extractor = extractor.to(memory_format=torch.channels_last)
         self.extractor = extractor
         self.mean, self.std = spec.mean, spec.std
-        self.channels = probe_channels(extractor)
+        self.stages = probe_stages(extractor)  # (channels, stride) of each stage
 
 
 _backbones: weakref.WeakValueDictionary[tuple, Backbone] = weakref.WeakValueDictionary()

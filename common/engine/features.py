@@ -23,9 +23,12 @@ from common.engine.backbones import StageExtractor
 
 
 class PatchFeatures(nn.Module):
-    def __init__(self, extractor: StageExtractor, channels: list[int], embed_dim: int):
+    def __init__(self, extractor: StageExtractor, stages: list[tuple[int, int]], embed_dim: int):
+        """`stages`: (channels, stride) of each of the extractor's stages (`probe_stages`)."""
         super().__init__()
         self.extractor = extractor
+        channels = [c for c, _ in stages]
+        self.factors = [max(1, stride // stages[0][1]) for _, stride in stages]  # onto the first grid
         share = embed_dim // len(channels)
         self.out_channels = [min(c, share) for c in channels]
         self.scales = [math.sqrt(share / c) if c < share else 1.0 for c in channels]
@@ -37,11 +40,11 @@ class PatchFeatures(nn.Module):
         maps = self.extractor(x)
         grid = maps[0].shape[-2:]
         parts = []
-        for fmap, out_c, scale in zip(maps, self.out_channels, self.scales, strict=True):
+        for fmap, out_c, scale, factor in zip(maps, self.out_channels, self.scales, self.factors, strict=True):
             fmap = fmap.float()
             fmap = F.avg_pool2d(fmap, kernel_size=3, stride=1, padding=1, count_include_pad=False)
             if fmap.shape[-2:] != grid:
-                fmap = _onto_grid(fmap, grid)
+                fmap = _onto_grid(fmap, grid, factor)
             fmap = fmap.permute(0, 2, 3, 1)  # channels last: pooling over channels is a 1-D pool
             if fmap.shape[-1] != out_c:
                 b, h, w, c = fmap.shape
@@ -50,20 +53,23 @@ class PatchFeatures(nn.Module):
         return torch.cat(parts, dim=-1).contiguous()
 
 
-def _onto_grid(fmap: torch.Tensor, grid: torch.Size) -> torch.Tensor:
-    """A deeper stage's map upsampled onto the finer grid by the whole ratio of their strides, anchored at
-    the top left and cut (or edge-padded) to the grid. An input side that is not a multiple of the deeper
-    stride gives the deeper map a last, partly padded cell (e.g. 37 cells at stride 8, 19 at stride 16);
-    stretching the map onto the grid would shift its cells against the finer ones by up to one cell."""
-    factor = max(1, round(grid[0] / fmap.shape[-2]))
-    fmap = F.interpolate(fmap, scale_factor=factor, mode="bilinear", align_corners=False)
+def _onto_grid(fmap: torch.Tensor, grid: torch.Size, factor: int) -> torch.Tensor:
+    """A deeper stage's map upsampled onto the finer grid by `factor`, the ratio of their strides,
+    anchored at the top left and cut (or edge-padded) to the grid. An input side that is not a multiple of
+    the deeper stride gives the deeper map a last, partly padded cell (e.g. 37 cells at stride 8, 19 at
+    stride 16); stretching the map onto the grid would shift its cells against the finer ones by up to
+    one cell."""
+    if factor > 1:
+        fmap = F.interpolate(fmap, scale_factor=factor, mode="bilinear", align_corners=False)
     short_h, short_w = max(0, grid[0] - fmap.shape[-2]), max(0, grid[1] - fmap.shape[-1])
     if short_h or short_w:
         fmap = F.pad(fmap, (0, short_w, 0, short_h), mode="replicate")
     return fmap[..., : grid[0], : grid[1]]
 
 
-def probe_channels(extractor: StageExtractor) -> list[int]:
+def probe_stages(extractor: StageExtractor) -> list[tuple[int, int]]:
+    """(channels, stride) of each stage the extractor returns, from one pass over a 64 x 64 input."""
+    side = 64
     with torch.inference_mode():
         device = next(extractor.parameters()).device
-        return [m.shape[1] for m in extractor(torch.zeros(1, 3, 64, 64, device=device))]
+        return [(m.shape[1], side // m.shape[-2]) for m in extractor(torch.zeros(1, 3, side, side, device=device))]

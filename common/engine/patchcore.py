@@ -82,7 +82,7 @@ class PatchCore:
         self.device = resolve_device(device)
         self._backbone = shared_backbone(self.config.backbone, self.config.layers, weights, self.device)
         self.mean, self.std = self._backbone.mean, self._backbone.std
-        self.features = PatchFeatures(self._backbone.extractor, self._backbone.channels, self.config.embed_dim)
+        self.features = PatchFeatures(self._backbone.extractor, self._backbone.stages, self.config.embed_dim)
         self.index: NearestNeighbors | None = None
         self.image_threshold = float("nan")
         self.pixel_threshold = float("nan")

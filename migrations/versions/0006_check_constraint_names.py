@@ -4,8 +4,8 @@
 again, so the databases they built call them `ck_jobs_ck_jobs_counts` while the models say
 `ck_jobs_counts`; a later migration dropping one by its model name would fail. PostgreSQL renames them;
 SQLite keeps a CHECK constraint's name only in the table's stored CREATE TABLE text, which is edited in
-place (the documented procedure for schema changes that leave the stored rows as they are: writable
-schema, schema version bumped, integrity checked).
+place (SQLite's documented procedure for schema changes that leave the stored rows as they are: writable
+schema, schema version bumped, database checked).
 
 Revision ID: 0006
 Revises: 0005
@@ -15,7 +15,7 @@ Create Date: 2026-12-03
 from collections.abc import Callable, Sequence
 
 import sqlalchemy as sa
-from alembic import op
+from alembic import context, op
 
 revision: str = "0006"
 down_revision: str | None = "0005"
@@ -57,7 +57,8 @@ def _rename(old: Callable[[str, str], str], new: Callable[[str, str], str]) -> N
 
 
 def _rename_sqlite(bind: sa.Connection, old: Callable[[str, str], str], new: Callable[[str, str], str]) -> None:
-    version = bind.exec_driver_sql("PRAGMA schema_version").scalar()
+    if context.is_offline_mode():
+        raise RuntimeError("revision 0006 reads the stored table definitions: run it online on SQLite")
     bind.exec_driver_sql("PRAGMA writable_schema = ON")
     try:
         for table, names in CHECKS.items():
@@ -70,9 +71,11 @@ def _rename_sqlite(bind: sa.Connection, old: Callable[[str, str], str], new: Cal
                 sql = sql.replace(before, after)
             bind.execute(sa.text("UPDATE sqlite_master SET sql = :sql WHERE type = 'table' AND name = :t"),
                          {"sql": sql, "t": table})
-        bind.exec_driver_sql(f"PRAGMA schema_version = {int(version) + 1}")
     finally:
-        bind.exec_driver_sql("PRAGMA writable_schema = OFF")
-    problems = bind.exec_driver_sql("PRAGMA integrity_check").scalars().all()
+        bind.exec_driver_sql("PRAGMA writable_schema = RESET")  # off, and this connection rereads the schema
+    # Any DDL bumps the schema version, so the database's other connections reread the schema too.
+    bind.exec_driver_sql("CREATE TABLE totalrecall_schema_bump (x INTEGER)")
+    bind.exec_driver_sql("DROP TABLE totalrecall_schema_bump")
+    problems = bind.exec_driver_sql("PRAGMA quick_check").scalars().all()
     if problems != ["ok"]:
-        raise RuntimeError(f"integrity check after renaming check constraints: {problems}")
+        raise RuntimeError(f"database check after renaming check constraints: {problems}")
