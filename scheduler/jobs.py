@@ -145,6 +145,10 @@ def enqueue_score(job_id: int, image_uris: Sequence[str], chunk_size: int | None
         count = send_chunks(job_id, image_uris, chunk_size)
 
     _send(job_id, send)
+    if get_settings().tasks_in_process:
+        from scheduler.recovery import settle_in_process
+
+        settle_in_process(job_id)
     return count
 
 

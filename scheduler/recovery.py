@@ -83,6 +83,16 @@ def recover_lost_work(client: Any = None) -> list[Recovery]:
     return recovered
 
 
+def settle_in_process(job_id: int) -> Recovery | None:
+    """In-process (no broker), every chunk of a score job has run when sending returns. A job still
+    unfinished then is short of images that another job (another command running at the same time)
+    scored first: recount it now, as the sweep would with workers."""
+    job = in_transaction(lambda s: s.get(Job, job_id))
+    if job is None or job.status not in UNFINISHED:
+        return None
+    return _recover_score(job_id, "", set())
+
+
 def _recover_fit(job_id: int, product: str, pending: PendingWork) -> Recovery | None:
     from scheduler.jobs import send_task, send_with_retry
     from workers.fitting import fail_fit

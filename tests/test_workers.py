@@ -37,7 +37,7 @@ from common.settings import Settings, get_settings, reset_settings_cache
 from common.storage import Storage, StorageUnavailable, open_storage
 from common.synthetic import nominal_image, plant_defect, png_bytes
 from scheduler.adhoc import enqueue_fits, score_images
-from scheduler.jobs import new_score_job, nightly_key
+from scheduler.jobs import enqueue_score, new_score_job, nightly_key
 from scheduler.nightly import schedule_nightly, scheduled_day
 from scheduler.products import SchedulingError, add_product
 from tests.conftest import embedded_default
@@ -441,6 +441,22 @@ def test_adhoc_scoring_skips_ok_images_and_retries_failed_ones(embedded: Embedde
     assert f"/job-{scheduled.job_id}/corrupt.png_mask.png" in row.mask_uri
     again = score_images(PRODUCT, folder)
     assert again.total == 0 and _job(again.job_id).status == "succeeded"
+
+
+def test_in_process_job_whose_images_another_job_scored_first_finishes(embedded: Embedded) -> None:
+    """Two `totalrecall score` commands on one folder at once (embedded mode): the job whose rows lost
+    the race (the images have the other job's results) still finishes, instead of running for ever."""
+    version = _active_version()
+    uris = [embedded.store.put_bytes(f"overlap/{i}.png", png_bytes(nominal_image(300 + i, SIZE)))
+            for i in range(3)]
+    folder = embedded.store.uri_for("overlap")
+    second = _adhoc_job(version, folder, 3)  # scheduled while the first had not written its rows yet
+    first = score_images(PRODUCT, folder)
+    assert first.total == 3 and _job(first.job_id).status == "succeeded"
+    enqueue_score(second, uris)
+    job = _job(second)
+    assert (job.status, job.done, job.failed, job.total) == ("succeeded", 0, 0, 0)
+    assert {r.image_uri for r in _results(first.job_id)} == set(uris)
 
 
 def test_missing_image_is_a_failed_row_and_the_rest_goes_on(embedded: Embedded) -> None:
