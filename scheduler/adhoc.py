@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 from sqlalchemy import select
 
-from common.db import Product, images_with_results, session_scope
+from common.db import Job, Product, images_with_results, session_scope
 from common.images import IMAGE_SUFFIXES
 from common.logs import log_context
 from common.storage import absolute_uri, list_uris
@@ -19,6 +20,7 @@ from scheduler.jobs import (
     new_score_job,
 )
 from scheduler.products import SchedulingError, get_product, require_active_version
+from workers.job_state import describe_error, mark_failed
 
 
 def score_images(product_name: str, images_uri: str, enqueued_by: str = "cli") -> ScheduledJob:
@@ -49,7 +51,8 @@ def score_images(product_name: str, images_uri: str, enqueued_by: str = "cli") -
 def enqueue_fits(product_names: Sequence[str] | None = None, enqueued_by: str = "cli") -> list[ScheduledJob]:
     """One fit job per product (all registered products when `product_names` is None), enqueued together.
 
-    Unknown names fail the whole request before anything is created.
+    Unknown names fail the whole request before anything is created; a fit that cannot be sent (or,
+    in-process, fails) is reported in its job's `message`, and the others go on.
     """
     with session_scope() as session:
         if product_names is None:
@@ -62,8 +65,20 @@ def enqueue_fits(product_names: Sequence[str] | None = None, enqueued_by: str = 
         session.add_all(jobs)
         session.flush()
         created = [ScheduledJob(p.name, j.id, True, 0) for p, j in zip(products, jobs, strict=True)]
-    for scheduled in created:
-        log_scheduled("fit", scheduled)
-        with log_context(product=scheduled.product):
+    return [_enqueue_fit(scheduled) for scheduled in created]
+
+
+def _enqueue_fit(scheduled: ScheduledJob) -> ScheduledJob:
+    """Send one product's fit (in-process: run it). A failure fails that job, saying why in the returned
+    `message`, and the other products' fits go on."""
+    log_scheduled("fit", scheduled)
+    with log_context(product=scheduled.product):
+        try:
             enqueue_fit(scheduled.job_id)
-    return created
+        except Exception as exc:  # the broker is down, or (in-process) the fit itself failed
+            message = str(exc) if isinstance(exc, SchedulingError) else describe_error(exc)
+            mark_failed(scheduled.job_id, message)  # done already by the fit or `_send`, unless it crashed
+            with session_scope() as session:
+                message = session.get(Job, scheduled.job_id).error or message
+            return replace(scheduled, message=message)
+    return scheduled

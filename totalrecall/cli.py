@@ -244,8 +244,12 @@ def cmd_fit(a: argparse.Namespace) -> int:
         raise ValueError("name the products to fit, or pass --all")
     scheduled = enqueue_fits(None if a.all else a.names)
     for s in scheduled:
-        print(f"fit job {s.job_id} for {s.product!r} enqueued")
-    return _maybe_wait(a, [s.job_id for s in scheduled])
+        if s.message:
+            print(f"fit job {s.job_id} for {s.product!r} failed: {s.message}", file=sys.stderr)
+        else:
+            print(f"fit job {s.job_id} for {s.product!r} enqueued")
+    status = _maybe_wait(a, [s.job_id for s in scheduled if not s.message])
+    return 1 if any(s.message for s in scheduled) else status
 
 
 def cmd_score(a: argparse.Namespace) -> int:
@@ -486,7 +490,16 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level)
     try:
-        return args.handler(args)
+        status = args.handler(args)
+        sys.stdout.flush()  # a closed pipe shows here, not in Python's exit
+        return status
+    except KeyboardInterrupt:
+        print("interrupted: work sent to workers goes on (see `totalrecall jobs`); a job this command was "
+              "running in-process is marked failed", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # e.g. `totalrecall jobs | head`: the reader has gone, and so can we
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except (ValueError, FileNotFoundError, RuntimeError, LookupError, StorageError) as exc:
         print(f"error: {redact_text(str(exc))}", file=sys.stderr)
         return 2

@@ -48,6 +48,7 @@ MAX_RETRIES = 5
 RETRY_BASE_SECONDS = 10
 RETRY_MAX_SECONDS = 600
 MAX_INTERRUPTIONS = 3
+INTERRUPTED = "interrupted (Ctrl-C) in the command that ran it in-process: run it again"
 
 
 @worker_init.connect
@@ -144,6 +145,9 @@ def fit_product(self: Task, job_id: int) -> dict[str, Any] | None:
         return None
     try:
         outcome = fitting.fit_job(job_id)
+    except KeyboardInterrupt:  # in-process, Ctrl-C: nothing will finish this job
+        _mark_failed_quietly(fitting.fail_fit, job_id, INTERRUPTED)
+        raise
     except SoftTimeLimitExceeded:
         soft = get_settings().fit_time_limits[0]
         _mark_failed_quietly(fitting.fail_fit, job_id, f"the fit hit its soft time limit ({soft} s)")
@@ -173,6 +177,9 @@ def score_chunk(self: Task, job_id: int, image_uris: list[str]) -> dict[str, int
     deadline = None if self.request.is_eager else scoring.chunk_deadline()
     try:
         return asdict(scoring.score_chunk(job_id, image_uris, deadline))
+    except KeyboardInterrupt:  # in-process, Ctrl-C: the job's other chunks will not run either
+        _mark_failed_quietly(mark_failed, job_id, INTERRUPTED)
+        raise
     except SoftTimeLimitExceeded:  # outside the scoring loop (e.g. writing rows): the images fail, not the job
         soft = get_settings().score_time_limits[0]
         return asdict(scoring.give_up(job_id, image_uris, f"not scored: the chunk hit its soft time limit "

@@ -1,0 +1,86 @@
+"""The CLI when something goes wrong, in-process on the embedded default: one product's failed fit does
+not strand the others, a closed pipe and Ctrl-C end cleanly, bad arguments are refused up front."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from sqlalchemy import select
+
+from common.db import Job, Product, session_scope
+from tests.cluster import wait_for
+from tests.conftest import SMALL_FIT, embedded_with_training_images
+from totalrecall.cli import main
+
+
+def _jobs() -> dict[str, tuple[str, str | None]]:
+    with session_scope() as session:
+        rows = session.execute(select(Product.name, Job.status, Job.error).join(Product)
+                               .order_by(Job.id)).all()
+    return {name: (status, error) for name, status, error in rows}
+
+
+def _jobs_by_id() -> dict[str, tuple[str, str | None]]:
+    """{"<kind> <id>": (status, error)} of every job, as another process sees them."""
+    with session_scope() as session:
+        rows = session.execute(select(Job.kind, Job.id, Job.status, Job.error)).all()
+    return {f"{kind} {job_id}": (status, error) for kind, job_id, status, error in rows}
+
+
+def test_a_failed_fit_does_not_strand_the_other_products(tmp_path: Path, capsys) -> None:
+    with embedded_with_training_images(tmp_path, "train/good", 8) as storage:
+        for name, folder in (("a-empty", "train/none"), ("b-good", "train/good"), ("c-empty", "train/none")):
+            assert main(["product", "add", name, "--train", storage.uri_for(folder),
+                         "--archive", storage.uri_for(f"archive/{{date}}/{name}"), *SMALL_FIT]) == 0
+        capsys.readouterr()
+        assert main(["fit", "--all"]) == 1
+        err = capsys.readouterr().err
+        jobs = _jobs()
+    assert jobs["b-good"] == ("succeeded", None)  # fitted although the product before it failed
+    for name in ("a-empty", "c-empty"):
+        status, error = jobs[name]
+        assert status == "failed" and "no training images" in error
+        assert f"for {name!r} failed: " in err
+    assert "'b-good' failed" not in err
+
+
+def _cli(home: Path, *args: str, **kwargs) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TOTALRECALL_")}
+    env |= {"TOTALRECALL_HOME": str(home), "TOTALRECALL_TEST_CHUNK_DELAY": "1.0"}
+    return subprocess.Popen([sys.executable, "-m", "totalrecall.cli", *args], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)
+
+
+def test_ctrl_c_during_an_in_process_job_fails_it_and_exits_cleanly(tmp_path: Path) -> None:
+    with embedded_with_training_images(tmp_path, "train/part", 8) as storage:
+        for i in range(6):
+            storage.put_bytes(f"batch/{i}.png", storage.get_bytes(f"train/part/n{i:02d}.png"))
+        assert main(["product", "add", "part", "--train", storage.uri_for("train/part"),
+                     "--archive", storage.uri_for("archive/{date}/part"), *SMALL_FIT]) == 0
+        assert main(["fit", "part", "--wait"]) == 0
+        run = _cli(tmp_path, "score", "part", "--images", storage.uri_for("batch"), "--wait")
+        try:
+            wait_for(lambda: any(k.startswith("score") and v[0] == "running" for k, v in _jobs_by_id().items()),
+                     60)
+            run.send_signal(signal.SIGINT)
+            out, err = run.communicate(timeout=60)
+        finally:
+            run.kill()
+        jobs = _jobs_by_id()
+    assert run.returncode == 130, err
+    assert "Traceback" not in err and "interrupted" in err
+    (score,) = [v for k, v in jobs.items() if k.startswith("score")]
+    assert score[0] == "failed" and "interrupted (Ctrl-C)" in score[1]
+
+
+def test_a_closed_pipe_ends_the_command_quietly(tmp_path: Path, capsys) -> None:
+    with embedded_with_training_images(tmp_path, "train/p", 1):
+        assert main(["product", "add", "p", "--train", "train/p", "--archive", "a/{date}/p"]) == 0
+    run = _cli(tmp_path, "product", "list")
+    run.stdout.close()  # the reader has gone before the command writes (`| head -0`)
+    err = run.stderr.read()
+    assert run.wait(60) == 141 and "Traceback" not in err and "BrokenPipe" not in err, err
