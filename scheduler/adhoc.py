@@ -19,7 +19,7 @@ from scheduler.jobs import (
     new_fit_job,
     new_score_job,
 )
-from scheduler.products import SchedulingError, get_product, require_active_version
+from scheduler.products import SchedulingError, check_not_empty, get_product, require_active_version
 from workers.job_state import describe_error, mark_failed
 
 
@@ -31,8 +31,12 @@ def score_images(product_name: str, images_uri: str, enqueued_by: str = "cli") -
     with session_scope() as session:
         product = get_product(session, product_name)
         product_id, version_id = product.id, require_active_version(session, product).id
+    check_not_empty(images=images_uri)
     images_uri = absolute_uri(images_uri)
     uris = list_uris(images_uri, IMAGE_SUFFIXES)
+    if not uris:  # a mistyped folder, or a single file: say so rather than score nothing
+        raise SchedulingError(f"no images under {images_uri} (give a folder holding "
+                              f"{', '.join(IMAGE_SUFFIXES)} files)")
     with session_scope() as session:
         scored = images_with_results(session, version_id, uris, ok_only=True)
         todo = [u for u in uris if u not in scored]

@@ -7,11 +7,11 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from common.db import ModelVersion, Product, session_scope
+from common.db import ModelStatus, ModelVersion, Product, session_scope
 from common.engine.config import PatchCoreConfig
 from common.storage import absolute_uri
 
@@ -53,6 +53,7 @@ def add_product(name: str, train_uri: str, archive_uri_template: str, config: Pa
     if not _NAME.match(name):
         raise SchedulingError(f"invalid product name {name!r}: use letters, digits, '.', '_' and '-' "
                               "(it becomes part of storage keys)")
+    check_not_empty(train=train_uri, archive=archive_uri_template)
     _check_archive_template(archive_uri_template)
     _check_false_alarms(max_false_alarms)
     _check_roi(config.center_crop, roi_uri)
@@ -78,6 +79,7 @@ def update_product(name: str, train_uri: str | None = None, archive_uri_template
     budget (None: F1 again), region of interest ("" removes it) or fit settings (`PatchCoreConfig` fields);
     the next fit uses them, model versions already fitted keep theirs. Returns {what: (before, after)} for
     what changed. Nothing is written unless every change is valid."""
+    check_not_empty(train=train_uri, archive=archive_uri_template)
     if archive_uri_template is not None:
         _check_archive_template(archive_uri_template)
     if not isinstance(max_false_alarms, Unset):
@@ -106,6 +108,9 @@ def update_product(name: str, train_uri: str | None = None, archive_uri_template
             changes.update({k: (before[k], after[k]) for k in after if after[k] != before[k]})
             product.fit_config = after
         _check_roi(product.fit_config.get("center_crop"), product.roi_uri)  # raising rolls it all back
+        if product.max_false_alarms is not None and not product.validation_uri:
+            raise SchedulingError("a false-alarm budget sets the image threshold from validation images: "
+                                  "give the product a validation folder, or set --max-false-alarms none")
         return changes
 
 
@@ -123,6 +128,13 @@ def _check_roi(center_crop: int | None, roi_uri: str | None) -> None:
     if roi_uri and center_crop is not None:
         raise SchedulingError("a region of interest covers the whole image and does not combine with a "
                               "center crop (which already limits what is inspected): use one of them")
+
+
+def check_not_empty(**uris: str | None) -> None:
+    """An empty folder would be the working directory: refused (None: not given)."""
+    for what, uri in uris.items():
+        if uri is not None and not str(uri).strip():
+            raise SchedulingError(f"the {what} folder cannot be empty")
 
 
 def _check_archive_template(template: str) -> None:
@@ -146,8 +158,12 @@ def active_version(session: Session, product: Product) -> ModelVersion | None:
 def require_active_version(session: Session, product: Product) -> ModelVersion:
     version = active_version(session, product)
     if version is None:
-        raise SchedulingError(f"product {product.name!r} has no active model: "
-                              f"run `totalrecall fit {product.name}` first")
+        ready = session.scalar(select(func.count()).where(ModelVersion.product_id == product.id,
+                                                          ModelVersion.status == ModelStatus.READY.value))
+        hint = (f"activate one of its {ready} ready version(s) (`totalrecall model list {product.name}`, "
+                f"`totalrecall model activate {product.name} VERSION`) or fit it again" if ready
+                else f"run `totalrecall fit {product.name}` first")
+        raise SchedulingError(f"product {product.name!r} has no active model: {hint}")
     return version
 
 

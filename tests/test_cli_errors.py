@@ -84,3 +84,46 @@ def test_a_closed_pipe_ends_the_command_quietly(tmp_path: Path, capsys) -> None:
     run.stdout.close()  # the reader has gone before the command writes (`| head -0`)
     err = run.stderr.read()
     assert run.wait(60) == 141 and "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+def test_bad_arguments_are_refused_before_anything_is_written(tmp_path: Path, capsys) -> None:
+    with embedded_with_training_images(tmp_path, "train/part", 8) as storage:
+        train, archive = storage.uri_for("train/part"), storage.uri_for("archive/{date}/part")
+        refused = {
+            "empty training folder": (["product", "add", "x", "--train", "", "--archive", archive],
+                                      "train folder cannot be empty"),
+            "unknown backbone": (["product", "add", "x", "--train", train, "--archive", archive,
+                                  "--backbone", "nosuch"], "unknown backbone 'nosuch'"),
+            "no dimension per layer": (["product", "add", "x", "--train", train, "--archive", archive,
+                                        "--embed-dim", "1"], "embed_dim must give each layer"),
+        }
+        for what, (args, message) in refused.items():
+            assert main(args) == 2, what
+            assert message in capsys.readouterr().err, what
+        assert main(["product", "add", "part", "--train", train, "--archive", archive, *SMALL_FIT]) == 0
+        with session_scope() as session:
+            assert session.scalars(select(Product.name)).all() == ["part"]
+            before = session.scalars(select(Product)).one().fit_config
+        for args, message in (
+            (["product", "set", "part", "--train", " "], "train folder cannot be empty"),
+            (["product", "set", "part", "--backbone", "bogus"], "unknown backbone 'bogus'"),
+            (["product", "set", "part", "--max-false-alarms", "0.1"], "give the product a validation folder"),
+        ):
+            capsys.readouterr()
+            assert main(args) == 2, args
+            assert message in capsys.readouterr().err, args
+        with session_scope() as session:
+            product = session.scalars(select(Product)).one()
+            assert (product.fit_config, product.train_uri, product.max_false_alarms) == (before, train, None)
+
+        assert main(["fit", "part", "--wait"]) == 0
+        capsys.readouterr()
+        assert main(["score", "part", "--images", storage.uri_for("no-such-folder")]) == 2
+        assert "no images under" in capsys.readouterr().err
+        assert main(["score", "part", "--images", storage.uri_for("train/part/n00.png")]) == 2  # a file
+        assert main(["model", "deactivate", "part"]) == 0
+        capsys.readouterr()
+        assert main(["score", "part", "--images", train]) == 2
+        assert "totalrecall model activate part VERSION" in capsys.readouterr().err
+        jobs = _jobs_by_id()
+    assert [k for k in jobs if k.startswith("score")] == []  # no job for any refused command

@@ -287,3 +287,10 @@ def test_patch_features_do_not_depend_on_canvas_beyond_them() -> None:
     assert small.shape[:2] == (37, 37) and large.shape[:2] == (45, 45)
     top_left = (slice(0, 12), slice(0, 12))  # cells whose receptive fields do not reach the new canvas
     assert torch.allclose(small[top_left], large[top_left], atol=1e-4, rtol=1e-4)
+
+
+def test_settings_name_the_backbones_that_are_built() -> None:
+    from common.engine.backbones import BACKBONES
+    from common.engine.config import BACKBONE_NAMES
+
+    assert tuple(BACKBONES) == BACKBONE_NAMES

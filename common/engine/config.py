@@ -8,6 +8,8 @@ from typing import Any
 RESIZE_MODES = ("auto", "keep_aspect", "square", "scale")
 INDEX_TYPES = ("flat", "ivf_flat", "ivf_pq")
 PRECISIONS = ("auto", "fp32", "bf16")
+# `common.engine.backbones.BACKBONES` builds these (named here so that checking a setting needs no torch)
+BACKBONE_NAMES = ("wide_resnet50_2", "resnet18", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,15 @@ class PatchCoreConfig:
     index_pq_m: int = 0  # IVF-PQ bytes per feature; 0: a divisor of the feature dimension near dim / 4
 
     def __post_init__(self) -> None:
+        if self.backbone not in BACKBONE_NAMES:
+            raise ValueError(f"unknown backbone {self.backbone!r}; choose one of {', '.join(BACKBONE_NAMES)}")
+        if self.layers is not None and (isinstance(self.layers, str) or not self.layers
+                                        or not all(isinstance(n, str) and n for n in self.layers)):
+            raise ValueError(f"layers must be stage names such as blocks.2,blocks.4, not {self.layers!r}")
+        if self.embed_dim < len(self.layers or (None, None)):
+            raise ValueError("embed_dim must give each layer at least one dimension")
+        if self.projection_dim < 1 or self.batch_size < 1:
+            raise ValueError("projection_dim and batch_size must be >= 1")
         if self.resize not in RESIZE_MODES:
             raise ValueError(f"resize must be one of {RESIZE_MODES}, not {self.resize!r}")
         if not 0 < self.scale <= 4:
