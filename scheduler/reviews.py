@@ -19,7 +19,7 @@ from datetime import datetime
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
-from common.db import Product, Result, Review, ReviewLabel, in_chunks, in_transaction, utcnow
+from common.db import Product, Result, ResultStatus, Review, ReviewLabel, in_chunks, in_transaction, utcnow
 from common.logs import log_event
 from common.storage import absolute_uri
 from scheduler.products import SchedulingError, get_product
@@ -102,12 +102,14 @@ def _require_results(session: Session, product: Product, uris: list[str]) -> Non
     scored: set[str] = set()
     for part in in_chunks(uris):
         scored.update(session.scalars(select(Result.image_uri).distinct().where(
-            Result.product_id == product.id, Result.image_uri.in_(part))))
+            Result.product_id == product.id, Result.image_uri.in_(part),
+            Result.status == ResultStatus.OK.value)))
     missing = [u for u in uris if u not in scored]
     if missing:
         shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
-        raise SchedulingError(f"no result of product {product.name!r} for {shown}: only scored images can be "
-                              "reviewed (image URIs as `anomaly_history` shows them); nothing was recorded")
+        raise SchedulingError(f"no successful result of product {product.name!r} for {shown}: only scored "
+                              "images can be reviewed (image URIs as `anomaly_history` shows them; one that "
+                              "failed to score cannot be learned from); nothing was recorded")
 
 
 def _unique(items: list[str]) -> list[str]:

@@ -127,3 +127,17 @@ def test_bad_arguments_are_refused_before_anything_is_written(tmp_path: Path, ca
         assert "totalrecall model activate part VERSION" in capsys.readouterr().err
         jobs = _jobs_by_id()
     assert [k for k in jobs if k.startswith("score")] == []  # no job for any refused command
+
+
+def test_a_job_that_scored_no_image_exits_1_and_its_images_cannot_be_reviewed(tmp_path: Path,
+                                                                                capsys) -> None:
+    with embedded_with_training_images(tmp_path, "train/part", 8) as storage:
+        assert main(["product", "add", "part", "--train", storage.uri_for("train/part"),
+                     "--archive", storage.uri_for("archive/{date}/part"), *SMALL_FIT]) == 0
+        assert main(["fit", "part", "--wait"]) == 0
+        broken = [storage.put_bytes(f"broken/{i}.png", b"\x89PNG\r\n\x1a\n garbage") for i in range(2)]
+        capsys.readouterr()
+        assert main(["score", "part", "--images", storage.uri_for("broken"), "--wait"]) == 1
+        assert "no image could be scored" in capsys.readouterr().err
+        assert main(["review", "mark", "part", broken[0], "--good"]) == 2
+        assert "no successful result" in capsys.readouterr().err

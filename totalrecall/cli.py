@@ -11,7 +11,7 @@ from datetime import date
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from common.engine.config import INDEX_TYPES, PRECISIONS, RESIZE_MODES, PatchCoreConfig
+from common.engine.config import BACKBONE_NAMES, INDEX_TYPES, PRECISIONS, RESIZE_MODES, PatchCoreConfig
 from totalrecall.report import add_report_command
 from totalrecall.review_cli import add_review_command
 
@@ -29,16 +29,16 @@ def add_model_options(p: argparse.ArgumentParser, defaults: bool = True) -> None
             kwargs["default"] = argparse.SUPPRESS
         p.add_argument(*names, **kwargs)
 
-    arg("--backbone", default=d.backbone,
-        help="efficientnet_lite0/1/2 (offline), wide_resnet50_2, resnet18")
+    arg("--backbone", default=d.backbone, help=", ".join(BACKBONE_NAMES) + " (efficientnet_lite* offline)")
     arg("--layers", default=None, help="comma-separated stages (default: stride 8 and 16)")
     arg("--weights", default=None, help="local state-dict file for the backbone")
-    arg("--image-size", type=int, default=d.image_size)
+    arg("--image-size", type=int, default=d.image_size,
+        help="input side (square) or the side of the input's area (keep_aspect, scale: auto)")
     arg("--resize", choices=RESIZE_MODES, default=d.resize)
     arg("--scale", type=float, default=d.scale, help="resize factor for --resize scale")
     arg("--center-crop", type=_crop_or_none, default=None, help="paper protocol: --image-size 256 "
         "--resize square --center-crop 224 (0: none, the whole field of view)")
-    arg("--embed-dim", type=int, default=d.embed_dim)
+    arg("--embed-dim", type=int, default=d.embed_dim, help="patch feature dimension, split between the layers")
     arg("--coreset-ratio", type=float, default=d.coreset_ratio)
     arg("--coreset-min-size", type=int, default=d.coreset_min_size,
         help="the bank keeps at least this many features (or all of them)")
@@ -299,7 +299,8 @@ def cmd_jobs(a: argparse.Namespace) -> int:
 
 
 def _maybe_wait(a: argparse.Namespace, job_ids: list[int]) -> int:
-    """With --wait: follow the jobs to the end; exit status 1 only if a job failed."""
+    """With --wait: follow the jobs to the end; exit status 1 if a job failed, or none of its images
+    could be scored."""
     from totalrecall.jobs_view import format_failures, format_jobs, format_warnings, wait_for_jobs
 
     if not a.wait or not job_ids:
@@ -314,7 +315,10 @@ def _maybe_wait(a: argparse.Namespace, job_ids: list[int]) -> int:
     failed = [v.id for v in views if v.status == "failed"]
     if failed:
         print(f"failed job(s): {', '.join(map(str, failed))}", file=sys.stderr)
-    return 1 if failed else 0
+    nothing = [v.id for v in views if v.status != "failed" and v.failed and not v.done]
+    if nothing:
+        print(f"job(s) in which no image could be scored: {', '.join(map(str, nothing))}", file=sys.stderr)
+    return 1 if failed or nothing else 0
 
 
 def _require_broker() -> None:
@@ -368,7 +372,7 @@ def _add_operations(sub: argparse._SubParsersAction) -> None:
     db_sub.add_parser("upgrade", help="create or migrate the schema (idempotent)").set_defaults(
         handler=cmd_db_upgrade)
 
-    product = sub.add_parser("product", help="register and list product lines")
+    product = sub.add_parser("product", help="register, change and list product lines")
     product_sub = product.add_subparsers(dest="product_command", required=True)
     add = product_sub.add_parser("add", help="register a product")
     _add_product_options(add, update=False)
@@ -412,7 +416,7 @@ def _add_operations(sub: argparse._SubParsersAction) -> None:
 
     jobs = sub.add_parser("jobs", help="recent jobs, or one job with its failed images")
     jobs.add_argument("job_id", nargs="?", type=int, metavar="JOB_ID")
-    jobs.add_argument("--limit", type=_positive_int, default=20)
+    jobs.add_argument("--limit", type=_positive_int, default=20, help="the most recent N jobs")
     jobs.set_defaults(handler=cmd_jobs)
 
     worker = sub.add_parser("worker", help="run a Celery worker (needs TOTALRECALL_BROKER_URL)")
@@ -452,7 +456,7 @@ def _add_product_options(p: argparse.ArgumentParser, update: bool) -> None:
 
 def _add_wait(p: argparse.ArgumentParser) -> None:
     p.add_argument("--wait", action="store_true",
-                   help="follow the job(s) to the end; exit 1 if one failed")
+                   help="follow the job(s) to the end; exit 1 if one failed or scored none of its images")
 
 
 def build_parser() -> argparse.ArgumentParser:

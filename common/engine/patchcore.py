@@ -51,7 +51,9 @@ class ImageResult:
 
 
 def _no_usable_image(failures: list[Failed]) -> str:
-    return "no usable training image: " + "; ".join(f.error for f in failures[:3])
+    if not failures:
+        return "no training images"
+    return f"no usable training image ({len(failures)} failed): " + "; ".join(f.error for f in failures[:3])
 
 
 def _mask_over_map(mask: np.ndarray, result: ImageResult) -> np.ndarray:
