@@ -145,8 +145,9 @@ def fit_product(self: Task, job_id: int) -> dict[str, Any] | None:
         return None
     try:
         outcome = fitting.fit_job(job_id)
-    except KeyboardInterrupt:  # in-process, Ctrl-C: nothing will finish this job
-        _mark_failed_quietly(fitting.fail_fit, job_id, INTERRUPTED)
+    except KeyboardInterrupt:  # in-process, Ctrl-C: nothing will finish this job (a worker redelivers)
+        if self.request.is_eager:
+            _mark_failed_quietly(fitting.fail_fit, job_id, INTERRUPTED)
         raise
     except SoftTimeLimitExceeded:
         soft = get_settings().fit_time_limits[0]
@@ -177,8 +178,9 @@ def score_chunk(self: Task, job_id: int, image_uris: list[str]) -> dict[str, int
     deadline = None if self.request.is_eager else scoring.chunk_deadline()
     try:
         return asdict(scoring.score_chunk(job_id, image_uris, deadline))
-    except KeyboardInterrupt:  # in-process, Ctrl-C: the job's other chunks will not run either
-        _mark_failed_quietly(mark_failed, job_id, INTERRUPTED)
+    except KeyboardInterrupt:  # in-process, Ctrl-C: its other chunks will not run either (a worker redelivers)
+        if self.request.is_eager:
+            _mark_failed_quietly(mark_failed, job_id, INTERRUPTED)
         raise
     except SoftTimeLimitExceeded:  # outside the scoring loop (e.g. writing rows): the images fail, not the job
         soft = get_settings().score_time_limits[0]
