@@ -328,8 +328,10 @@ def test_a_hung_download_and_the_soft_time_limit_cannot_block_a_worker(c: Cluste
         "TOTALRECALL_TEST_CHUNK_DELAY": "2.5"})
     try:
         started = time.monotonic()
-        out = ok(c.cli("score", PRODUCT, "--images", str(folder), "--wait"))
+        run = c.cli("score", PRODUCT, "--images", str(folder), "--wait")
         assert time.monotonic() - started < 30  # finished before the hard limit could kill anything
+        assert run.returncode == 1 and "no image could be scored" in run.stderr, run.stderr  # none scored
+        out = run.stdout
         rows = {Path(r.image_uri).name: r for r in c.results() if r.image_uri.startswith(str(folder))}
         assert {n: r.status for n, r in rows.items()} == dict.fromkeys(
             ("a-hung.png", "b-good.png", "c-good.png"), "failed")
