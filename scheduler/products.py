@@ -59,6 +59,10 @@ def add_product(name: str, train_uri: str, archive_uri_template: str, config: Pa
     _check_roi(config.center_crop, roi_uri)
     try:
         with session_scope() as session:
+            taken = session.scalar(select(Product.name).where(func.lower(Product.name) == name.lower()))
+            if taken is not None:  # names become storage keys: P2 and p2 would share files on some disks
+                raise SchedulingError(f"product {taken!r} already exists" + (
+                    f" (names may not differ only in case: {name!r})" if taken != name else ""))
             product = Product(name=name, train_uri=absolute_uri(train_uri),
                               archive_uri_template=absolute_uri(archive_uri_template),
                               validation_uri=_optional_uri(validation_uri), max_false_alarms=max_false_alarms,

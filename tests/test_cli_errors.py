@@ -101,6 +101,9 @@ def test_bad_arguments_are_refused_before_anything_is_written(tmp_path: Path, ca
             assert main(args) == 2, what
             assert message in capsys.readouterr().err, what
         assert main(["product", "add", "part", "--train", train, "--archive", archive, *SMALL_FIT]) == 0
+        capsys.readouterr()
+        assert main(["product", "add", "Part", "--train", train, "--archive", archive]) == 2
+        assert "names may not differ only in case" in capsys.readouterr().err
         with session_scope() as session:
             assert session.scalars(select(Product.name)).all() == ["part"]
             before = session.scalars(select(Product)).one().fit_config
