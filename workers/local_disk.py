@@ -1,9 +1,9 @@
 """A worker machine's own disk: the model cache kept within its bound, leftovers of killed tasks removed.
 
 The on-disk model cache (`TOTALRECALL_CACHE_DIR`) holds one folder per artifact sha256, shared by the
-processes of a machine. Using a model marks its folder (mtime); after each download, and when a worker
-starts, the least recently used folders beyond `TOTALRECALL_MODEL_DISK_CACHE_MB` are deleted, never the
-one just used. A folder is renamed away before it is deleted, so a process never sees half of one (one
+processes of a machine. Using a model marks its folder (mtime); after each download, when a worker starts
+and hourly, the least recently used folders beyond `TOTALRECALL_MODEL_DISK_CACHE_MB` are deleted, never
+the most recently used one. A folder is renamed away before it is deleted, so a process never sees half of one (one
 that was about to read it downloads the model again, `workers.model_cache`).
 
 A task killed mid-way (SIGKILL, out of memory, the hard time limit) leaves what its `finally` blocks would
@@ -22,17 +22,15 @@ import os
 import re
 import shutil
 import tempfile
-import threading
 import time
 import uuid
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from celery import bootsteps
-
 from common.logs import log_event
 from common.settings import get_settings
+from workers.periodic import PeriodicStep
 
 logger = logging.getLogger(__name__)
 
@@ -100,30 +98,17 @@ def tidy_worker_disk() -> None:
                   models_pruned=len(pruned), examples=",".join(p.name for p in swept[:3]))
 
 
-class DiskTidyStep(bootsteps.StartStopStep):
-    """Worker bootstep: `tidy_worker_disk` every `TIDY_INTERVAL` seconds, on a thread of its own so the
-    worker's event loop never waits for the disk (the first time is at start, `workers.tasks`)."""
+class DiskTidyStep(PeriodicStep):
+    """Worker bootstep: `tidy_worker_disk` every `TIDY_INTERVAL` seconds (the first time is at start,
+    `workers.tasks`)."""
 
-    requires = ("celery.worker.components:Timer",)
+    thread_name = "totalrecall-disk"
 
-    def __init__(self, parent: Any, **kwargs: Any) -> None:
-        super().__init__(parent, **kwargs)
-        self.tref: Any = None
-        self.thread: threading.Thread | None = None
+    def interval(self, parent: Any) -> float | None:
+        return TIDY_INTERVAL
 
-    def start(self, parent: Any) -> None:
-        self.tref = parent.timer.call_repeatedly(TIDY_INTERVAL, self.tick, priority=10)
-
-    def stop(self, parent: Any) -> None:
-        if self.tref is not None:
-            self.tref.cancel()
-            self.tref = None
-
-    def tick(self) -> None:
-        if self.thread is not None and self.thread.is_alive():
-            return
-        self.thread = threading.Thread(target=tidy_worker_disk, name="totalrecall-disk", daemon=True)
-        self.thread.start()
+    def work(self) -> None:
+        tidy_worker_disk()
 
 
 def _entries(folder: Path) -> list[os.DirEntry]:

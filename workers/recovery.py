@@ -8,47 +8,31 @@ waits for the database, the broker or storage. A sweep that fails is logged and 
 from __future__ import annotations
 
 import logging
-import threading
 from typing import Any
-
-from celery import bootsteps
 
 from common.logs import log_event
 from common.settings import get_settings
 from workers.job_state import describe_error
+from workers.periodic import PeriodicStep
 
 logger = logging.getLogger(__name__)
 
 
-class RecoveryStep(bootsteps.StartStopStep):
-    """Worker bootstep that schedules `sweep` on the worker's timer."""
+class RecoveryStep(PeriodicStep):
+    """Worker bootstep that runs `sweep` every `TOTALRECALL_RECOVERY_INTERVAL` seconds (not in-process)."""
 
-    requires = ("celery.worker.components:Timer",)
+    thread_name = "totalrecall-recovery"
+    owner = "worker"
 
-    def __init__(self, parent: Any, **kwargs: Any) -> None:
-        super().__init__(parent, **kwargs)
-        self.tref: Any = None
-        self.thread: threading.Thread | None = None
-        self.owner = "worker"
-
-    def start(self, parent: Any) -> None:
+    def interval(self, parent: Any) -> float | None:
         settings = get_settings()
         if settings.tasks_in_process:
-            return
+            return None
         self.owner = str(getattr(parent, "hostname", None) or "worker")
-        self.tref = parent.timer.call_repeatedly(settings.recovery_interval, self.tick, priority=10)
+        return settings.recovery_interval
 
-    def stop(self, parent: Any) -> None:
-        if self.tref is not None:
-            self.tref.cancel()
-            self.tref = None
-
-    def tick(self) -> None:
-        if self.thread is not None and self.thread.is_alive():
-            return
-        self.thread = threading.Thread(target=sweep, args=(self.owner,), name="totalrecall-recovery",
-                                       daemon=True)
-        self.thread.start()
+    def work(self) -> None:
+        sweep(self.owner)
 
 
 def sweep(owner: str) -> list[Any]:
