@@ -70,8 +70,6 @@ def test_workers_tidy_on_their_timer(tmp_path: Path, monkeypatch: pytest.MonkeyP
         monkeypatch.setenv(f"TOTALRECALL_{name}", value)
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     reset_settings_cache()
-    leftovers = [_make(scratch / "totalrecall-spool-x", 60), _make(cache / f".{SHA}-y", 60)]
-    recent = _make(scratch / "totalrecall-features-z", 0)
 
     class Timer:
         def __init__(self) -> None:
@@ -86,7 +84,9 @@ def test_workers_tidy_on_their_timer(tmp_path: Path, monkeypatch: pytest.MonkeyP
 
     try:
         step = DiskTidyStep(Worker())
-        step.start(Worker)
+        step.start(Worker)  # tidies once (nothing to do yet), then on the timer
+        leftovers = [_make(scratch / "totalrecall-spool-x", 60), _make(cache / f".{SHA}-y", 60)]
+        recent = _make(scratch / "totalrecall-features-z", 0)
         ((seconds, tick),) = Worker.timer.calls
         assert seconds == TIDY_INTERVAL
         tick()

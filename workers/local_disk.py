@@ -3,8 +3,8 @@
 The on-disk model cache (`TOTALRECALL_CACHE_DIR`) holds one folder per artifact sha256, shared by the
 processes of a machine. Using a model marks its folder (mtime); after each download, when a worker starts
 and hourly, the least recently used folders beyond `TOTALRECALL_MODEL_DISK_CACHE_MB` are deleted, never
-the most recently used one. A folder is renamed away before it is deleted, so a process never sees half of one (one
-that was about to read it downloads the model again, `workers.model_cache`).
+the most recently used one. A folder is renamed away before it is deleted, so a process never sees half
+of one (one that was about to read it downloads the model again, `workers.model_cache`).
 
 A task killed mid-way (SIGKILL, out of memory, the hard time limit) leaves what its `finally` blocks would
 have deleted: a half-downloaded model (`<cache_dir>/.<sha256>-*`) and a fit's scratch folders in TMPDIR
@@ -99,10 +99,14 @@ def tidy_worker_disk() -> None:
 
 
 class DiskTidyStep(PeriodicStep):
-    """Worker bootstep: `tidy_worker_disk` every `TIDY_INTERVAL` seconds (the first time is at start,
-    `workers.tasks`)."""
+    """Worker bootstep: `tidy_worker_disk` when the worker starts (logging is set up by then), then every
+    `TIDY_INTERVAL` seconds."""
 
     thread_name = "totalrecall-disk"
+
+    def start(self, parent: Any) -> None:
+        tidy_worker_disk()
+        super().start(parent)
 
     def interval(self, parent: Any) -> float | None:
         return TIDY_INTERVAL

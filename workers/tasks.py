@@ -32,7 +32,7 @@ from typing import Any
 
 from celery import Task
 from celery.exceptions import SoftTimeLimitExceeded
-from celery.signals import celeryd_after_setup, worker_init, worker_process_init
+from celery.signals import worker_init, worker_process_init
 from kombu.exceptions import OperationalError as BrokerError
 
 from common.db import is_transient_db_error
@@ -56,15 +56,6 @@ def _preload_engine(**_: Any) -> None:
     """Import the engine (torch) in the worker's main process, before the pool forks its children."""
     import workers.fitting  # noqa: F401
     import workers.scoring  # noqa: F401
-
-
-@celeryd_after_setup.connect
-def _tidy_disk(**_: Any) -> None:
-    """When a worker starts (logging set up, pool not started yet): delete the leftovers of tasks killed
-    on this machine and bring the model cache within its bound (`workers.local_disk`)."""
-    from workers.local_disk import tidy_worker_disk
-
-    tidy_worker_disk()
 
 
 @worker_process_init.connect
