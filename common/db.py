@@ -400,6 +400,7 @@ _TRANSIENT_DB_MESSAGES = (
     "network is unreachable",
     "broken pipe",
     "database is locked",
+    "deadlock detected",  # PostgreSQL aborted one of two transactions that waited on each other
 )
 
 

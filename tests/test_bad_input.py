@@ -208,3 +208,14 @@ def test_odd_keys_and_empty_objects_through_s3_and_a_worker(c: Cluster) -> None:
     ok(c.cli("score", PRODUCT, "--images", f"s3://{c.bucket}/adhoc/after/", "--wait"))
     assert [r.status for r in c.results(image_uri=again)] == ["ok"]
     assert c.workers["w"].alive()
+    # The empty file replaced by an image and the folder scored again: both failed images move to the
+    # new job (one now ok, one failed again), and the nightly's counts follow its remaining rows.
+    c.put(f"{prefix}/empty.png", png_bytes(nominal_image(73, SIZE)))
+    ok(c.cli("score", PRODUCT, "--images", f"s3://{c.bucket}/{prefix}/", "--wait"))
+    (repaired,), (still_bad,) = c.results(image_uri=empty), c.results(image_uri=text)
+    assert (repaired.status, still_bad.status) == ("ok", "failed")
+    assert repaired.job_id == still_bad.job_id != job.id
+    rescore = c.job(repaired.job_id)
+    assert (rescore.status, rescore.total, rescore.done, rescore.failed) == ("succeeded", 2, 1, 1)
+    nightly = c.job(job.id)
+    assert (nightly.status, nightly.total, nightly.done, nightly.failed) == ("succeeded", 2, 2, 0)

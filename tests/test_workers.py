@@ -430,12 +430,20 @@ def test_a_broken_model_fails_its_product_only_and_its_date_is_retried(embedded:
 def test_adhoc_scoring_skips_ok_images_and_retries_failed_ones(embedded: Embedded) -> None:
     day = date(2026, 3, 1)
     folder = embedded.archive_uri(day)
+    (nightly,) = {r.job_id for r in _results() if r.image_uri.startswith(folder)}
+    before = _job(nightly)
+    assert (before.status, before.done, before.failed, before.total) == ("succeeded", 8, 1, 9)
     embedded.store.put_bytes(f"archive/{day.isoformat()}/{PRODUCT}/corrupt.png",
                              png_bytes(nominal_image(99, SIZE)))  # repaired
     scheduled = score_images(PRODUCT, folder)
     assert (scheduled.total, scheduled.skipped) == (1, 8)
     job = _job(scheduled.job_id)
     assert (job.status, job.done, job.failed, job.total) == ("succeeded", 1, 0, 1)
+    after = _job(nightly)  # the image moved to the new job: the nightly's counts are those of its rows
+    assert (after.status, after.done, after.failed, after.total) == ("succeeded", 8, 0, 8)
+    assert (after.finished_at, after.median_score) == (before.finished_at, before.median_score)
+    (view,) = load_jobs([nightly])
+    assert (view.total, view.done, view.failed) == (8, 8, 0)  # what `totalrecall jobs` shows
     (row,) = _results(scheduled.job_id)
     assert row.image_uri.endswith("corrupt.png") and row.status == "ok" and row.captured_date is None
     assert f"/job-{scheduled.job_id}/corrupt.png_mask.png" in row.mask_uri

@@ -11,13 +11,24 @@ are safe to run twice. A succeeded job is never marked failed (a late duplicate 
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from common.db import Job, JobKind, JobStatus, Result, ResultStatus, in_transaction, record_results, utcnow
+from common.db import (
+    Job,
+    JobKind,
+    JobStatus,
+    Result,
+    ResultStatus,
+    in_chunks,
+    in_transaction,
+    record_results,
+    utcnow,
+)
 from common.drift import drift_warning
 from common.logs import log_event
 from common.settings import get_settings, redact_text
@@ -69,20 +80,58 @@ def lock_job(session: Session, job_id: int) -> Job:
 
 def record_chunk(job_id: int, rows: Sequence[dict[str, Any]]) -> None:
     """Write a chunk's result rows and recount its job, in one transaction (retried if interrupted);
-    the chunk that finishes a drifted job logs `score_drift`."""
+    the chunk that finishes a drifted job logs `score_drift`.
 
-    def work(session: Session) -> tuple[float, str] | None:
+    A row that replaces another job's failed result (an ad-hoc job scoring an image again) moves that
+    image to this job: the earlier job's total and counts drop by it, so every job's counts stay those of
+    its own rows."""
+
+    def work(session: Session) -> tuple[dict[int, int], tuple[float, str] | None]:
         job = lock_job(session, job_id)
+        moved = superseded_failures(session, job_id, rows)
+        earlier = [lock_job(session, other) for other in sorted(moved)]  # one lock order: no deadlock
         record_results(session, rows)
         finished_before = job.status == JobStatus.SUCCEEDED.value
         refresh_counts(session, job)
+        for other in earlier:
+            other.total -= moved[other.id]
+            if other.status in (JobStatus.QUEUED.value, JobStatus.RUNNING.value):
+                refresh_counts(session, other)
+            else:  # a finished job keeps its outcome; only its counts follow its rows
+                count_results(session, other)
         if finished_before or job.warning is None:
-            return None
-        return job.median_score, job.warning
+            return moved, None
+        return moved, (job.median_score, job.warning)
 
-    drift = in_transaction(work)
+    moved, drift = in_transaction(work)
+    for other, images in sorted(moved.items()):
+        log_event(logger, logging.INFO, "results_moved", job=other, to_job=job_id, images=images)
     if drift is not None:
         log_event(logger, logging.WARNING, "score_drift", job=job_id, median_score=drift[0], warning=drift[1])
+
+
+def superseded_failures(session: Session, job_id: int, rows: Sequence[dict[str, Any]]) -> dict[int, int]:
+    """{job id: images} of the other jobs' failed results that `rows` will replace (rows locked)."""
+    moved: Counter[int] = Counter()
+    for version_id in {row["model_version_id"] for row in rows}:
+        uris = [row["image_uri"] for row in rows if row["model_version_id"] == version_id]
+        for part in in_chunks(uris):
+            moved.update(session.scalars(
+                select(Result.job_id).where(
+                    Result.model_version_id == version_id,
+                    Result.image_uri.in_(part),
+                    Result.status == ResultStatus.FAILED.value,
+                    Result.job_id != job_id,
+                ).with_for_update()
+            ))
+    return dict(moved)
+
+
+def count_results(session: Session, job: Job) -> None:
+    """Set the job's done/failed from its result rows."""
+    ok = func.count().filter(Result.status == ResultStatus.OK.value)
+    failed = func.count().filter(Result.status == ResultStatus.FAILED.value)
+    job.done, job.failed = session.execute(select(ok, failed).where(Result.job_id == job.id)).one()
 
 
 def refresh_counts(session: Session, job: Job) -> None:
@@ -90,9 +139,7 @@ def refresh_counts(session: Session, job: Job) -> None:
 
     Call with the job row locked (`lock_job`) in the transaction that wrote the rows.
     """
-    ok = func.count().filter(Result.status == ResultStatus.OK.value)
-    failed = func.count().filter(Result.status == ResultStatus.FAILED.value)
-    job.done, job.failed = session.execute(select(ok, failed).where(Result.job_id == job.id)).one()
+    count_results(session, job)
     if job.done + job.failed >= job.total and job.status != JobStatus.SUCCEEDED.value:
         if job.status == JobStatus.FAILED.value:  # a retry completed what an earlier attempt did not
             job.error = None
