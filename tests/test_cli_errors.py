@@ -96,6 +96,10 @@ def test_bad_arguments_are_refused_before_anything_is_written(tmp_path: Path, ca
                                   "--backbone", "nosuch"], "unknown backbone 'nosuch'"),
             "no dimension per layer": (["product", "add", "x", "--train", train, "--archive", archive,
                                         "--embed-dim", "1"], "embed_dim must give each layer"),
+            "unknown stage": (["product", "add", "x", "--train", train, "--archive", archive,
+                               "--layers", "layer2,layer3"], "unknown layer(s) layer2, layer3 for efficientnet"),
+            "a stage twice": (["product", "add", "x", "--train", train, "--archive", archive,
+                               "--layers", "blocks.2,blocks.2"], "layers name a stage twice"),
         }
         for what, (args, message) in refused.items():
             assert main(args) == 2, what
@@ -110,6 +114,10 @@ def test_bad_arguments_are_refused_before_anything_is_written(tmp_path: Path, ca
         for args, message in (
             (["product", "set", "part", "--train", " "], "train folder cannot be empty"),
             (["product", "set", "part", "--backbone", "bogus"], "unknown backbone 'bogus'"),
+            (["product", "set", "part", "--layers", "blocks.2,blocks.42"],
+             "unknown layer(s) blocks.42 for efficientnet_lite0: choose from blocks.0, "),
+            (["product", "set", "part", "--backbone", "resnet18", "--layers", "blocks.2,blocks.4"],
+             "unknown layer(s) blocks.2, blocks.4 for resnet18: choose from layer1, "),
             (["product", "set", "part", "--max-false-alarms", "0.1"], "give the product a validation folder"),
         ):
             capsys.readouterr()

@@ -294,3 +294,30 @@ def test_settings_name_the_backbones_that_are_built() -> None:
     from common.engine.config import BACKBONE_NAMES
 
     assert tuple(BACKBONES) == BACKBONE_NAMES
+
+
+def _untrained(name: str) -> nn.Module:
+    """The network of backbone `name` with random weights (no weights file needed)."""
+    if name.startswith("efficientnet_lite"):
+        import timm
+
+        return timm.create_model(f"tf_{name}", pretrained=False)
+    import torchvision.models as tvm
+
+    return getattr(tvm, name)(weights=None)
+
+
+@pytest.mark.parametrize("name", ["wide_resnet50_2", "resnet18", "efficientnet_lite0", "efficientnet_lite2"])
+def test_settings_stage_names_are_the_networks_feature_maps(name: str) -> None:
+    """`PatchCoreConfig` checks `layers` against `BACKBONE_STAGES` without building anything: each name
+    there must be a stage of the real network giving a feature map, the default pair at strides 8 and 16."""
+    from common.engine.backbones import StageExtractor
+    from common.engine.config import BACKBONE_STAGES
+
+    stages = BACKBONE_STAGES[name]
+    assert set(get_spec(name).default_layers) <= set(stages)
+    extractor = StageExtractor(_untrained(name).eval(), stages)
+    with torch.no_grad():
+        maps = dict(zip(stages, extractor(torch.zeros(1, 3, 64, 64)), strict=True))
+    assert all(m.ndim == 4 for m in maps.values())
+    assert [maps[layer].shape[-1] for layer in get_spec(name).default_layers] == [64 // 8, 64 // 16]

@@ -8,8 +8,16 @@ from typing import Any
 RESIZE_MODES = ("auto", "keep_aspect", "square", "scale")
 INDEX_TYPES = ("flat", "ivf_flat", "ivf_pq")
 PRECISIONS = ("auto", "fp32", "bf16")
-# `common.engine.backbones.BACKBONES` builds these (named here so that checking a setting needs no torch)
-BACKBONE_NAMES = ("wide_resnet50_2", "resnet18", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
+# `common.engine.backbones.BACKBONES` builds these; their stages (feature maps) a model may take as
+# `layers`, named here so that checking a setting needs no torch (a test checks them against the networks)
+_RESNET_STAGES = ("layer1", "layer2", "layer3", "layer4")
+_LITE_STAGES = tuple(f"blocks.{i}" for i in range(7))
+BACKBONE_STAGES: dict[str, tuple[str, ...]] = {
+    "wide_resnet50_2": _RESNET_STAGES,
+    "resnet18": _RESNET_STAGES,
+    **{f"efficientnet_lite{v}": _LITE_STAGES for v in (0, 1, 2)},
+}
+BACKBONE_NAMES = tuple(BACKBONE_STAGES)
 
 
 @dataclass(frozen=True)
@@ -57,6 +65,8 @@ class PatchCoreConfig:
         if self.layers is not None and (isinstance(self.layers, str) or not self.layers
                                         or not all(isinstance(n, str) and n for n in self.layers)):
             raise ValueError(f"layers must be stage names such as blocks.2,blocks.4, not {self.layers!r}")
+        if self.layers is not None:
+            self._check_stages()
         if self.embed_dim < len(self.layers or (None, None)):
             raise ValueError("embed_dim must give each layer at least one dimension")
         if self.projection_dim < 1 or self.batch_size < 1:
@@ -90,6 +100,15 @@ class PatchCoreConfig:
             raise ValueError("index_min_bank, index_nlist and index_pq_m must be >= 0, index_nprobe >= 1")
         if self.layers is not None:
             object.__setattr__(self, "layers", tuple(self.layers))
+
+    def _check_stages(self) -> None:
+        stages = BACKBONE_STAGES[self.backbone]
+        unknown = [name for name in self.layers if name not in stages]
+        if unknown:
+            raise ValueError(f"unknown layer(s) {', '.join(unknown)} for {self.backbone}: choose from "
+                             f"{', '.join(stages)} (or no layers: its stride-8 and stride-16 stages)")
+        if len(set(self.layers)) < len(self.layers):
+            raise ValueError(f"layers name a stage twice: {','.join(self.layers)}")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
