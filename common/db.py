@@ -361,7 +361,7 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     if parsed.get_backend_name() == "sqlite":
         database = parsed.database
         if database and database != ":memory:" and not database.startswith("file:"):
-            Path(database).expanduser().absolute().parent.mkdir(parents=True, exist_ok=True)
+            _sqlite_folder(Path(database).absolute().parent)
         kwargs.setdefault("connect_args", {}).setdefault("timeout", 30)
         engine = create_engine(parsed, pool_pre_ping=True, **kwargs)
         event.listen(engine, "connect", _sqlite_pragmas)
@@ -374,6 +374,16 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
         event.listen(engine, "do_connect", _connect_retrying)
         return engine
     return create_engine(parsed, pool_pre_ping=True, **kwargs)
+
+
+def _sqlite_folder(folder: Path) -> None:
+    """Create the embedded default's home; any other SQLite database's folder must exist already (a
+    mistyped TOTALRECALL_DATABASE_URL would otherwise start an empty database somewhere unexpected)."""
+    if folder == get_settings().home:
+        folder.mkdir(parents=True, exist_ok=True)
+    elif not folder.is_dir():
+        raise FileNotFoundError(f"the SQLite database's folder {folder} does not exist: create it, or "
+                                f"correct TOTALRECALL_DATABASE_URL")
 
 
 # Lower-case fragments of driver messages that mean "unreachable, restarting or dropped: try again".

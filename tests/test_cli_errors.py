@@ -152,3 +152,27 @@ def test_a_job_that_scored_no_image_exits_1_and_its_images_cannot_be_reviewed(tm
         assert "no image could be scored" in capsys.readouterr().err
         assert main(["review", "mark", "part", broken[0], "--good"]) == 2
         assert "no successful result" in capsys.readouterr().err
+
+
+def test_a_sqlite_url_into_a_missing_folder_is_refused(tmp_path: Path, monkeypatch, capsys) -> None:
+    """The embedded default creates its own home; a mistyped database URL is an error, not a new empty
+    database in a folder nobody meant."""
+    from tests.conftest import apply_settings
+
+    typo = tmp_path / "nosuch" / "totalrecall.db"
+    for name in [n for n in os.environ if n.startswith("TOTALRECALL_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("TOTALRECALL_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("TOTALRECALL_DATABASE_URL", f"sqlite:///{typo}")
+    apply_settings()
+    try:
+        assert main(["db", "upgrade"]) == 2
+        assert f"the SQLite database's folder {typo.parent} does not exist" in capsys.readouterr().err
+        assert not typo.parent.exists()
+        monkeypatch.delenv("TOTALRECALL_DATABASE_URL")
+        apply_settings()
+        assert main(["db", "upgrade"]) == 0  # the default database in a home that does not exist yet
+        assert (tmp_path / "home" / "totalrecall.db").is_file()
+    finally:
+        monkeypatch.undo()
+        apply_settings()
