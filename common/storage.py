@@ -410,7 +410,7 @@ class S3Storage(Storage):
         _check_prefix(prefix)
         paginator = self.client.get_paginator("list_objects_v2")
         keys = []
-        with self._errors(prefix or "."):
+        with self._errors(prefix):  # the error names the listed folder itself
             for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + prefix):
                 keys.extend(obj["Key"][len(self.prefix) :] for obj in page.get("Contents", ()))
         return sorted(k for k in keys if k and not k.endswith("/"))  # skip "folder" marker objects

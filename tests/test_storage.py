@@ -181,6 +181,9 @@ def test_s3_missing_bucket_is_a_clear_error(s3_env: str) -> None:
     store = open_storage("s3://tr-test-bucket-that-does-not-exist/")
     with pytest.raises(StorageError, match="does not exist"):
         store.get_bytes("k")
+    with pytest.raises(StorageError) as listing:  # a folder's error names the folder
+        open_storage("s3://tr-test-bucket-that-does-not-exist/archive/").list()
+    assert "(accessing s3://tr-test-bucket-that-does-not-exist/archive/)" in str(listing.value)
 
 
 def test_s3_unreachable_endpoint_is_unavailable(monkeypatch: pytest.MonkeyPatch) -> None:
