@@ -67,7 +67,7 @@ class PatchCoreConfig:
             raise ValueError(f"layers must be stage names such as blocks.2,blocks.4, not {self.layers!r}")
         if self.layers is not None:
             self._check_stages()
-        if self.embed_dim < len(self.layers or (None, None)):
+        if self.embed_dim < (len(self.layers) if self.layers else 2):  # default: two stages
             raise ValueError("embed_dim must give each layer at least one dimension")
         if self.projection_dim < 1 or self.batch_size < 1:
             raise ValueError("projection_dim and batch_size must be >= 1")
