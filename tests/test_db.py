@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, date, datetime, timedelta
@@ -27,6 +28,7 @@ from common.db import (
     activate_model_version,
     anomaly_history,
     get_engine,
+    in_transaction,
     job_summary,
     make_engine,
     record_results,
@@ -290,6 +292,37 @@ def test_concurrent_activations_of_one_product_do_not_collide(clean_pg_url: str)
     with session_scope(clean_pg_url) as session:
         active = session.scalars(sa.select(ModelVersion.id).filter_by(product_id=product_id, is_active=True))
         assert active.all() == [ids[1]]
+
+
+@pytest.mark.integration
+def test_a_deadlock_is_retried_by_in_transaction(clean_pg_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Two transactions lock two rows in opposite orders: PostgreSQL aborts one ("deadlock detected"),
+    and `in_transaction` runs it again, so both changes land."""
+    import threading
+
+    with session_scope(clean_pg_url) as session:
+        ids = [_product(session).id for _ in range(2)]
+    meeting = threading.Barrier(2)
+    done: list[str] = []
+
+    def lock_both(first: int, second: int, name: str) -> None:
+        def work(session: Session) -> None:
+            session.get(Product, first, with_for_update=True)
+            with contextlib.suppress(threading.BrokenBarrierError):  # broken: this is the retry, alone
+                meeting.wait(timeout=10)  # both hold their first row: the next lock closes the cycle
+            session.get(Product, second, with_for_update=True).validation_uri = name
+        in_transaction(work, clean_pg_url)
+        done.append(name)
+
+    threads = [threading.Thread(target=lock_both, args=(a, b, n))
+               for a, b, n in ((ids[0], ids[1], "x"), (ids[1], ids[0], "y"))]
+    with caplog.at_level("WARNING", logger="common.db"):
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+    assert sorted(done) == ["x", "y"]
+    assert any("deadlock detected" in r.getMessage() for r in caplog.records)
 
 
 def test_a_plain_postgresql_url_uses_the_installed_driver() -> None:

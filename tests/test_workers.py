@@ -5,6 +5,7 @@ One small product is fitted once per module; the tests then score, reschedule an
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import statistics
@@ -465,6 +466,46 @@ def test_in_process_job_whose_images_another_job_scored_first_finishes(embedded:
     job = _job(second)
     assert (job.status, job.done, job.failed, job.total) == ("succeeded", 0, 0, 0)
     assert {r.image_uri for r in _results(first.job_id)} == set(uris)
+
+
+def test_two_jobs_taking_failed_images_of_one_job_at_once_leave_its_counts_right(
+        embedded: Embedded, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two chunks (of two jobs) replace failed results of one earlier job at the same moment: each takes
+    the job's lock before reading what it moves, so neither reads a total the other is changing (SQLite
+    has no row locks: `lock_job` writes first there). Each chunk waits up to 2 s for the other after
+    reading; without the lock both read the same total and one decrement is lost."""
+    from workers import job_state
+
+    version = _active_version()
+    earlier, first, second = (_adhoc_job(version, "race/", total) for total in (3, 1, 1))
+
+    def row(job_id: int, name: str, status: str) -> dict:
+        return {"job_id": job_id, "model_version_id": version.id, "product_id": version.product_id,
+                "image_uri": f"race/{name}.png", "status": status,
+                "score": 1.0 if status == "ok" else None, "error": "broken" if status == "failed" else None}
+
+    job_state.record_chunk(earlier, [row(earlier, "x1", "failed"), row(earlier, "x2", "failed"),
+                                     row(earlier, "y", "ok")])
+    meeting = threading.Barrier(2)
+    read_moves = job_state.superseded_failures
+
+    def read_then_meet(*args: object) -> dict[int, int]:
+        moved = read_moves(*args)
+        with contextlib.suppress(threading.BrokenBarrierError):  # the other chunk waits for our lock
+            meeting.wait(timeout=2)
+        return moved
+
+    monkeypatch.setattr(job_state, "superseded_failures", read_then_meet)
+    chunks = [threading.Thread(target=job_state.record_chunk, args=(job, [row(job, name, "ok")]))
+              for job, name in ((first, "x1"), (second, "x2"))]
+    for chunk in chunks:
+        chunk.start()
+    for chunk in chunks:
+        chunk.join()
+    counts = {job: (j.status, j.total, j.done, j.failed) for job in (earlier, first, second)
+              for j in [_job(job)]}
+    assert counts == {earlier: ("succeeded", 1, 1, 0), first: ("succeeded", 1, 1, 0),
+                      second: ("succeeded", 1, 1, 0)}
 
 
 def test_missing_image_is_a_failed_row_and_the_rest_goes_on(embedded: Embedded) -> None:

@@ -72,6 +72,14 @@ def mark_failed(job_id: int, error: str) -> str | None:
 
 
 def lock_job(session: Session, job_id: int) -> Job:
+    """The job's row, locked until the transaction ends: no other transaction writes it meanwhile.
+
+    SQLite has no row locks, and Python's sqlite3 begins a transaction only at the first write, so reads
+    before it see data another writer may change before this one commits: a write comes first there,
+    which takes SQLite's one write lock (waiting up to its busy timeout) for the whole transaction."""
+    if session.get_bind().dialect.name == "sqlite":
+        session.execute(update(Job).where(Job.id == job_id).values(status=Job.status)
+                        .execution_options(synchronize_session=False))
     job = session.get(Job, job_id, with_for_update=True)
     if job is None:
         raise LookupError(f"job {job_id} does not exist")
@@ -89,7 +97,8 @@ def record_chunk(job_id: int, rows: Sequence[dict[str, Any]]) -> None:
     def work(session: Session) -> tuple[dict[int, int], tuple[float, str] | None]:
         job = lock_job(session, job_id)
         moved = superseded_failures(session, job_id, rows)
-        earlier = [lock_job(session, other) for other in sorted(moved)]  # one lock order: no deadlock
+        # PostgreSQL: a deadlock with a chunk of one of those jobs is possible, and retried (in_transaction)
+        earlier = [lock_job(session, other) for other in sorted(moved)]
         record_results(session, rows)
         finished_before = job.status == JobStatus.SUCCEEDED.value
         refresh_counts(session, job)
