@@ -57,6 +57,7 @@ def add_product(name: str, train_uri: str, archive_uri_template: str, config: Pa
     _check_archive_template(archive_uri_template)
     _check_false_alarms(max_false_alarms)
     _check_roi(config.center_crop, roi_uri)
+    config.check_stages()
     try:
         with session_scope() as session:
             taken = session.scalar(select(Product.name).where(func.lower(Product.name) == name.lower()))
@@ -108,7 +109,10 @@ def update_product(name: str, train_uri: str | None = None, archive_uri_template
                 setattr(product, attribute, new)
         if settings:
             before = PatchCoreConfig.from_dict(product.fit_config).to_dict()
-            after = PatchCoreConfig.from_dict({**before, **settings}).to_dict()  # validates, or raises
+            after_config = PatchCoreConfig.from_dict({**before, **settings})  # validates, or raises
+            if {"backbone", "layers"} & set(settings):
+                after_config.check_stages()
+            after = after_config.to_dict()
             changes.update({k: (before[k], after[k]) for k in after if after[k] != before[k]})
             product.fit_config = after
         _check_roi(product.fit_config.get("center_crop"), product.roi_uri)  # raising rolls it all back

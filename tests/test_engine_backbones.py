@@ -26,6 +26,7 @@ from common.engine.backbones import (
     map_lukemelas_to_timm,
     static_same_padding,
 )
+from common.engine.config import BACKBONE_NAMES
 
 CAT_CLASSES = set(range(281, 286))  # tabby, tiger cat, Persian, Siamese, Egyptian cat
 ESPRESSO = 967
@@ -307,7 +308,7 @@ def _untrained(name: str) -> nn.Module:
     return getattr(tvm, name)(weights=None)
 
 
-@pytest.mark.parametrize("name", ["wide_resnet50_2", "resnet18", "efficientnet_lite0", "efficientnet_lite2"])
+@pytest.mark.parametrize("name", BACKBONE_NAMES)
 def test_settings_stage_names_are_the_networks_feature_maps(name: str) -> None:
     """`PatchCoreConfig` checks `layers` against `BACKBONE_STAGES` without building anything: each name
     there must be a stage of the real network giving a feature map, the default pair at strides 8 and 16."""
@@ -321,3 +322,14 @@ def test_settings_stage_names_are_the_networks_feature_maps(name: str) -> None:
         maps = dict(zip(stages, extractor(torch.zeros(1, 3, 64, 64)), strict=True))
     assert all(m.ndim == 4 for m in maps.values())
     assert [maps[layer].shape[-1] for layer in get_spec(name).default_layers] == [64 // 8, 64 // 16]
+
+
+def test_layers_stored_before_the_stage_check_still_load() -> None:
+    """Settings made now must name stages; stored ones (any top-level module was accepted before) load."""
+    from common.engine.config import PatchCoreConfig
+
+    old = PatchCoreConfig.from_dict({"layers": ["blocks.2", "conv_head"]})
+    assert old.layers == ("blocks.2", "conv_head")
+    with pytest.raises(ValueError, match="unknown layer"):
+        old.check_stages()
+    PatchCoreConfig(layers=("blocks.3", "blocks.5")).check_stages()

@@ -65,8 +65,6 @@ class PatchCoreConfig:
         if self.layers is not None and (isinstance(self.layers, str) or not self.layers
                                         or not all(isinstance(n, str) and n for n in self.layers)):
             raise ValueError(f"layers must be stage names such as blocks.2,blocks.4, not {self.layers!r}")
-        if self.layers is not None:
-            self._check_stages()
         if self.embed_dim < (len(self.layers) if self.layers else 2):  # default: two stages
             raise ValueError("embed_dim must give each layer at least one dimension")
         if self.projection_dim < 1 or self.batch_size < 1:
@@ -101,7 +99,12 @@ class PatchCoreConfig:
         if self.layers is not None:
             object.__setattr__(self, "layers", tuple(self.layers))
 
-    def _check_stages(self) -> None:
+    def check_stages(self) -> None:
+        """Refuse layers that are not stages of the backbone, or name one twice. For settings being made
+        (`product add/set`), not in `__post_init__`: versions before this check accepted any top-level
+        module (e.g. `conv_head`), and their stored settings and artifacts must still load."""
+        if self.layers is None:
+            return
         stages = BACKBONE_STAGES[self.backbone]
         unknown = [name for name in self.layers if name not in stages]
         if unknown:
