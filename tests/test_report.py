@@ -32,6 +32,7 @@ from common.db import (
     utcnow,
 )
 from common.migrate import upgrade
+from common.settings import reset_settings_cache
 from common.synthetic import mask_png_bytes, nominal_image, plant_defect, png_bytes
 from tests.synthetic import mono12_png
 from totalrecall.report import (
@@ -330,6 +331,7 @@ def test_report_shows_the_median_score_and_a_drift_warning(tmp_path: Path) -> No
 def test_report_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     s = _setup(tmp_path)
     monkeypatch.setenv("TOTALRECALL_DATABASE_URL", s.url)
+    reset_settings_cache()  # `_setup` read the settings (opening its database) before this variable
     parser = argparse.ArgumentParser(prog="totalrecall")
     add_report_command(parser.add_subparsers(dest="command", required=True))
     out = tmp_path / "cli" / "job.html"
