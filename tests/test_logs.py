@@ -126,3 +126,17 @@ def test_fit_and_chunks_log_start_and_end_with_job_and_product(embedded: Storage
     assert all(float(f["seconds"]) > 0 and "stopped" not in f for f in ends)
     (loaded,) = _events(caplog, "model_loaded")  # once per process, inside the first chunk
     assert loaded["job"] == str(job.job_id) and loaded["source"] == "storage"
+
+
+def test_every_event_the_code_logs_is_listed_in_the_readme() -> None:
+    """Operators grep for `event=NAME`: the README's list must name every event the product emits."""
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    emitted = set()
+    for package in ("common", "workers", "scheduler", "totalrecall"):
+        for source in (root / package).rglob("*.py"):
+            emitted |= set(re.findall(r'log_event\([^")]*"([a-z_]+)"', source.read_text()))
+    assert len(emitted) > 30  # the pattern still finds the calls
+    readme = (root / "README.md").read_text()
+    assert sorted(e for e in emitted if f"`{e}`" not in readme) == []
