@@ -10,6 +10,7 @@ import io
 import logging
 import statistics
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
@@ -506,6 +507,39 @@ def test_two_jobs_taking_failed_images_of_one_job_at_once_leave_its_counts_right
               for j in [_job(job)]}
     assert counts == {earlier: ("succeeded", 1, 1, 0), first: ("succeeded", 1, 1, 0),
                       second: ("succeeded", 1, 1, 0)}
+
+
+def test_a_job_completing_while_it_is_marked_failed_ends_succeeded(embedded: Embedded,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """`mark_failed` reads the job, then writes; a chunk that completes the job in between must not be
+    overwritten with `failed` (a succeeded job is never marked failed). On SQLite the read takes the
+    write lock first (`locked_job`), so the chunk waits and completes the job after: succeeded."""
+    from workers import job_state
+
+    version = _active_version()
+    job_id = _adhoc_job(version, "race-fail/", 1)
+    read = threading.Event()
+    real_utcnow = job_state.utcnow
+
+    def utcnow_after_the_chunk():  # called by mark_failed between its read and its write
+        read.set()
+        time.sleep(1.5)  # the chunk commits here, unless it waits for our lock
+        return real_utcnow()
+
+    def chunk() -> None:
+        read.wait(10)
+        job_state.record_chunk(job_id, [{"job_id": job_id, "model_version_id": version.id,
+                                         "product_id": version.product_id, "image_uri": "race-fail/a.png",
+                                         "status": "ok", "score": 1.0}])
+
+    monkeypatch.setattr(job_state, "utcnow", utcnow_after_the_chunk)
+    other = threading.Thread(target=chunk)
+    other.start()
+    job_state.mark_failed(job_id, "a late failure")
+    monkeypatch.setattr(job_state, "utcnow", real_utcnow)
+    other.join(60)
+    job = _job(job_id)
+    assert (job.status, job.done, job.total, job.error) == ("succeeded", 1, 1, None)
 
 
 def test_missing_image_is_a_failed_row_and_the_rest_goes_on(embedded: Embedded) -> None:

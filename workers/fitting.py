@@ -20,7 +20,9 @@ Publishing (upload of the artifact, then the version row) happens with the job r
 the version is still `training`: two attempts of one fit (a task redelivered while its first worker was
 still running) never overwrite each other's artifact, and the version that becomes active always has the
 complete artifact whose sha256 it records. A worker dying mid-upload leaves the version `training`
-(nothing references the partial upload); the redelivered task uploads again.
+(nothing references the partial upload); the redelivered task uploads again. (On SQLite the lock is the
+whole database's write lock: other writers wait for the upload, up to the busy timeout and then
+`in_transaction`'s retries; fine for the embedded default's local folder, slow for large banks on S3.)
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ from common.images import IMAGE_SUFFIXES
 from common.logs import log_context, log_event
 from common.settings import get_settings
 from common.storage import StorageError, StorageUnavailable, list_uris, open_storage, read_uri
-from workers.job_state import describe_error, lock_job, name_failures
+from workers.job_state import describe_error, lock_job, locked_job, name_failures
 from workers.reviews import Confirmed, check_confirmed, confirmed_defects, reviewed_good
 from workers.validation import calibrate_on_validation_set, list_validation_set
 
@@ -288,7 +290,7 @@ def fail_fit(job_id: int, error: str) -> str | None:
     """
 
     def work(session: Session) -> str | None:
-        job = session.get(Job, job_id, with_for_update=True)
+        job = locked_job(session, job_id)
         if job is None or job.status == JobStatus.SUCCEEDED.value:
             return None
         job.status, job.error, job.finished_at = JobStatus.FAILED.value, error, utcnow()

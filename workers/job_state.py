@@ -60,7 +60,7 @@ def mark_failed(job_id: int, error: str) -> str | None:
     """Mark the job failed with `error`, unless it has already succeeded; its product's name if it did."""
 
     def work(session: Session) -> str | None:
-        job = session.get(Job, job_id, with_for_update=True)
+        job = locked_job(session, job_id)
         if job is None or job.status == JobStatus.SUCCEEDED.value:
             return None
         job.status, job.error, job.finished_at = JobStatus.FAILED.value, error, utcnow()
@@ -72,7 +72,16 @@ def mark_failed(job_id: int, error: str) -> str | None:
 
 
 def lock_job(session: Session, job_id: int) -> Job:
-    """The job's row, locked until the transaction ends: no other transaction writes it meanwhile.
+    """The job's row, locked until the transaction ends (`locked_job`); LookupError if there is none."""
+    job = locked_job(session, job_id)
+    if job is None:
+        raise LookupError(f"job {job_id} does not exist")
+    return job
+
+
+def locked_job(session: Session, job_id: int) -> Job | None:
+    """The job's row (None if there is none), locked until the transaction ends: no other transaction
+    writes it meanwhile.
 
     SQLite has no row locks, and Python's sqlite3 begins a transaction only at the first write, so reads
     before it see data another writer may change before this one commits: a write comes first there,
@@ -80,10 +89,7 @@ def lock_job(session: Session, job_id: int) -> Job:
     if session.get_bind().dialect.name == "sqlite":
         session.execute(update(Job).where(Job.id == job_id).values(status=Job.status)
                         .execution_options(synchronize_session=False))
-    job = session.get(Job, job_id, with_for_update=True)
-    if job is None:
-        raise LookupError(f"job {job_id} does not exist")
-    return job
+    return session.get(Job, job_id, with_for_update=True)
 
 
 def record_chunk(job_id: int, rows: Sequence[dict[str, Any]]) -> None:
