@@ -33,6 +33,7 @@ class VersionInfo:
     activation: dict[str, Any] | None  # the fit's activation rule outcome: passed, reason
     validation_set: dict[str, Any] | None  # labelled images the thresholds were set on (F1), if any
     reviewed_good_images: int | None  # images reviewed good that joined the bank
+    reviewed_good_failed: int | None  # images reviewed good that could not be read
     confirmed_defects: dict[str, Any] | None  # images reviewed defective, scored by this version
     roi_fraction: float | None  # of each image inspected; None: the whole image
     error: str | None
@@ -100,5 +101,6 @@ def _info(v: ModelVersion) -> VersionInfo:
         bank_size=validation.get("bank_size"), image_threshold=v.image_threshold,
         nominal_median_score=v.nominal_median_score, activation=validation.get("activation"),
         validation_set=validation.get("validation_set"), reviewed_good_images=validation.get("reviewed_good_images"),
+        reviewed_good_failed=validation.get("reviewed_good_failed"),
         confirmed_defects=validation.get("confirmed_defects"), roi_fraction=validation.get("roi_fraction"),
         error=v.error, config=dict(v.config or {}))

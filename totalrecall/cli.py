@@ -191,10 +191,13 @@ def _fit_inputs(v: VersionInfo) -> str:
     parts = []
     if v.roi_fraction is not None:
         parts.append(f"roi {v.roi_fraction:.0%}")
-    if v.reviewed_good_images:
-        parts.append(f"{v.reviewed_good_images} reviewed good")
+    if v.reviewed_good_images or v.reviewed_good_failed:
+        unreadable = f" ({v.reviewed_good_failed} unreadable)" if v.reviewed_good_failed else ""
+        parts.append(f"{v.reviewed_good_images} reviewed good{unreadable}")
     if v.confirmed_defects:
-        parts.append(f"flags {v.confirmed_defects['flagged']}/{v.confirmed_defects['images']} confirmed defects")
+        checked = v.confirmed_defects
+        unreadable = f" ({len(checked['failed'])} unreadable)" if checked.get("failed") else ""
+        parts.append(f"flags {checked['flagged']}/{checked['images']} confirmed defects{unreadable}")
     return ", ".join(parts)
 
 

@@ -9,9 +9,10 @@ labelled validation images (`workers.validation`).
 
 Activation rule (`check_validation`): a fitted version becomes the product's active model only if its
 thresholds were calibrated on held-out images (at least one held-out image scored, so not in-sample), at
-most `MAX_FAILED_FRACTION` of the training images failed to load, and it flags every image reviewed
-defective that was flagged the last time it was scored (`workers.reviews`). Otherwise it is kept `ready`
-but inactive, and the job says why. A failed fit leaves its version `failed`, never active.
+most `MAX_FAILED_FRACTION` of the training folder's images failed to load (unreadable images reviewed
+good are failures of the fit but not counted here), and it flags every image reviewed defective that was
+flagged the last time it was scored, all of them readable (`workers.reviews`). Otherwise it is kept
+`ready` but inactive, and the job says why. A failed fit leaves its version `failed`, never active.
 
 A redelivered fit task reuses the version row its first attempt created (the job points to it), so a
 worker dying mid-fit never leaves a second half-made version behind.
@@ -139,8 +140,12 @@ def _fit_and_publish(target: FitTarget) -> FitOutcome | None:
     model = PatchCore(config, roi=roi)
     stats = model.fit([_loader(uri, max_bytes) for uri in train],
                       bank_only=[_loader(uri, max_bytes) for uri in reviewed])
-    stats["reviewed_good_images"] = len(reviewed)
-    stats["failed_images"] = name_failures(stats["failed_images"], uris)
+    stats["failed_images"] = failures = name_failures(stats["failed_images"], uris)
+    unreadable_reviewed = [f for f in failures if f["uri"] not in in_train]
+    for failure in unreadable_reviewed:  # say why the fit read a file outside its training folder
+        failure["error"] += " (an image reviewed good: restore it, or `totalrecall review clear` it)"
+    stats["reviewed_good_images"] = len(reviewed) - len(unreadable_reviewed)  # those in the bank
+    stats["reviewed_good_failed"] = len(unreadable_reviewed)
     if validation is not None:
         summary = calibrate_on_validation_set(model, validation, lambda u: _loader(u, max_bytes), max_bytes,
                                               target.max_false_alarms)
@@ -153,7 +158,7 @@ def _fit_and_publish(target: FitTarget) -> FitOutcome | None:
         checked = stats["confirmed_defects"]
         log_event(logger, logging.INFO, "fit_checked_confirmed_defects", images=checked["images"],
                   flagged=checked["flagged"], failed=len(checked["failed"]), missed=len(checked["missed"]))
-    passed, reason = check_validation(stats, model, len(uris))
+    passed, reason = check_validation(stats, model, len(train))
     with TemporaryDirectory(prefix="totalrecall-fit-") as tmp:
         sha256 = model.save(tmp)
         published = publish(target, Path(tmp), model, stats, sha256, passed, reason, len(uris))
@@ -231,8 +236,10 @@ def upload_artifact(folder: Path, product: str, version: int) -> str:
 
 
 def check_validation(stats: dict[str, Any], model: PatchCore, n_images: int) -> tuple[bool, str]:
-    """(passed, reason) of the activation rule (see the module docstring)."""
-    failed = len(stats.get("failed_images", []))
+    """(passed, reason) of the activation rule (see the module docstring), for a fit on `n_images` of the
+    training folder. Images reviewed good that could not be read are failures of the fit, but do not
+    count against the training folder's share."""
+    failed = len(stats.get("failed_images", [])) - stats.get("reviewed_good_failed", 0)
     if stats.get("holdout_images", 0) < 1:
         return False, "thresholds were calibrated in-sample (no held-out image scored)"
     if failed > MAX_FAILED_FRACTION * n_images:
@@ -244,6 +251,11 @@ def check_validation(stats: dict[str, Any], model: PatchCore, n_images: int) -> 
         return False, (f"misses {len(missed)} confirmed defect(s) flagged when last scored, e.g. {missed[0]} "
                        "(an image of that defect reviewed good, or a region of interest that leaves it out? "
                        "see `totalrecall review list`)")
+    unverified = stats.get("confirmed_defects", {}).get("unverified", [])
+    if unverified:
+        return False, (f"cannot score {len(unverified)} confirmed defect(s) flagged when last scored, e.g. "
+                       f"{unverified[0]}: the regression check needs them (restore the image, or "
+                       "`totalrecall review clear` it)")
     return True, f"{stats['holdout_images']} held-out images scored, {failed} of {n_images} failed"
 
 

@@ -4,7 +4,7 @@
 - Images reviewed `defective` (confirmed defects) are scored by the new model once its thresholds are set.
   A confirmed defect that was flagged the last time it was scored (normally by the active version) and
   that the new model does not flag is a regression, and keeps the new version from becoming active by
-  itself. A wrong `good` review of a defective part is the usual cause: it teaches the model that defect
+  itself; so does one that can no longer be read (the check cannot vouch for it). A wrong `good` review of a defective part is the usual cause: it teaches the model that defect
   as normal.
 """
 
@@ -52,8 +52,9 @@ def confirmed_defects(session: Session, product_id: int) -> tuple[Confirmed, ...
 
 def check_confirmed(model: PatchCore, confirmed: Sequence[Confirmed],
                     loader: Callable[[str], ImageSource]) -> dict[str, Any]:
-    """Score the confirmed defects with the fitted `model`: counts, unreadable images, and `missed`, the
-    URIs that were flagged the last time and that this model does not flag."""
+    """Score the confirmed defects with the fitted `model`: counts, unreadable images, `missed`, the URIs
+    that were flagged the last time and that this model does not flag, and `unverified`, those flagged the
+    last time that could not be scored now (so the regression check cannot vouch for them)."""
     results = model.predict([loader(c.uri) for c in confirmed])
     failed = [{"uri": c.uri, "error": r.error} for c, r in zip(confirmed, results, strict=True) if not r.ok]
     flagged = {c.uri: bool(r.is_anomalous) for c, r in zip(confirmed, results, strict=True) if r.ok}
@@ -62,4 +63,5 @@ def check_confirmed(model: PatchCore, confirmed: Sequence[Confirmed],
         "flagged": sum(flagged.values()),
         "failed": failed,
         "missed": [c.uri for c in confirmed if c.flagged_before and flagged.get(c.uri) is False],
+        "unverified": [c.uri for c in confirmed if c.flagged_before and c.uri not in flagged],
     }
