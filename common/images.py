@@ -20,6 +20,7 @@ about 9 bytes x MAX_IMAGE_PIXELS for a 16-bit colour image (its samples, then th
 from __future__ import annotations
 
 import io
+import struct
 from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
@@ -33,6 +34,10 @@ from common.settings import get_settings
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I")  # Pillow's modes of integer samples wider than 8 bits
+# What else a decoder plugin may raise on a malformed file (beyond OSError, SyntaxError and ValueError):
+# the image is unreadable, and fails alone, instead of the batch it is in
+DECODER_FAULTS = (RuntimeError, TypeError, IndexError, KeyError, AttributeError, ZeroDivisionError, EOFError,
+                  struct.error, MemoryError, OverflowError)
 # EXIF orientation -> the transposition that shows the stored image as a viewer does (as ImageOps.exif_transpose)
 _SHOWN = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
           5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
@@ -100,12 +105,19 @@ def _decode(source: bytes | str | Path, max_side: int | None, needed: Callable[[
             rgb = _to_rgb(img, bit_depth)
     except ImageDecodeError:
         raise
-    except Image.DecompressionBombError as exc:
-        raise ImageDecodeError(f"refused without decoding: {exc}") from exc
+    except Image.DecompressionBombError as exc:  # Pillow's check, at twice our limit, before ours could run
+        raise ImageDecodeError(f"image above the limit of {max_pixels:,} pixels (TOTALRECALL_MAX_IMAGE_PIXELS); "
+                               f"refused without decoding ({exc})") from exc
     except UnidentifiedImageError as exc:
         raise ImageDecodeError("not a recognised image format") from exc
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageDecodeError(f"corrupt or truncated image: {exc}") from exc
+    except DECODER_FAULTS as exc:  # a decoder plugin's own failure (e.g. AVIF's RuntimeError): this image's
+        raise ImageDecodeError(f"could not decode the image: {type(exc).__name__}: {exc}") from exc
+    if min(rgb.size) < 8 <= min(width, height):
+        small = "x".join(map(str, _side_limited((width, height), max_side)))
+        raise ImageDecodeError(f"image is {width}x{height} pixels: at most {max_side} pixels a side "
+                               f"(TOTALRECALL_MAX_IMAGE_SIDE) it would be {small}, too small to inspect")
     _check_inspectable(*rgb.size)
     if max(rgb.size) > max_side:
         rgb = rgb.resize(_side_limited(rgb.size, max_side), Image.Resampling.BILINEAR, reducing_gap=3.0)
@@ -160,6 +172,8 @@ def _high_bit_pixels(img: Image.Image, data: bytes) -> np.ndarray:
     except (imagecodecs.PngError, imagecodecs.TiffError) as exc:
         raise ImageDecodeError(f"corrupt or truncated image: {exc}") from exc
     width, height = _stored_size(img)
+    if pixels.ndim == 3 and pixels.shape[1:] == (height, width) and pixels.shape[0] in (2, 3, 4):
+        pixels = np.moveaxis(pixels, 0, -1)  # a TIFF of planar (channel after channel) samples
     if pixels.dtype != np.uint16 or pixels.ndim != 3 or pixels.shape[:2] != (height, width) \
             or pixels.shape[2] not in (2, 3, 4):
         raise ImageDecodeError(f"unsupported 16-bit image layout: {pixels.shape} {pixels.dtype} for a "
@@ -319,7 +333,7 @@ def decoded_size(source: bytes | str | Path) -> tuple[int, int] | None:
     try:  # a path is opened, not read: Pillow reads only the header
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
             return _shown_size(img.size, _orientation(img), get_settings().max_image_side)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, *DECODER_FAULTS):
         return None
 
 
@@ -338,7 +352,7 @@ def bits_used(source: bytes | str | Path) -> int | None:
                 pixels = _high_bit_pixels(img, data)
                 return max(1, int(pixels[..., :_colour_channels(pixels)].max()).bit_length())
             return None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, *DECODER_FAULTS):
         return None
 
 
@@ -357,13 +371,14 @@ def _reduce(img: Image.Image, max_side: int) -> Image.Image:
 
 
 def _to_rgb(img: Image.Image, bit_depth: int = 0) -> Image.Image:
-    if img.mode in HIGH_BIT_MODES or img.mode == "F":
-        arr = np.asarray(img)
-        if bit_depth and img.mode in HIGH_BIT_MODES:
-            top = float(2**bit_depth - 1)
-        else:  # the container's range: 16 bits, or 8 for 32-bit integers or floats that stay within 0..255
-            top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
-        return Image.fromarray(_to_8_bits(arr, top)).convert("RGB")
+    if img.mode == "F":  # no range to scale from that would be the same for every image of a product
+        raise ImageDecodeError("32-bit floating-point samples are not supported (their range is unknown): "
+                               "export the images with 8- or 16-bit integer samples")
+    if img.mode in HIGH_BIT_MODES:
+        # the product's significant bits, else the 16-bit range: never the image's own maximum, so that
+        # every image of a product is scaled alike (32-bit integers above 16 bits saturate)
+        top = float(2**bit_depth - 1) if bit_depth else 65535.0
+        return Image.fromarray(_to_8_bits(np.asarray(img), top)).convert("RGB")
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))

@@ -147,6 +147,71 @@ def _exif_rotated_jpeg(rgb: np.ndarray) -> bytes:
     return jpeg_bytes(Image.fromarray(rgb), exif=exif.tobytes())
 
 
+def _tiff(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, "TIFF")
+    return buf.getvalue()
+
+
+def test_wide_integer_and_float_samples_are_scaled_alike_or_refused() -> None:
+    """32-bit integer samples are scaled from the product's bits (else the 16-bit range), never from the
+    image's own maximum, so one bright pixel does not change how the rest of the image reads; floating-point
+    samples have no known range and are refused with the reason."""
+    values = np.full((64, 96), 3000, np.int32)
+    brighter = values.copy()
+    brighter[0, 0] = 60000
+    plain, with_spot = (decode_image(_tiff(Image.fromarray(v, mode="I"))) for v in (values, brighter))
+    assert np.array_equal(plain[1:], with_spot[1:]) and plain[5, 5, 0] == 3000 * 255 // 65535
+    assert decode_image(_tiff(Image.fromarray(values, mode="I")), bit_depth=12)[5, 5, 0] == 3000 * 255 // 4095
+    floats = Image.fromarray(np.full((64, 96), 0.5, np.float32), mode="F")
+    with pytest.raises(ImageDecodeError, match="floating-point samples are not supported"):
+        decode_image(_tiff(floats))
+
+
+def test_planar_high_bit_tiff_and_thin_images() -> None:
+    """A 16-bit RGB TIFF stored channel after channel is read like an interleaved one; an image that only
+    the side limit makes too thin says so, with its own size."""
+    import tifffile
+
+    samples = np.random.default_rng(12).integers(0, 4096, (3, 16, 24)).astype(np.uint16)
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, samples, photometric="rgb", planarconfig="separate")
+    decoded = decode_image(buf.getvalue(), bit_depth=12)
+    assert np.array_equal(decoded, (samples.transpose(1, 2, 0).astype(np.uint32) * 255 // 4095).astype(np.uint8))
+    assert bits_used(buf.getvalue()) == 12
+    thin = png_bytes(np.zeros((8, 10_000, 3), np.uint8))
+    with pytest.raises(ImageDecodeError, match=r"image is 10000x8 pixels: at most 4000 pixels a side "
+                                                r"\(TOTALRECALL_MAX_IMAGE_SIDE\) it would be 4000x3, too small"):
+        decode_image(thin, max_side=4000)
+    assert decode_image(thin, max_side=10_000).shape == (8, 10_000, 3)  # within the side limit: inspected
+
+
+def test_any_decoder_failure_fails_that_image_only(model, monkeypatch) -> None:
+    """A decoder plugin may raise what Pillow's own checks do not (AVIF's RuntimeError on a malformed file):
+    the image fails with the reason, the others of the batch are scored, and the survey that `fit` makes
+    of its training images skips it."""
+    from PIL import PngImagePlugin
+
+    rng = np.random.default_rng(11)
+    good = [png_bytes(texture(rng)) for _ in range(2)]
+    odd = io.BytesIO()
+    Image.fromarray(texture(rng)).convert("P").save(odd, "PNG")  # a palette PNG: decoded by Pillow
+    real_load = PngImagePlugin.PngImageFile.load
+
+    def plugin_fault(self):
+        if self.mode == "P":
+            raise RuntimeError("decoder plugin failed")
+        return real_load(self)
+
+    monkeypatch.setattr(PngImagePlugin.PngImageFile, "load", plugin_fault)
+    with pytest.raises(ImageDecodeError, match="could not decode the image: RuntimeError: decoder plugin"):
+        decode_image(odd.getvalue())
+    results = model.predict([good[0], odd.getvalue(), good[1]])
+    assert [r.ok for r in results] == [True, False, True] and "RuntimeError" in results[1].error
+    monkeypatch.setattr(Image.Image, "getexif", lambda self: (_ for _ in ()).throw(struct.error("bad EXIF")))
+    assert decoded_size(_exif_rotated_jpeg(texture(rng))) is None  # unreadable header: no size
+
+
 def test_decode_modes() -> None:
     rng = np.random.default_rng(2)
     rgb = texture(rng, 64, 96)
