@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import html
 import io
 import re
 import subprocess
@@ -304,6 +305,35 @@ def test_report_of_a_job_without_results(tmp_path: Path) -> None:
         build_report(999, tmp_path / "none.html", database_url=s.url)
 
 
+def test_report_of_a_fit_job_lists_the_training_images_it_could_not_read(tmp_path: Path) -> None:
+    s = _setup(tmp_path)
+    unreadable = str(tmp_path / "train" / "bad <1>.png")
+    with session_scope(s.url) as session:
+        product = session.query(Product).one()
+        version = ModelVersion(product_id=product.id, version=4, status=ModelStatus.READY.value,
+                               validation={"failed_images": [{"uri": unreadable, "error": "corrupt or truncated"}]})
+        session.add(version)
+        session.flush()
+        fit = Job(kind=JobKind.FIT.value, product_id=product.id, model_version_id=version.id,
+                  status=JobStatus.SUCCEEDED.value, total=20, done=19, failed=1, enqueued_by="test")
+        session.add(fit)
+        session.flush()
+        fit_id = fit.id
+    page = build_report(fit_id, tmp_path / "fit.html", database_url=s.url).read_text()
+    dom = _parse(page)
+    assert dom.failure_rows == 1 and "Failures (1)" in page
+    assert html.escape(unreadable) in page and "corrupt or truncated" in page
+    assert "20 training images read, 19 usable" in page
+
+
+def test_report_output_and_top_zero(tmp_path: Path) -> None:
+    s = _setup(tmp_path)
+    with pytest.raises(ValueError, match="is a folder: give a file name"):
+        build_report(s.job_id, tmp_path, database_url=s.url)  # refused before anything is built
+    page = build_report(s.job_id, tmp_path / "top0.html", top_n=0, database_url=s.url).read_text()
+    assert "No images asked for (--top 0)." in page and "No scored images." not in page
+
+
 def test_report_shows_a_mono12_original_as_the_model_read_it(tmp_path: Path) -> None:
     s = _setup(tmp_path)
     gray = nominal_image(0, SIZE)[..., 1]
@@ -339,6 +369,12 @@ def test_report_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys)
     assert args.handler(args) == 0
     assert _parse(out.read_text()).cards == 2
     assert f"report of job {s.job_id} written to {out}" in capsys.readouterr().out
+    from totalrecall.cli import main
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    assert main(["report", str(s.job_id), "--out", str(blocker / "job.html")]) == 2  # no traceback
+    assert f"error: [Errno 17] File exists: '{blocker}'" in capsys.readouterr().err
 
 
 def test_histogram_and_overlay_helpers() -> None:

@@ -149,6 +149,11 @@ def test_verdicts_show_in_the_history_and_can_be_changed_or_cleared(store: Stora
     assert main(["review", "list", NAME, "--label", "defective"]) == 0
     out = capsys.readouterr().out
     assert "ana" in out and scratch in out and plain not in out
+    assert main(["review", "mark", NAME, scratch, "--defective", "--note", "two\nlines \x1b[31mred"]) == 0
+    capsys.readouterr()
+    assert main(["review", "list", NAME, "--label", "defective"]) == 0
+    listed = capsys.readouterr().out
+    assert "two\\nlines \\x1b[31mred" in listed and "\x1b" not in listed and len(listed.splitlines()) == 3
     assert main(["review", "clear", NAME, plain, scratch]) == 0
     assert "2 review(s)" in capsys.readouterr().out
     assert main(["review", "list", NAME]) == 0

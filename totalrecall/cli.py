@@ -507,7 +507,7 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # e.g. `totalrecall jobs | head`: the reader has gone, and so can we
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
-    except (ValueError, FileNotFoundError, RuntimeError, LookupError, StorageError) as exc:
+    except (ValueError, OSError, RuntimeError, LookupError, StorageError) as exc:  # e.g. --out into a file
         print(f"error: {redact_text(str(exc))}", file=sys.stderr)
         return 2
     except SQLAlchemyError as exc:

@@ -66,22 +66,29 @@ def load_failures(job_id: int, limit: int = 100) -> tuple[list[tuple[str, str]],
     with session_scope() as session:
         job = session.get(Job, job_id)
         if job is not None and job.kind == JobKind.FIT.value:
-            return _fit_failures(job, limit)
+            return fit_failures(job, limit)
         count = session.scalar(select(func.count()).select_from(Result).where(*where))
         rows = session.execute(select(Result.image_uri, Result.error).where(*where)
                                .order_by(Result.image_uri).limit(limit)).all()
     return [(uri, error or "") for uri, error in rows], int(count or 0)
 
 
-def _fit_failures(job: Job, limit: int) -> tuple[list[tuple[str, str]], int]:
+def fit_failures(job: Job, limit: int) -> tuple[list[tuple[str, str]], int]:
+    """Up to `limit` (image, reason) of the training images a fit job could not read, and how many."""
     stats = (job.model_version.validation if job.model_version else None) or {}
     failed = stats.get("failed_images", [])
     # a failure recorded before failures carried their URI is named by its position in the listing
     return [(f.get("uri") or f"training image #{f['position']}", f["error"]) for f in failed[:limit]], len(failed)
 
 
+def printable(text: str) -> str:
+    """`text` with control characters (a newline in a review note, a terminal escape) shown escaped, so one
+    cell stays on one line and cannot restyle the terminal."""
+    return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    cells = [[str(h) for h in headers]] + [["" if v is None else str(v) for v in row] for row in rows]
+    cells = [[str(h) for h in headers]] + [["" if v is None else printable(str(v)) for v in row] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))

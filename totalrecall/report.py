@@ -24,10 +24,11 @@ import numpy as np
 from PIL import Image
 from sqlalchemy import func, select
 
-from common.db import Job, Result, ResultStatus, Review, session_scope, utcnow
+from common.db import Job, JobKind, Result, ResultStatus, Review, session_scope, utcnow
 from common.images import decode_image
-from common.settings import redact_text
+from common.settings import get_settings, redact_text
 from common.storage import read_uri
+from totalrecall.jobs_view import fit_failures
 
 THUMB_SIDE = 384  # longest side of every embedded picture
 MAX_FAILURES = 500  # failure rows listed (the count says how many there are in all)
@@ -89,8 +90,10 @@ def build_report(job_id: int, out: Path, top_n: int = 12, database_url: str | No
     """Write the HTML report of job `job_id` to `out` and return `out` (LookupError: no such job)."""
     if top_n < 0:
         raise ValueError(f"--top must be 0 or more, got {top_n}")
-    data = load_report_data(job_id, top_n, database_url)
     out = Path(out)
+    if out.is_dir():  # refused before the report is built, not after
+        raise ValueError(f"--out {out} is a folder: give a file name, e.g. {out / f'job-{job_id}.html'}")
+    data = load_report_data(job_id, top_n, database_url)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(render_html(data), encoding="utf-8")
     return out
@@ -133,6 +136,9 @@ def load_report_data(job_id: int, top_n: int, database_url: str | None = None) -
         failures = [(uri, error or "no reason recorded") for uri, error in session.execute(
             select(Result.image_uri, Result.error).where(of_job, Result.status == ResultStatus.FAILED.value)
             .order_by(Result.id).limit(MAX_FAILURES))]
+        fit_failed = None
+        if job.kind == JobKind.FIT.value:  # a fit's failures are the training images it could not read
+            failures, fit_failed = fit_failures(job, MAX_FAILURES)
         bit_depth = int((mv.config or {}).get("bit_depth", 0)) if mv is not None else 0
         reviews = {rv.image_uri: _review_text(rv) for rv in session.scalars(select(Review).where(
             Review.product_id == job.product_id, Review.image_uri.in_([r.image_uri for r in top_rows])))}
@@ -144,6 +150,8 @@ def load_report_data(job_id: int, top_n: int, database_url: str | None = None) -
         if threshold is None and top:
             threshold = top[0].threshold
         failed = sum(n for (status, _), n in counts.items() if status == ResultStatus.FAILED.value)
+        if fit_failed is not None:
+            failed = fit_failed
         return ReportData(
             job_id=job.id, kind=job.kind, status=job.status, product=job.product.name,
             version=mv.version if mv else None, sha256=mv.sha256 if mv else None,
@@ -177,7 +185,8 @@ def thumbnail(uri: str | None, what: str, max_side: int = THUMB_SIDE, bit_depth:
         raise PictureError(f"no {what} saved for this image (TOTALRECALL_SAVE_MAPS: by default only "
                            "images with a finding keep their mask and heatmap)")
     try:
-        return Image.fromarray(decode_image(read_uri(uri), max_side=max_side, bit_depth=bit_depth))
+        data = read_uri(uri, get_settings().max_image_bytes)  # the workers' limit: never a huge download
+        return Image.fromarray(decode_image(data, max_side=max_side, bit_depth=bit_depth))
     except Exception as exc:  # any storage or decoding trouble becomes a placeholder, never a crash
         raise PictureError(f"{what} unavailable: {redact_text(str(exc)) or type(exc).__name__}") from exc
 
@@ -243,7 +252,8 @@ def esc(value: Any) -> str:
 def render_html(data: ReportData) -> str:
     title = f"TotalRecall report: job {data.job_id} ({data.product})"
     histogram = histogram_svg(data.scores, data.image_threshold)
-    cards = "\n".join(_card(c, data.images_uri) for c in data.top) or '<p class="empty">No scored images.</p>'
+    empty = "No scored images." if not data.scored else "No images asked for (--top 0)."
+    cards = "\n".join(_card(c, data.images_uri) for c in data.top) or f'<p class="empty">{empty}</p>'
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <meta http-equiv="Content-Security-Policy" content="{esc(CSP)}">
@@ -285,7 +295,8 @@ def _summary(d: ReportData) -> str:
         ("Model version", version),
         ("Images folder", d.images_uri or "—"),
         ("Run date", d.run_date.isoformat() if d.run_date else "—"),
-        ("Images", f"{d.total} in the job, {d.scored} scored"),
+        ("Images", f"{d.total} training images read, {d.total - d.failed} usable" if d.kind == JobKind.FIT.value
+         else f"{d.total} in the job, {d.scored} scored"),
         ("Anomalies", f"{d.anomalous}{anomaly_rate}"),
         ("Failures", str(d.failed)),
         ("Median image score", _num(d.median_score)),
