@@ -73,8 +73,7 @@ def decode_for(source: bytes | str | Path, needed: Callable[[int, int], tuple[in
 def _decode(source: bytes | str | Path, max_side: int | None, needed: Callable[[int, int], tuple[int, int]] | None,
             bit_depth: int) -> tuple[np.ndarray, tuple[int, int]]:
     settings = get_settings()
-    max_pixels, max_side = settings.max_image_pixels, max_side or settings.max_image_side
-    Image.MAX_IMAGE_PIXELS = max_pixels  # Pillow's own bomb check (it refuses above twice this) follows ours
+    max_pixels, max_side = _pillow_limit(), max_side or settings.max_image_side
     data = Path(source).read_bytes() if isinstance(source, str | Path) else source
     if not data:
         raise ImageDecodeError("empty file (0 bytes)")
@@ -122,6 +121,14 @@ def _decode(source: bytes | str | Path, max_side: int | None, needed: Callable[[
     if max(rgb.size) > max_side:
         rgb = rgb.resize(_side_limited(rgb.size, max_side), Image.Resampling.BILINEAR, reducing_gap=3.0)
     return np.asarray(rgb), shown
+
+
+def _pillow_limit() -> int:
+    """TOTALRECALL_MAX_IMAGE_PIXELS, also made Pillow's own bomb check (it refuses above twice it) before
+    any header is read, so the training images' survey and decoding see the same images."""
+    max_pixels = get_settings().max_image_pixels
+    Image.MAX_IMAGE_PIXELS = max_pixels
+    return max_pixels
 
 
 def _check_inspectable(width: int, height: int) -> None:
@@ -330,6 +337,7 @@ def decoded_size(source: bytes | str | Path) -> tuple[int, int] | None:
     """(height, width) of the image as shown, reduced to TOTALRECALL_MAX_IMAGE_SIDE, from the header
     alone; None if unreadable. Maps and masks have this size. `decode_image` returns it exactly, except
     for a JPEG decoded at a reduced scale (`at_least`, or above the side limit: up to half smaller)."""
+    _pillow_limit()
     try:  # a path is opened, not read: Pillow reads only the header
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
             return _shown_size(img.size, _orientation(img), get_settings().max_image_side)
@@ -341,9 +349,10 @@ def bits_used(source: bytes | str | Path) -> int | None:
     """Bits that the largest sample of an image stored with more than 8 bits a sample needs (12 for a
     Mono12 camera's 16-bit file with any pixel above 2047; an alpha channel does not count); None for
     images of 8-bit samples and for unreadable ones. Decodes the pixels of high-bit images only."""
+    max_pixels = _pillow_limit()
     try:
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
-            if img.size[0] * img.size[1] > get_settings().max_image_pixels:
+            if img.size[0] * img.size[1] > max_pixels:
                 return None  # a refused image fails, with its reason, when it is decoded
             if img.mode in HIGH_BIT_MODES:
                 return max(1, int(np.asarray(img).max()).bit_length())

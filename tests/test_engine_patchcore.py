@@ -389,6 +389,18 @@ def test_large_jpeg_is_decoded_only_as_large_as_the_input_needs(model, scenes) -
 
 
 # -------------------------------------------------------------------------------- bad input
+def test_the_pixel_limit_applies_to_the_survey_before_any_decoding(monkeypatch) -> None:
+    """With TOTALRECALL_MAX_IMAGE_PIXELS above Pillow's default, a fit's survey of its training images (header
+    only, before anything is decoded) reads a 200-megapixel image as the decoder later will, instead of
+    Pillow refusing it at its own default limit."""
+    from common.settings import reset_settings_cache
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 89_478_485)  # Pillow's default, as in a fresh process
+    monkeypatch.setenv("TOTALRECALL_MAX_IMAGE_PIXELS", "300000000")
+    reset_settings_cache()
+    assert decoded_size(one_bit_png(20_000, 10_000)) == (2048, 4096)  # the shown size, side-limited
+
+
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 def test_bad_inputs_fail_alone(model, scenes) -> None:
     good = png_bytes(scenes["nominal"][0])
