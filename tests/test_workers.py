@@ -688,6 +688,10 @@ def test_output_keys_are_safe_readable_and_unique() -> None:
     mask, heatmap = output_keys("p", 3, "2026-01-01", "/data/in/a b.png", "/data/in")
     assert mask.startswith("results/p/3/2026-01-01/a_b.png~") and mask.endswith("_mask.png")
     assert heatmap == mask.replace("_mask.png", "_heatmap.png")
+    long_a, long_b = "d" * 300 + "/" + "n" * 240 + "a.png", "d" * 300 + "/" + "n" * 240 + "b.png"
+    keys = [output_keys("p", 3, "2026-01-01", f"/in/{name}", "/in")[1] for name in (long_a, long_b)]
+    assert keys[0] != keys[1]  # cut to the same length, told apart by the hash of the whole key
+    assert all(len(segment.encode()) <= 255 for key in keys for segment in key.split("/"))
 
 
 def test_mask_and_heatmap_cover_the_original_image() -> None:

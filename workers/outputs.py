@@ -34,9 +34,13 @@ def relative_image_key(image_uri: str, images_uri: str | None) -> str:
     return split_uri(image_uri)[1]
 
 
+MAX_SEGMENT = 200  # characters of one path segment: with the hash and `_heatmap.png`, within 255 bytes
+
+
 def safe_key(key: str) -> str:
-    """`key` with characters outside [A-Za-z0-9._-] replaced in every segment; unique per input key."""
-    segments = [_UNSAFE.sub("_", s) or "_" for s in key.strip("/").split("/")]
+    """`key` with characters outside [A-Za-z0-9._-] replaced in every segment, and segments cut to
+    `MAX_SEGMENT` characters (file systems allow 255 bytes a name); unique per input key."""
+    segments = [_UNSAFE.sub("_", s)[:MAX_SEGMENT] or "_" for s in key.strip("/").split("/")]
     segments = ["_" if s in (".", "..") else s for s in segments]
     safe = "/".join(segments)
     if safe != key:
