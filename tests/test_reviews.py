@@ -156,6 +156,8 @@ def test_verdicts_show_in_the_history_and_can_be_changed_or_cleared(store: Stora
     assert "two\\nlines \\x1b[31mred" in listed and "\x1b" not in listed and len(listed.splitlines()) == 3
     assert main(["review", "clear", NAME, plain, scratch]) == 0
     assert "2 review(s)" in capsys.readouterr().out
+    assert main(["review", "clear", NAME, plain]) == 0
+    assert "0 review(s) of 'cover' removed (1 of the images given had none)" in capsys.readouterr().out
     assert main(["review", "list", NAME]) == 0
     assert f"no reviews of {NAME!r}" in capsys.readouterr().out
 

@@ -69,5 +69,7 @@ def _cmd_clear(a: argparse.Namespace) -> int:
     from scheduler.reviews import clear
 
     removed = clear(a.name, a.images)
-    print(f"{removed} review(s) of {a.name!r} removed")
+    asked = len(set(a.images))
+    unreviewed = f" ({asked - removed} of the images given had none)" if removed < asked else ""
+    print(f"{removed} review(s) of {a.name!r} removed{unreviewed}")
     return 0
