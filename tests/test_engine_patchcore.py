@@ -820,7 +820,8 @@ def test_cli_evaluate(dataset, tmp_path) -> None:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[1])
     assert proc.returncode == 0, proc.stderr
     assert "image AUROC" in proc.stdout
-    report = json.loads(out.read_text())
+    report = json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"not strict JSON: {c}"))
+    assert set(report["pixel_auroc_per_type"]) == {"scratch"}  # defect types only (good has no AUROC)
     for key in ("image_auroc", "pixel_auroc", "aupro", "fit_seconds", "coreset_seconds",
                 "score_ms_per_image", "peak_rss_mb"):
         assert key in report, key
@@ -835,6 +836,24 @@ def test_cli_evaluate(dataset, tmp_path) -> None:
     assert report["config"]["index"] == report["index"] == "ivf_flat"  # the fit option reached the model
     assert report["config"]["precision"] == "fp32" and report["config"]["bit_depth"] == 12
     assert report["index_seconds"] >= 0 and report["calibrate_seconds"] >= 0
+
+
+def test_evaluate_on_test_sets_without_one_class(dataset, tmp_path) -> None:
+    """Only good test images: the metrics that need defects are undefined and written as JSON null; an
+    empty test folder fails before anything is fitted."""
+    import shutil
+
+    from common.engine.evaluate import json_safe
+
+    root = tmp_path / "only-good"
+    shutil.copytree(dataset["root"] / dataset["category"], root / "c")
+    shutil.rmtree(root / "c" / "test" / "scratch")
+    report = json_safe(evaluate(root, "c", CFG, progress=False))
+    assert report["image_auroc"] is None and report["pixel_auroc"] is None and report["calibrated_recall"] is None
+    assert json.loads(json.dumps(report, allow_nan=False))["calibrated_false_positive_rate"] is not None
+    shutil.rmtree(root / "c" / "test" / "good")
+    with pytest.raises(FileNotFoundError, match="no test images under"):
+        evaluate(root, "c", CFG, progress=False)
 
 
 def test_cli_error_exit_code(tmp_path) -> None:

@@ -98,7 +98,7 @@ def config_from_args(a: argparse.Namespace) -> PatchCoreConfig:
 
 
 def cmd_evaluate(a: argparse.Namespace) -> int:
-    from common.engine.evaluate import evaluate, format_table
+    from common.engine.evaluate import evaluate, format_table, json_safe
     from common.engine.roi import RegionOfInterest
 
     roi = RegionOfInterest.from_image(Path(a.roi).read_bytes()) if a.roi else None
@@ -107,7 +107,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     print(format_table(report))
     if a.json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps(report, indent=2))
+        Path(a.json).write_text(json.dumps(json_safe(report), indent=2, allow_nan=False))
     return 0
 
 

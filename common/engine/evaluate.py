@@ -6,6 +6,7 @@ peak_rss_mb are the product's benchmark contract: keep them.
 
 from __future__ import annotations
 
+import math
 import resource
 import time
 from pathlib import Path
@@ -30,12 +31,12 @@ def evaluate(data: str | Path, category: str, config: PatchCoreConfig, shots: in
     """Fit, score and measure (see the module docstring). With a region of interest, ground-truth defect
     pixels outside it count as missed: the metrics judge the inspection as configured."""
     train = mvtec.train_images(data, category)
+    tests = mvtec.test_images(data, category)  # a missing or empty test folder fails before the fit
     if shots is not None:
         if not 1 <= shots <= len(train):
             raise ValueError(f"--shots must be between 1 and {len(train)}")
         picked = np.random.default_rng(config.seed).choice(len(train), shots, replace=False)
         train = [train[i] for i in sorted(picked)]
-    tests = mvtec.test_images(data, category)
     model = PatchCore(config, device=device, weights=weights, roi=roi)
     fit = model.fit(train, progress=progress)
 
@@ -55,7 +56,7 @@ def evaluate(data: str | Path, category: str, config: PatchCoreConfig, shots: in
         types.append(item.defect_type)
         top, left, h, w = r.box
         pixels.update(r.anomaly_map, mvtec.load_mask(item, r.image_hw)[top: top + h, left: left + w],
-                      item.defect_type)
+                      item.defect_type if item.label else None)  # per type: the defect types only
         metric_seconds += time.perf_counter() - t_metric
     score_seconds = time.perf_counter() - t0 - metric_seconds
     image_f1, _ = f1_max(np.array(scores), np.array(labels))
@@ -79,8 +80,8 @@ def evaluate(data: str | Path, category: str, config: PatchCoreConfig, shots: in
         "pixel_f1_max": pixel_f1,
         "image_threshold": model.image_threshold,
         "pixel_threshold": model.pixel_threshold,
-        "calibrated_recall": float(predicted[np.array(labels) == 1].mean()),
-        "calibrated_false_positive_rate": float(predicted[np.array(labels) == 0].mean()),
+        "calibrated_recall": _share(predicted[np.array(labels) == 1]),
+        "calibrated_false_positive_rate": _share(predicted[np.array(labels) == 0]),
         "patch_features": fit["patch_features"],
         "bank_size": fit["bank_size"],
         "feature_dim": fit["feature_dim"],
@@ -96,6 +97,23 @@ def evaluate(data: str | Path, category: str, config: PatchCoreConfig, shots: in
         "device": str(model.device),
         "roi_fraction": fit.get("roi_fraction"),  # of each image inspected; None: the whole image
     }
+
+
+def _share(flags: np.ndarray) -> float:
+    """The fraction of True (NaN, written as null, when there are none to count)."""
+    return float(flags.mean()) if flags.size else float("nan")
+
+
+def json_safe(value: Any) -> Any:
+    """`value` with every NaN or infinity replaced by None: a metric that is undefined for the data (no
+    defective or no good test images) is written as JSON null, and the file stays strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value
 
 
 def _per_type_auroc(scores: np.ndarray, types: np.ndarray) -> dict[str, float]:

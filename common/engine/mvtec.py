@@ -45,6 +45,8 @@ def test_images(root: str | Path, category: str) -> list[TestImage]:
                         mask = candidate
                         break
             items.append(TestImage(path, type_dir.name, mask))
+    if not items:
+        raise FileNotFoundError(f"no test images under {base / 'test'} (test/good/, test/<defect type>/)")
     return items
 
 
