@@ -373,7 +373,8 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
         engine = create_engine(parsed, pool_pre_ping=True, **kwargs)
         event.listen(engine, "do_connect", _connect_retrying)
         return engine
-    return create_engine(parsed, pool_pre_ping=True, **kwargs)
+    raise ValueError(f"database {parsed.get_backend_name()!r} is not supported (TOTALRECALL_DATABASE_URL): use "
+                     "postgresql://USER:PASSWORD@HOST/DB or sqlite:///PATH")
 
 
 def _sqlite_folder(folder: Path) -> None:

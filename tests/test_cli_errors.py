@@ -154,9 +154,10 @@ def test_a_job_that_scored_no_image_exits_1_and_its_images_cannot_be_reviewed(tm
         assert "no successful result" in capsys.readouterr().err
 
 
-def test_a_sqlite_url_into_a_missing_folder_is_refused(tmp_path: Path, monkeypatch, capsys) -> None:
-    """The embedded default creates its own home; a mistyped database URL is an error, not a new empty
-    database in a folder nobody meant."""
+def test_database_urls_that_cannot_work_are_refused(tmp_path: Path, monkeypatch, capsys) -> None:
+    """The embedded default creates its own home; a mistyped SQLite URL is an error, not a new empty
+    database in a folder nobody meant; a database other than PostgreSQL or SQLite is refused by name (not
+    a driver's ImportError traceback)."""
     from tests.conftest import apply_settings
 
     typo = tmp_path / "nosuch" / "totalrecall.db"
@@ -172,6 +173,10 @@ def test_a_sqlite_url_into_a_missing_folder_is_refused(tmp_path: Path, monkeypat
         monkeypatch.delenv("TOTALRECALL_DATABASE_URL")
         apply_settings()
         assert main(["db", "upgrade"]) == 0  # the default database in a home that does not exist yet
+        monkeypatch.setenv("TOTALRECALL_DATABASE_URL", "mysql://tr@db/tr")  # no driver, no support
+        apply_settings()
+        assert main(["jobs"]) == 2
+        assert "database 'mysql' is not supported (TOTALRECALL_DATABASE_URL)" in capsys.readouterr().err
         assert (tmp_path / "home" / "totalrecall.db").is_file()
     finally:
         monkeypatch.undo()
