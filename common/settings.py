@@ -143,6 +143,15 @@ class Settings:
                                 "may still be sending its tasks")
         return self
 
+    def risks(self) -> list[str]:
+        """Allowed combinations that a deployment should know about (workers log them when they start)."""
+        longest = max(self.fit_time_limits[1], self.score_time_limits[1])
+        if self.broker_url is not None and self.visibility_timeout <= longest:
+            return [f"{PREFIX}VISIBILITY_TIMEOUT ({self.visibility_timeout} s) is not above the longest task's "
+                    f"hard time limit ({longest} s): Redis hands a task still running after it to a second "
+                    "worker (no result is written twice, but the work is done twice)"]
+        return []
+
     @property
     def tasks_in_process(self) -> bool:
         """True when no broker is configured and tasks run in the calling process."""

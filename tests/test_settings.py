@@ -140,6 +140,14 @@ def test_worker_settings_defaults_and_overrides() -> None:
         Settings.from_env({"TOTALRECALL_DRIFT_LEVEL": "-1"})
 
 
+def test_a_visibility_timeout_below_the_longest_task_is_a_logged_risk() -> None:
+    assert Settings.from_env({"TOTALRECALL_BROKER_URL": "redis://r/0"}).risks() == []  # the defaults
+    short = Settings.from_env({"TOTALRECALL_BROKER_URL": "redis://r/0", "TOTALRECALL_VISIBILITY_TIMEOUT": "600"})
+    (risk,) = short.risks()
+    assert "TOTALRECALL_VISIBILITY_TIMEOUT (600 s) is not above the longest task's hard time limit (9000 s)" in risk
+    assert Settings.from_env({"TOTALRECALL_VISIBILITY_TIMEOUT": "600"}).risks() == []  # in-process: no broker
+
+
 def test_soft_time_limit_must_be_below_the_hard_one() -> None:
     with pytest.raises(SettingsError, match="TOTALRECALL_SCORE_SOFT_TIME_LIMIT"):
         Settings.from_env({"TOTALRECALL_SCORE_SOFT_TIME_LIMIT": "60", "TOTALRECALL_SCORE_TIME_LIMIT": "60"})

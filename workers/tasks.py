@@ -57,6 +57,9 @@ def _preload_engine(**_: Any) -> None:
     import workers.fitting  # noqa: F401
     import workers.scoring  # noqa: F401
 
+    for risk in get_settings().risks():
+        log_event(logger, logging.WARNING, "settings_risk", risk=risk)
+
 
 @worker_process_init.connect
 def _preload_backbones(**_: Any) -> None:
