@@ -108,8 +108,8 @@ class Settings:
         return cls(
             home=home,
             database_url=_get(env, "DATABASE_URL") or f"sqlite:///{home / 'totalrecall.db'}",
-            broker_url=_get(env, "BROKER_URL"),
-            storage_url=_get(env, "STORAGE_URL") or str(home / "storage"),
+            broker_url=_broker_url(env),
+            storage_url=_storage_url(env, home),
             chunk_size=_positive_int(env, "CHUNK_SIZE", DEFAULT_CHUNK_SIZE),
             cache_dir=Path(_get(env, "CACHE_DIR") or home / "cache").expanduser().absolute(),
             model_cache_mb=_positive_int(env, "MODEL_CACHE_MB", DEFAULT_MODEL_CACHE_MB),
@@ -257,6 +257,29 @@ def redact_text(text: str) -> str:
 def _get(env: Mapping[str, str], name: str) -> str | None:
     value = env.get(PREFIX + name, "").strip()
     return value or None
+
+
+def _storage_url(env: Mapping[str, str], home: Path) -> str:
+    """s3://bucket/prefix, file://PATH or a folder (made absolute: every process sees the same one)."""
+    raw = _get(env, "STORAGE_URL")
+    if raw is None:
+        return str(home / "storage")
+    if raw.startswith(("s3://", "file://")):
+        if raw.startswith("s3://") and not raw[len("s3://"):].split("/", 1)[0]:
+            raise SettingsError(f"{PREFIX}STORAGE_URL {raw!r} names no bucket: use s3://BUCKET/PREFIX")
+        return raw
+    if "://" in raw:
+        raise SettingsError(f"{PREFIX}STORAGE_URL {raw!r}: use s3://BUCKET/PREFIX, file://PATH or a folder")
+    return str(Path(raw).expanduser().absolute())
+
+
+def _broker_url(env: Mapping[str, str]) -> str | None:
+    """redis:// or rediss:// (the broker and the recovery sweep speak Redis); unset: tasks in-process."""
+    raw = _get(env, "BROKER_URL")
+    if raw is not None and not raw.startswith(("redis://", "rediss://")):
+        raise SettingsError(f"{PREFIX}BROKER_URL {redact_url(raw)!r}: use redis://HOST:PORT/DB (or rediss://), "
+                            "or leave it unset to run tasks in-process")
+    return raw
 
 
 def _positive_int(env: Mapping[str, str], name: str, default: int) -> int:

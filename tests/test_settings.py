@@ -148,6 +148,19 @@ def test_a_visibility_timeout_below_the_longest_task_is_a_logged_risk() -> None:
     assert Settings.from_env({"TOTALRECALL_VISIBILITY_TIMEOUT": "600"}).risks() == []  # in-process: no broker
 
 
+def test_storage_and_broker_urls_are_checked_when_read(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert Settings.from_env({"TOTALRECALL_STORAGE_URL": "data/store"}).storage_url == str(tmp_path / "data/store")
+    assert Settings.from_env({"TOTALRECALL_STORAGE_URL": "s3://b/p/"}).storage_url == "s3://b/p/"
+    for bad, message in (("gs://b/x", "use s3://BUCKET/PREFIX, file://PATH or a folder"),
+                         ("s3://", "names no bucket")):
+        with pytest.raises(SettingsError, match=f"TOTALRECALL_STORAGE_URL .*{message}"):
+            Settings.from_env({"TOTALRECALL_STORAGE_URL": bad})
+    with pytest.raises(SettingsError, match="TOTALRECALL_BROKER_URL 'amqp://u:\\*\\*\\*@mq//': use redis://"):
+        Settings.from_env({"TOTALRECALL_BROKER_URL": "amqp://u:secret@mq//"})
+    assert Settings.from_env({"TOTALRECALL_BROKER_URL": "rediss://r:6380/0"}).broker_url == "rediss://r:6380/0"
+
+
 def test_soft_time_limit_must_be_below_the_hard_one() -> None:
     with pytest.raises(SettingsError, match="TOTALRECALL_SCORE_SOFT_TIME_LIMIT"):
         Settings.from_env({"TOTALRECALL_SCORE_SOFT_TIME_LIMIT": "60", "TOTALRECALL_SCORE_TIME_LIMIT": "60"})
