@@ -266,10 +266,11 @@ def _storage_url(env: Mapping[str, str], home: Path) -> str:
         return str(home / "storage")
     if raw.startswith(("s3://", "file://")):
         if raw.startswith("s3://") and not raw[len("s3://"):].split("/", 1)[0]:
-            raise SettingsError(f"{PREFIX}STORAGE_URL {raw!r} names no bucket: use s3://BUCKET/PREFIX")
+            raise SettingsError(f"{PREFIX}STORAGE_URL {redact_url(raw)!r} names no bucket: use s3://BUCKET/PREFIX")
         return raw
     if "://" in raw:
-        raise SettingsError(f"{PREFIX}STORAGE_URL {raw!r}: use s3://BUCKET/PREFIX, file://PATH or a folder")
+        raise SettingsError(f"{PREFIX}STORAGE_URL {redact_url(raw)!r}: use s3://BUCKET/PREFIX, file://PATH or a "
+                            "folder")
     return str(Path(raw).expanduser().absolute())
 
 
