@@ -59,7 +59,7 @@ from common.images import IMAGE_SUFFIXES
 from common.logs import log_context, log_event
 from common.settings import get_settings
 from common.storage import StorageError, StorageUnavailable, list_uris, open_storage, read_uri
-from workers.job_state import describe_error, lock_job, locked_job, name_failures
+from workers.job_state import describe_error, fail_locked_job, lock_job, name_failures
 from workers.reviews import Confirmed, check_confirmed, confirmed_defects, reviewed_good
 from workers.validation import calibrate_on_validation_set, list_validation_set
 
@@ -302,11 +302,9 @@ def fail_fit(job_id: int, error: str) -> str | None:
     """
 
     def work(session: Session) -> str | None:
-        job = locked_job(session, job_id)
-        if job is None or job.status == JobStatus.SUCCEEDED.value:
+        job = fail_locked_job(session, job_id, error)
+        if job is None:
             return None
-        job.status, job.error, job.finished_at = JobStatus.FAILED.value, error, utcnow()
-        job.started_at = job.started_at or job.finished_at
         version = job.model_version
         if version is not None and version.status == ModelStatus.TRAINING.value:
             version.status, version.error, version.is_active = ModelStatus.FAILED.value, error, False

@@ -60,15 +60,21 @@ def mark_failed(job_id: int, error: str) -> str | None:
     """Mark the job failed with `error`, unless it has already succeeded; its product's name if it did."""
 
     def work(session: Session) -> str | None:
-        job = locked_job(session, job_id)
-        if job is None or job.status == JobStatus.SUCCEEDED.value:
-            return None
-        job.status, job.error, job.finished_at = JobStatus.FAILED.value, error, utcnow()
-        if job.started_at is None:
-            job.started_at = job.finished_at
-        return job.product.name
+        job = fail_locked_job(session, job_id, error)
+        return job.product.name if job is not None else None
 
     return in_transaction(work)
+
+
+def fail_locked_job(session: Session, job_id: int, error: str) -> Job | None:
+    """Lock the job and mark it failed with `error`; None (and nothing changed) if it is missing or has
+    succeeded already."""
+    job = locked_job(session, job_id)
+    if job is None or job.status == JobStatus.SUCCEEDED.value:
+        return None
+    job.status, job.error, job.finished_at = JobStatus.FAILED.value, error, utcnow()
+    job.started_at = job.started_at or job.finished_at
+    return job
 
 
 def lock_job(session: Session, job_id: int) -> Job:
