@@ -19,6 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+
 PREFIX = "TOTALRECALL_"
 DEFAULT_HOME = "./totalrecall-data"
 DEFAULT_CHUNK_SIZE = 64
@@ -54,6 +57,9 @@ DEFAULT_PRELOAD_BACKBONES = ("efficientnet_lite0",)
 SAVE_MAPS_CHOICES = ("findings", "all", "none")
 DEFAULT_SAVE_MAPS = "findings"
 DEFAULT_DRIFT_LEVEL = 0.5  # common.drift: a run's median score halfway from nominal to the threshold
+
+# Upper bound of every integer setting: 2**31 - 1 (68 years in seconds, 2 PB in MB), far above any real value.
+MAX_INT = 2**31 - 1
 
 REDACTED = "***"
 # Query parameters whose values are secrets (e.g. `?password=` accepted by libpq and redis-py).
@@ -107,7 +113,7 @@ class Settings:
         home = Path(_get(env, "HOME") or DEFAULT_HOME).expanduser().absolute()
         return cls(
             home=home,
-            database_url=_get(env, "DATABASE_URL") or f"sqlite:///{home / 'totalrecall.db'}",
+            database_url=_database_url(env, home),
             broker_url=_broker_url(env),
             storage_url=_storage_url(env, home),
             chunk_size=_positive_int(env, "CHUNK_SIZE", DEFAULT_CHUNK_SIZE),
@@ -259,6 +265,29 @@ def _get(env: Mapping[str, str], name: str) -> str | None:
     return value or None
 
 
+def _database_url(env: Mapping[str, str], home: Path) -> str:
+    """A PostgreSQL or SQLite URL; a relative SQLite path is made absolute (every process sees the same
+    file) and an in-memory SQLite database is refused (each connection would see its own, empty one)."""
+    raw = _get(env, "DATABASE_URL")
+    if raw is None:
+        return f"sqlite:///{home / 'totalrecall.db'}"
+    try:
+        parsed = make_url(raw)
+    except (ArgumentError, ValueError) as exc:
+        raise SettingsError(f"{PREFIX}DATABASE_URL {redact_url(raw)!r} is not a database URL ({exc}): use "
+                            "postgresql://USER:PASSWORD@HOST:PORT/DB or sqlite:///PATH") from None
+    if parsed.get_backend_name() != "sqlite":
+        return raw
+    database = parsed.database or ""
+    if database in ("", ":memory:") or parsed.query.get("mode") == "memory":
+        raise SettingsError(f"{PREFIX}DATABASE_URL {raw!r} is an in-memory SQLite database, which every "
+                            "connection and process sees empty: use sqlite:///PATH")
+    path = str(Path(database).expanduser().absolute())
+    if database.startswith("file:") or path == database:
+        return raw
+    return parsed.set(database=path).render_as_string(hide_password=False)
+
+
 def _storage_url(env: Mapping[str, str], home: Path) -> str:
     """s3://bucket/prefix, file://PATH or a folder (made absolute: every process sees the same one)."""
     raw = _get(env, "STORAGE_URL")
@@ -284,6 +313,7 @@ def _broker_url(env: Mapping[str, str]) -> str | None:
 
 
 def _positive_int(env: Mapping[str, str], name: str, default: int) -> int:
+    """An integer from 1 to MAX_INT (larger counts or seconds are typos, and overflow timers and timedeltas)."""
     raw = _get(env, name)
     if raw is None:
         return default
@@ -291,8 +321,8 @@ def _positive_int(env: Mapping[str, str], name: str, default: int) -> int:
         value = int(raw)
     except ValueError:
         value = 0
-    if value <= 0:
-        raise SettingsError(f"{PREFIX}{name} must be a positive integer, got {raw!r}")
+    if not 0 < value <= MAX_INT:
+        raise SettingsError(f"{PREFIX}{name} must be a positive integer up to {MAX_INT}, got {raw!r}")
     return value
 
 

@@ -71,6 +71,11 @@ def test_explicit_values_and_empty_means_unset(tmp_path: Path) -> None:
         ("TOTALRECALL_NIGHTLY_AT", "2am"),
         ("TOTALRECALL_NIGHTLY_AT", "02:60"),
         ("TOTALRECALL_SAVE_MAPS", "some"),
+        ("TOTALRECALL_FIT_TIME_LIMIT", str(2**31)),  # overflowed the recovery sweep's timedelta near 8.6e13
+        ("TOTALRECALL_DATABASE_URL", "postgresql://tr:secret@db:54x2/tr"),
+        ("TOTALRECALL_DATABASE_URL", "not a url"),
+        ("TOTALRECALL_DATABASE_URL", "sqlite://"),
+        ("TOTALRECALL_DATABASE_URL", "sqlite:///:memory:"),
     ],
 )
 def test_invalid_values_name_the_variable(name: str, value: str) -> None:
@@ -159,6 +164,21 @@ def test_storage_and_broker_urls_are_checked_when_read(tmp_path, monkeypatch) ->
     with pytest.raises(SettingsError, match="TOTALRECALL_BROKER_URL 'amqp://u:\\*\\*\\*@mq//': use redis://"):
         Settings.from_env({"TOTALRECALL_BROKER_URL": "amqp://u:secret@mq//"})
     assert Settings.from_env({"TOTALRECALL_BROKER_URL": "rediss://r:6380/0"}).broker_url == "rediss://r:6380/0"
+
+
+def test_database_url_is_checked_and_a_relative_sqlite_path_made_absolute(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert Settings.from_env({"TOTALRECALL_FIT_TIME_LIMIT": str(2**31 - 1)}).fit_time_limits[1] == 2**31 - 1
+    relative = Settings.from_env({"TOTALRECALL_DATABASE_URL": "sqlite:///data/tr.db?timeout=5"})
+    assert relative.database_url == f"sqlite:///{tmp_path}/data/tr.db?timeout=5"
+    absolute = f"sqlite:///{tmp_path}/tr.db"
+    assert Settings.from_env({"TOTALRECALL_DATABASE_URL": absolute}).database_url == absolute
+    pg = "postgresql://tr:secret@db:5432/tr"
+    assert Settings.from_env({"TOTALRECALL_DATABASE_URL": pg}).database_url == pg
+    with pytest.raises(SettingsError, match="'postgresql://tr:\\*\\*\\*@db:54x2/tr' is not a database URL"):
+        Settings.from_env({"TOTALRECALL_DATABASE_URL": "postgresql://tr:secret@db:54x2/tr"})
+    with pytest.raises(SettingsError, match="in-memory SQLite database"):
+        Settings.from_env({"TOTALRECALL_DATABASE_URL": "sqlite:///file:tr?mode=memory&uri=true"})
 
 
 def test_soft_time_limit_must_be_below_the_hard_one() -> None:
