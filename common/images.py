@@ -12,16 +12,20 @@ and those of 16-bit colour PNGs and TIFFs, which Pillow would cut to their upper
 libtiff through imagecodecs keep all 16).
 
 Limits come from the settings: `TOTALRECALL_MAX_IMAGE_PIXELS` (refused above it, from the header) and
-`TOTALRECALL_MAX_IMAGE_SIDE` (longer side after decoding). Peak memory of one decode is therefore at most
-about 4 bytes x MAX_IMAGE_PIXELS (a PNG must be decoded whole; a JPEG is decoded at a reduced scale), and
-about 9 bytes x MAX_IMAGE_PIXELS for a 16-bit colour image (its samples, then their 8-bit values).
+`TOTALRECALL_MAX_IMAGE_SIDE` (longer side after decoding). A PNG must be decoded whole (a JPEG is
+decoded at a reduced scale): one decode's peak is about 5 bytes a pixel for grey, 9 for colour, palette
+and 1-bit images, 13 with transparency, more for 16-bit colour (`bench/decode_memory.py`,
+docs/benchmarks.md section 4). The threads of a process decode at most MAX_IMAGE_PIXELS pixels at once
+(`PixelBudget`), so all of them together need no more than one image at the limit.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import struct
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from functools import lru_cache
 from pathlib import Path
 from typing import IO, NamedTuple
@@ -30,9 +34,11 @@ import imagecodecs
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from common.memory import release_memory
 from common.settings import get_settings
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+LARGE_DECODE = 8_000_000  # pixels: after decoding an image this large, freed memory goes back to the OS
 HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I")  # Pillow's modes of integer samples wider than 8 bits
 # What else a decoder plugin may raise on a malformed file (beyond OSError, SyntaxError and ValueError):
 # the image is unreadable, and fails alone, instead of the batch it is in
@@ -77,50 +83,119 @@ def _decode(source: bytes | str | Path, max_side: int | None, needed: Callable[[
     data = Path(source).read_bytes() if isinstance(source, str | Path) else source
     if not data:
         raise ImageDecodeError("empty file (0 bytes)")
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            width, height = img.size
-            if width * height > max_pixels:
-                raise ImageDecodeError(
-                    f"image is {width}x{height} = {width * height:,} pixels, above the limit of "
-                    f"{max_pixels:,} (TOTALRECALL_MAX_IMAGE_PIXELS); refused without decoding"
-                )
-            orientation = _orientation(img)
-            shown = _shown_size(img.size, orientation, max_side)
-            if _is_plain_png(img, max_side, orientation):
-                _check_inspectable(width, height)
-                return _decode_plain_png(data), shown
-            if _is_high_bit_colour(img):  # decoded as stored, so its orientation is ours to apply
-                orientation = _stored_orientation(img)
-                img = _high_bit_colour_to_8_bits(img, data, bit_depth)
-            elif img.format == "JPEG":
-                request = _draft_request(img, orientation, max_side, needed and needed(*shown))
-                if request is not None:
-                    img.draft("RGB", request)
-            img.load()
-            img = _reduce(img, max_side)
-            if orientation in _SHOWN:
-                img = img.transpose(_SHOWN[orientation])
-            rgb = _to_rgb(img, bit_depth)
-    except ImageDecodeError:
-        raise
-    except Image.DecompressionBombError as exc:  # Pillow's check, at twice our limit, before ours could run
-        raise ImageDecodeError(f"image above the limit of {max_pixels:,} pixels (TOTALRECALL_MAX_IMAGE_PIXELS); "
-                               f"refused without decoding ({exc})") from exc
-    except UnidentifiedImageError as exc:
-        raise ImageDecodeError("not a recognised image format") from exc
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise ImageDecodeError(f"corrupt or truncated image: {exc}") from exc
-    except DECODER_FAULTS as exc:  # a decoder plugin's own failure (e.g. AVIF's RuntimeError): this image's
-        raise ImageDecodeError(f"could not decode the image: {type(exc).__name__}: {exc}") from exc
-    if min(rgb.size) < 8 <= min(width, height):
-        small = "x".join(map(str, _side_limited((width, height), max_side)))
-        raise ImageDecodeError(f"image is {width}x{height} pixels: at most {max_side} pixels a side "
-                               f"(TOTALRECALL_MAX_IMAGE_SIDE) it would be {small}, too small to inspect")
-    _check_inspectable(*rgb.size)
-    if max(rgb.size) > max_side:
-        rgb = rgb.resize(_side_limited(rgb.size, max_side), Image.Resampling.BILINEAR, reducing_gap=3.0)
-    return np.asarray(rgb), shown
+    with contextlib.ExitStack() as decoding:  # holds this image's share of the process's pixel budget
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                width, height = img.size
+                if width * height > max_pixels:
+                    raise ImageDecodeError(
+                        f"image is {width}x{height} = {width * height:,} pixels, above the limit of "
+                        f"{max_pixels:,} (TOTALRECALL_MAX_IMAGE_PIXELS); refused without decoding"
+                    )
+                orientation = _orientation(img)
+                shown = _shown_size(img.size, orientation, max_side)
+                if _is_plain_png(img, max_side, orientation):
+                    _check_inspectable(width, height)
+                    with DECODING.hold(width * height, max_pixels):
+                        return _decode_plain_png(data), shown
+                if img.format == "JPEG":
+                    request = _draft_request(img, orientation, max_side, needed and needed(*shown))
+                    if request is not None:
+                        img.draft("RGB", request)  # img.size is now the reduced scale's
+                decoding.enter_context(DECODING.hold(img.size[0] * img.size[1], max_pixels))
+                if _is_high_bit_colour(img):  # decoded as stored, so its orientation is ours to apply
+                    orientation = _stored_orientation(img)
+                    img = _high_bit_colour_to_8_bits(img, data, bit_depth)
+                img.load()
+                img = _reduce(img, max_side)
+                if orientation in _SHOWN:
+                    img = img.transpose(_SHOWN[orientation])
+                if img.mode in HIGH_BIT_MODES:
+                    img = _high_bit_grey_to_8_bits(img, bit_depth)
+                if img.mode in ("L", "RGB"):  # grey is resized before it becomes RGB: a quarter of the bytes
+                    img = _fit_side(img, max_side)
+                rgb = _to_rgb(img)
+        except ImageDecodeError:
+            raise
+        except Image.DecompressionBombError as exc:  # Pillow's check, at twice our limit, before ours could run
+            raise ImageDecodeError(f"image above the limit of {max_pixels:,} pixels (TOTALRECALL_MAX_IMAGE_PIXELS); "
+                                   f"refused without decoding ({exc})") from exc
+        except UnidentifiedImageError as exc:
+            raise ImageDecodeError("not a recognised image format") from exc
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise ImageDecodeError(f"corrupt or truncated image: {exc}") from exc
+        except DECODER_FAULTS as exc:  # a decoder plugin's own failure (e.g. AVIF's RuntimeError): this image's
+            raise ImageDecodeError(f"could not decode the image: {type(exc).__name__}: {exc}") from exc
+        if min(rgb.size) < 8 <= min(width, height):
+            small = "x".join(map(str, _side_limited((width, height), max_side)))
+            raise ImageDecodeError(f"image is {width}x{height} pixels: at most {max_side} pixels a side "
+                                   f"(TOTALRECALL_MAX_IMAGE_SIDE) it would be {small}, too small to inspect")
+        _check_inspectable(*rgb.size)
+        pixels = np.asarray(_fit_side(rgb, max_side))
+        del img, rgb  # freed before this image's budget is given back
+        if width * height >= LARGE_DECODE:
+            release_memory()  # or each decoding thread's glibc arena keeps its own copy of the peak
+        return pixels, shown
+
+
+def _fit_side(img: Image.Image, max_side: int) -> Image.Image:
+    """`img` resized so that its longer side is at most `max_side` (unchanged if it is)."""
+    if max(img.size) <= max_side:
+        return img
+    return img.resize(_side_limited(img.size, max_side), Image.Resampling.BILINEAR, reducing_gap=3.0)
+
+
+class PixelBudget:
+    """How many pixels this process decodes at once: at most `limit` (TOTALRECALL_MAX_IMAGE_PIXELS), so the
+    decoding threads of a worker (a chunk's loaders, a fit's survey) together need no more memory than one
+    image at the limit. Images are admitted in the order they ask, so a large one is not starved by small
+    ones; one larger than the limit is admitted alone."""
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._in_use = 0
+        self._next_ticket = 0
+        self._serving = 0
+        self._abandoned: set[int] = set()
+
+    @property
+    def in_use(self) -> int:
+        return self._in_use
+
+    @contextlib.contextmanager
+    def hold(self, pixels: int, limit: int) -> Iterator[None]:
+        pixels = max(0, min(pixels, limit))
+        with self._changed:
+            ticket = self._next_ticket
+            self._next_ticket += 1
+            try:
+                self._changed.wait_for(lambda: ticket == self._serving
+                                       and (self._in_use == 0 or self._in_use + pixels <= limit))
+            except BaseException:  # interrupted while waiting: give the turn up, or the queue would stall
+                if ticket == self._serving:
+                    self._advance()
+                else:
+                    self._abandoned.add(ticket)
+                self._changed.notify_all()
+                raise
+            self._in_use += pixels
+            self._advance()
+            self._changed.notify_all()
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._in_use -= pixels
+                self._changed.notify_all()
+
+    def _advance(self) -> None:
+        self._serving += 1
+        while self._serving in self._abandoned:
+            self._abandoned.discard(self._serving)
+            self._serving += 1
+
+
+DECODING = PixelBudget()
 
 
 def _pillow_limit() -> int:
@@ -355,11 +430,13 @@ def bits_used(source: bytes | str | Path) -> int | None:
             if img.size[0] * img.size[1] > max_pixels:
                 return None  # a refused image fails, with its reason, when it is decoded
             if img.mode in HIGH_BIT_MODES:
-                return max(1, int(np.asarray(img).max()).bit_length())
+                with DECODING.hold(img.size[0] * img.size[1], max_pixels):
+                    return max(1, int(np.asarray(img).max()).bit_length())
             if _is_high_bit_colour(img):
                 data = source if isinstance(source, bytes) else Path(source).read_bytes()
-                pixels = _high_bit_pixels(img, data)
-                return max(1, int(pixels[..., :_colour_channels(pixels)].max()).bit_length())
+                with DECODING.hold(img.size[0] * img.size[1], max_pixels):
+                    pixels = _high_bit_pixels(img, data)
+                    return max(1, int(pixels[..., :_colour_channels(pixels)].max()).bit_length())
             return None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, *DECODER_FAULTS):
         return None
@@ -368,30 +445,50 @@ def bits_used(source: bytes | str | Path) -> int | None:
 def _reduce(img: Image.Image, max_side: int) -> Image.Image:
     """Shrink by an integer factor (box filter) while the longer side stays >= max_side.
 
-    Done right after decoding, so the mode conversions that follow work on the smaller image.
+    Done right after decoding, so the mode conversions that follow work on the smaller image. Palette
+    indices cannot be averaged: palette images are first converted to the colours they stand for.
     """
     factor = max(img.size) // max_side
     if factor < 2:
         return img
+    if img.mode in _UNREDUCIBLE:  # palette, 1-bit: into the smallest mode that keeps them, then reduced
+        img = img.convert(_UNREDUCIBLE[img.mode](img))
     try:
         return img.reduce(factor)
-    except ValueError:  # a mode reduce() does not support (e.g. palette): converted at full size
+    except ValueError:  # 16-bit grey (Pillow cannot reduce it): made 8-bit at full size, then resized
         return img
 
 
-def _to_rgb(img: Image.Image, bit_depth: int = 0) -> Image.Image:
+def _with_alpha(img: Image.Image) -> bool:
+    return img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info)
+
+
+# Modes Image.reduce() refuses -> the mode to reduce them in
+_UNREDUCIBLE: dict[str, Callable[[Image.Image], str]] = {
+    "1": lambda img: "L",
+    "P": lambda img: "RGBA" if _with_alpha(img) else "RGB",
+    "PA": lambda img: "RGBA",
+}
+
+
+def _high_bit_grey_to_8_bits(img: Image.Image, bit_depth: int) -> Image.Image:
+    """A grey image of integer samples wider than 8 bits as an L image: scaled from the product's
+    significant bits, else the 16-bit range; never from the image's own maximum, so that every image of a
+    product is scaled alike (32-bit integers above 16 bits saturate)."""
+    top = float(2**bit_depth - 1) if bit_depth else 65535.0
+    return Image.fromarray(_to_8_bits(np.asarray(img), top))
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
     if img.mode == "F":  # no range to scale from that would be the same for every image of a product
         raise ImageDecodeError("32-bit floating-point samples are not supported (their range is unknown): "
                                "export the images with 8- or 16-bit integer samples")
-    if img.mode in HIGH_BIT_MODES:
-        # the product's significant bits, else the 16-bit range: never the image's own maximum, so that
-        # every image of a product is scaled alike (32-bit integers above 16 bits saturate)
-        top = float(2**bit_depth - 1) if bit_depth else 65535.0
-        return Image.fromarray(_to_8_bits(np.asarray(img), top)).convert("RGB")
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
+    if _with_alpha(img):
+        if img.mode not in ("RGBA", "LA"):
+            img = img.convert("RGBA")
+        rgb = Image.new("RGB", img.size)  # composited over black, as Image.alpha_composite, without its copies
+        rgb.paste(img, mask=img)
+        return rgb
     if img.mode == "RGB":
         return img
     return img.convert("RGB")  # L, P, CMYK, YCbCr, 1 ...

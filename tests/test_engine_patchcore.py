@@ -253,6 +253,105 @@ def test_decode_modes() -> None:
     assert d[:16, -16:].mean() > 240 and d[:16, :16].mean() < 240
 
 
+def test_alpha_is_composited_over_black_by_its_weight() -> None:
+    rng = np.random.default_rng(3)
+    rgb = texture(rng, 32, 48)
+    alpha = rng.integers(0, 256, (32, 48), dtype=np.uint8)
+    d = decode_image(png_bytes(np.dstack([rgb, alpha]))).astype(int)
+    assert np.abs(d - rgb.astype(int) * alpha[..., None] / 255).max() <= 1
+
+
+def test_images_above_the_side_limit_are_reduced_by_colour_not_palette_index() -> None:
+    """A palette or 1-bit image twice the side limit or more is converted to its colours before it is
+    reduced (palette indices cannot be averaged), and grey is resized before it becomes RGB, to the same
+    values as the RGB image."""
+    checker = (np.indices((64, 128)).sum(axis=0) % 2).astype(np.uint8)  # 0 1 0 1 ...
+    palette = Image.fromarray(checker * 2, "P")  # indices 0 and 2: red and green; 1, their mean, is blue
+    palette.putpalette([255, 0, 0, 0, 0, 255, 0, 255, 0] + [0] * 759)
+    for transparency in (None, 1):  # the transparent index is unused: no pixel is transparent
+        buf = io.BytesIO()
+        palette.save(buf, "PNG", **({} if transparency is None else {"transparency": transparency}))
+        d = decode_image(buf.getvalue(), max_side=16).astype(int)  # reduced 8 x 8
+        assert d.shape == (8, 16, 3)
+        assert np.abs(d - [127, 127, 0]).max() <= 1, transparency
+    buf = io.BytesIO()
+    Image.fromarray(checker * 255).convert("1", dither=Image.Dither.NONE).save(buf, "PNG")
+    d = decode_image(buf.getvalue(), max_side=16).astype(int)
+    assert d.shape == (8, 16, 3) and np.abs(d - 127).max() <= 1
+    grey = texture(np.random.default_rng(4), 50, 70)[..., 0]
+    assert np.array_equal(decode_image(png_bytes(grey), max_side=33),
+                          decode_image(png_bytes(np.dstack([grey] * 3)), max_side=33))
+
+
+def test_decoding_threads_share_one_pixel_budget(monkeypatch) -> None:
+    """Images decoded in parallel together hold at most TOTALRECALL_MAX_IMAGE_PIXELS, so a worker's
+    decoding threads need the memory of one image at the limit, not one per thread."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from common.settings import reset_settings_cache
+
+    rgba = np.dstack([texture(np.random.default_rng(5), 64, 96), np.full((64, 96), 200, np.uint8)])
+    data = png_bytes(rgba)  # with alpha: decoded by Pillow (img.load)
+    monkeypatch.setenv("TOTALRECALL_MAX_IMAGE_PIXELS", str(64 * 96 * 3 // 2))  # one image fits, not two
+    reset_settings_cache()
+    running, most, lock = [0], [0], threading.Lock()
+    load = Image.Image.load
+
+    def counted_load(img: Image.Image):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.02)
+        try:
+            return load(img)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(Image.Image, "load", counted_load)
+    with ThreadPoolExecutor(8) as pool:
+        decoded = list(pool.map(decode_image, [data] * 16))
+    assert all(np.array_equal(d, decoded[0]) for d in decoded) and most[0] == 1
+    monkeypatch.setenv("TOTALRECALL_MAX_IMAGE_PIXELS", str(64 * 96 * 4))  # four at once
+    reset_settings_cache()
+    most[0] = 0
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(decode_image, [data] * 16))
+    assert 1 < most[0] <= 4
+
+
+def test_pixel_budget_admits_in_order_and_large_requests_alone() -> None:
+    import threading
+
+    from common.images import PixelBudget
+
+    budget, admitted, release = PixelBudget(), [], threading.Event()
+
+    def take(name: str, pixels: int) -> None:
+        with budget.hold(pixels, limit=100):
+            admitted.append((name, budget.in_use))
+            release.wait()
+
+    first = threading.Thread(target=take, args=("first", 60))
+    first.start()
+    while not admitted:
+        time.sleep(0.001)
+    later = []
+    for name, pixels in (("large", 60), ("small", 10)):  # small would fit now, but large asked first
+        later.append(threading.Thread(target=take, args=(name, pixels)))
+        later[-1].start()
+        time.sleep(0.05)
+    assert [n for n, _ in admitted] == ["first"]
+    release.set()
+    for t in [first, *later]:
+        t.join(5)
+    assert [n for n, _ in admitted] == ["first", "large", "small"]
+    assert all(in_use <= 100 for _, in_use in admitted) and budget.in_use == 0
+    with budget.hold(500, limit=100):  # above the limit: admitted alone, holding the whole budget
+        assert budget.in_use == 100
+
+
 def test_high_bit_depth_grey_is_scaled_from_its_significant_bits() -> None:
     gray = texture(np.random.default_rng(4), 64, 96)[..., 0]
     mono12 = mono12_png(gray)

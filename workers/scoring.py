@@ -21,7 +21,6 @@ the operating system after each chunk.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
 import threading
 import time
@@ -40,6 +39,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from common.db import Job, ResultStatus, images_with_results, in_transaction
 from common.engine.patchcore import ImageResult, PatchCore
 from common.logs import log_context, log_event
+from common.memory import release_memory
 from common.settings import get_settings, redact_text
 from common.storage import Storage, StorageError, StorageUnavailable, open_storage, read_uri
 from workers.job_state import describe_error, mark_running, record_chunk
@@ -146,13 +146,6 @@ def _score_and_record(context: ChunkContext, uris: list[str], deadline: float | 
 def chunk_log_context(context: ChunkContext) -> contextlib.AbstractContextManager[None]:
     """Every event logged while scoring names the job, its product and the model version."""
     return log_context(job=context.job_id, product=context.product, version=context.version)
-
-
-def release_memory() -> None:
-    """Hand freed memory back to the OS: glibc keeps large freed blocks in its per-thread arenas, so a
-    worker's RSS would otherwise stay at the peak of its largest chunk for ever."""
-    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def give_up(job_id: int, image_uris: Sequence[str], reason: str) -> ChunkOutcome:
