@@ -10,12 +10,16 @@ The job's total is recounted at the same time, as the images of its folder that 
 scored for the model version (for a nightly job: that have no result for it at all), so a job whose
 images another job scored first, or whose images were deleted meanwhile, completes too.
 
+A job whose folder cannot be listed (a deleted bucket, revoked access) is logged (`recovery_job_failed`)
+and left unfinished for the next sweep, without holding up the other jobs.
+
 Only jobs older than `TOTALRECALL_RECOVERY_GRACE` are looked at: a younger job may still be sending its
 tasks. Running this twice, or while tasks are running, is harmless: tasks are idempotent.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -25,12 +29,13 @@ from sqlalchemy.orm import Session
 
 from common.db import Job, JobKind, JobStatus, Product, Result, images_with_results, in_transaction, utcnow
 from common.images import IMAGE_SUFFIXES
-from common.logs import log_context
+from common.logs import log_context, log_event
 from common.settings import get_settings
-from common.storage import list_uris
+from common.storage import StorageError, StorageUnavailable, list_uris
 from workers.broker import PendingWork, pending_work, redis_client
 from workers.job_state import lock_job, refresh_counts
 
+logger = logging.getLogger(__name__)
 UNFINISHED = (JobStatus.QUEUED.value, JobStatus.RUNNING.value)
 
 
@@ -71,13 +76,20 @@ def recover_lost_work(client: Any = None) -> list[Recovery]:
     recovered = []
     for job_id, kind, total, done, failed, product in candidates:
         with log_context(job=job_id, product=product):  # e.g. a broker retry names the job
-            if kind == JobKind.FIT.value:
-                outcome = _recover_fit(job_id, product, pending)
-            else:
-                waiting = pending.images.get(job_id, set())
-                if done + failed + len(waiting) >= total:  # everything is recorded or on its way
-                    continue
-                outcome = _recover_score(job_id, product, waiting)
+            try:
+                if kind == JobKind.FIT.value:
+                    outcome = _recover_fit(job_id, product, pending)
+                else:
+                    waiting = pending.images.get(job_id, set())
+                    if done + failed + len(waiting) >= total:  # everything is recorded or on its way
+                        continue
+                    outcome = _recover_score(job_id, product, waiting)
+            except StorageUnavailable:
+                raise  # the store is down for every job: the next sweep tries them all again
+            except StorageError as exc:  # this job's folder alone (a deleted bucket, access revoked)
+                log_event(logger, logging.WARNING, "recovery_job_failed", error=str(exc),
+                          retry_in=settings.recovery_interval)
+                continue
         if outcome is not None:
             recovered.append(outcome)
     return recovered

@@ -1,0 +1,74 @@
+"""The recovery sweep (`scheduler.recovery`) against a real Redis broker and a real S3 endpoint, without
+workers: what it sends again is read back from the broker's queue."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import redis
+
+from common.db import ModelStatus, ModelVersion, session_scope, utcnow
+from common.engine.config import PatchCoreConfig
+from scheduler.jobs import new_score_job
+from scheduler.products import add_product
+from scheduler.recovery import recover_lost_work
+from tests.conftest import embedded_default
+from workers.broker import pending_work
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def broker_url(redis_url: str) -> Iterator[str]:
+    """The test Redis server's database 14, which no other test uses, emptied before and after."""
+    server = redis_url.rsplit("/", 1)[0] if redis_url.count("/") > 2 else redis_url
+    url = f"{server}/14"
+    redis.Redis.from_url(url).flushdb()
+    yield url
+    redis.Redis.from_url(url).flushdb()
+
+
+def _old_score_job(product_id: int, version_id: int, images_uri: str, total: int) -> int:
+    with session_scope() as session:
+        job = new_score_job(product_id, version_id, images_uri, total, enqueued_by="test")
+        session.add(job)
+        session.flush()
+        job.created_at = utcnow() - timedelta(hours=1)  # past the recovery grace
+        return job.id
+
+
+def test_a_job_whose_folder_cannot_be_listed_does_not_hold_up_the_others(
+        tmp_path: Path, broker_url: str, s3_env: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Two unfinished jobs whose tasks the broker lost: the first one's bucket no longer exists. The sweep
+    logs that job and still sends the second one's images again (it used to stop at the first, every
+    minute, so no later job was ever recovered)."""
+    broker = redis.Redis.from_url(broker_url)
+    with embedded_default(tmp_path / "home", TOTALRECALL_BROKER_URL=broker_url):
+        folder = tmp_path / "archive"
+        folder.mkdir()
+        for i in range(3):
+            (folder / f"p{i}.png").write_bytes(b"not decoded by the sweep")
+        product_id = add_product("part", str(tmp_path / "train"), str(tmp_path / "a/{date}"), PatchCoreConfig())
+        with session_scope() as session:
+            version = ModelVersion(product_id=product_id, version=1, artifact_uri="file:///none", sha256="0" * 64,
+                                   status=ModelStatus.READY.value, is_active=True, image_threshold=1.0,
+                                   pixel_threshold=1.0)
+            session.add(version)
+            session.flush()
+            version_id = version.id
+        gone = f"s3://tr-deleted-{uuid.uuid4().hex[:12]}/night/"
+        lost_elsewhere = _old_score_job(product_id, version_id, gone, 3)
+        recoverable = _old_score_job(product_id, version_id, str(folder), 3)
+
+        with caplog.at_level(logging.WARNING, logger="scheduler.recovery"):
+            recovered = recover_lost_work(broker)
+
+        assert [(r.job_id, r.sent) for r in recovered] == [(recoverable, 3)]
+        assert pending_work(broker).images[recoverable] == {str(folder / f"p{i}.png") for i in range(3)}
+        failed = [r.getMessage() for r in caplog.records if "event=recovery_job_failed" in r.getMessage()]
+        assert len(failed) == 1 and f"job={lost_elsewhere}" in failed[0] and gone.split("/")[2] in failed[0]
