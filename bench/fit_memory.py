@@ -2,6 +2,7 @@
 
     python bench/fit_memory.py --sizes 500 1000 3000 --ratio 0.1          # one fresh process per size
     python bench/fit_memory.py --check 300                                # streamed == in-memory bank
+    python bench/fit_memory.py --sizes 40 --image-side 256 --upscale 12 --holdout-fraction 0.5  # large PNGs
 
 Images are generated on the fly (`common.synthetic.nominal_image(seed, size=256)` behind callables), so
 they are never all in memory. Each size runs in a fresh subprocess and reports that process's peak RSS
@@ -42,27 +43,34 @@ def _hwm_mb() -> float:
     return float("nan")
 
 
-def _images(n: int, size: int) -> list:
-    from common.synthetic import nominal_image
+def _images(n: int, size: int, upscale: int = 1) -> list:
+    """Generated on the fly; with `upscale` > 1, PNG bytes of each image enlarged `upscale` times (pixel
+    repetition: cheap to make, decoded by the fit like real files, and the maps are that large)."""
+    from common.synthetic import nominal_image, png_bytes
 
-    return [partial(nominal_image, i, size) for i in range(n)]
+    if upscale == 1:
+        return [partial(nominal_image, i, size) for i in range(n)]
+    return [png_bytes(np.kron(nominal_image(i, size), np.ones((upscale, upscale, 1), np.uint8)), compress_level=1)
+            for i in range(n)]
 
 
-def one(n: int, ratio: float, size: int, device: str) -> dict:
+def one(n: int, ratio: float, size: int, device: str, holdout: float, upscale: int) -> dict:
     from common.engine.config import PatchCoreConfig
     from common.engine.patchcore import PatchCore
 
-    model = PatchCore(PatchCoreConfig(coreset_ratio=ratio), device=device)
+    model = PatchCore(PatchCoreConfig(coreset_ratio=ratio, holdout_fraction=holdout), device=device)
     rss_model = _hwm_mb()
     load0, wall0, cpu0 = os.getloadavg()[0], time.perf_counter(), time.process_time()
-    stats = model.fit(_images(n, size))
+    images = _images(n, size, upscale)
+    rss_images = _hwm_mb()
+    stats = model.fit(images)
     wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
     keys = ("train_images", "holdout_images", "patch_features", "bank_size", "feature_dim", "feature_store_mb",
             "extract_seconds", "coreset_seconds", "index_seconds", "calibrate_seconds")
-    return {"images": n, "image_side": size, "ratio": ratio, "device": stats["device"],
+    return {"images": n, "image_side": size * upscale, "ratio": ratio, "holdout_fraction": holdout, "device": stats["device"],
             **{k: stats.get(k) for k in keys}, "fit_wall_s": round(wall, 1), "fit_cpu_s": round(cpu, 1),
             "peak_rss_mb": round(_rss_mb(), 1), "peak_vmhwm_mb": round(_hwm_mb(), 1),
-            "rss_after_model_load_mb": round(rss_model, 1),
+            "rss_after_model_load_mb": round(rss_model, 1), "rss_before_fit_mb": round(rss_images, 1),
             "loadavg_start": round(load0, 2), "loadavg_end": round(os.getloadavg()[0], 2),
             "cpus": os.cpu_count()}
 
@@ -104,6 +112,8 @@ def main() -> None:
     p.add_argument("--ratio", type=float, default=0.1)
     p.add_argument("--image-side", type=int, default=256)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--holdout-fraction", type=float, default=0.1)
+    p.add_argument("--upscale", type=int, default=1, help="PNG files of the images enlarged this many times")
     p.add_argument("--check", type=int, metavar="N", help="compare streamed and in-memory fits on N images")
     p.add_argument("--one", type=int, metavar="N", help=argparse.SUPPRESS)
     p.add_argument("--check-one", type=int, metavar="N", help=argparse.SUPPRESS)
@@ -112,12 +122,13 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=REPO / "bench/out/fit_memory.jsonl")
     a = p.parse_args()
     if a.one is not None:
-        print(json.dumps(one(a.one, a.ratio, a.image_side, a.device)), flush=True)
+        print(json.dumps(one(a.one, a.ratio, a.image_side, a.device, a.holdout_fraction, a.upscale)), flush=True)
         return
     if a.check_one is not None:
         print(json.dumps(check(a.check_one, a.ratio, a.image_side)), flush=True)
         return
     common = ["--ratio", str(a.ratio), "--image-side", str(a.image_side), "--device", a.device,
+              "--holdout-fraction", str(a.holdout_fraction), "--upscale", str(a.upscale),
               "--repo", str(a.repo.resolve())]
     runs = [[sys.executable, __file__, "--check-one", str(a.check), *common]] if a.check is not None else []
     runs += [[sys.executable, __file__, "--one", str(n), *common] for n in a.sizes]

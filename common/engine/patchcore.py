@@ -219,21 +219,21 @@ class PatchCore:
         self.set_bank(bank)
         del bank
         t_index = time.perf_counter()
-        results = self.predict([images[i] for i in hold_ids], progress=progress, desc="calibrate")
-        good = [r for r in results if r.ok]
-        in_sample = not good  # one training image, or every held-out image failed to decode
+        levels, errors = self._nominal_levels([images[i] for i in hold_ids], progress, "calibrate")
+        in_sample = not levels  # one training image, or every held-out image failed to decode
         if in_sample:
-            good = [r for r in self.predict([images[i] for i in bank_ids]) if r.ok]
-        self.image_threshold = calibration.nominal_threshold([r.score for r in good])
-        self.pixel_threshold = calibration.nominal_threshold([float(r.anomaly_map.max()) for r in good])
+            levels = self._nominal_levels([images[i] for i in bank_ids], False, "calibrate")[0]
+        good = [levels[pos] for pos in sorted(levels)]
+        self.image_threshold = calibration.nominal_threshold([score for score, _ in good])
+        self.pixel_threshold = calibration.nominal_threshold([peak for _, peak in good])
         t3 = time.perf_counter()
         self.stats = {
             "train_images": len(bank_ids) - len(failures),
             "holdout_images": 0 if in_sample else len(good),
             "calibration": "in-sample (no usable held-out image)" if in_sample else calibration.RULE,
-            "holdout_scores": [round(float(r.score), 6) for r in good],
+            "holdout_scores": [round(score, 6) for score, _ in good],
             "failed_images": [{"position": int(bank_ids[f.position]), "error": f.error} for f in failures]
-            + [{"position": int(hold_ids[i]), "error": r.error} for i, r in enumerate(results) if not r.ok],
+            + [{"position": int(hold_ids[i]), "error": error} for i, error in sorted(errors.items())],
             "patch_features": int(n_patches),
             "bank_size": int(len(selected)),
             "feature_store_mb": round(store_mb, 1),
@@ -249,6 +249,19 @@ class PatchCore:
         if self.roi is not None:
             self.stats["roi_fraction"] = round(self.roi.fraction, 4)  # of the image that is inspected
         return self.stats
+
+    def _nominal_levels(self, images: Sequence[ImageSource], progress: bool,
+                        desc: str) -> tuple[dict[int, tuple[float, float]], dict[int, str]]:
+        """(image score, anomaly map's maximum) of each image that scores, by position, and the error of
+        each that does not. The maps are dropped as they come: a fit never holds full-size maps."""
+        levels: dict[int, tuple[float, float]] = {}
+        errors: dict[int, str] = {}
+        for pos, result in self.iter_predict(images, progress, desc):
+            if result.ok:
+                levels[pos] = (float(result.score), float(result.anomaly_map.max()))
+            else:
+                errors[pos] = result.error or "not processed"
+        return levels, errors
 
     def set_bank(self, bank: np.ndarray, index_state: IndexState | None = None) -> None:
         """Search `bank` with the index the config asks for at its size (IVF: trained now, or rebuilt
