@@ -22,6 +22,7 @@ from common.engine.coreset import (
     greedy_coreset,
 )
 from common.engine.knn import NearestNeighbors
+from common.engine.loader import Batch, iter_batches
 from common.engine.preprocessing import GRID, resized_hw, resolve_resize, to_input
 from common.engine.scoring import image_scores, reweighted_image_score, smooth_maps
 
@@ -424,6 +425,22 @@ def test_scale_resize_keeps_pixel_size_constant() -> None:
         assert abs(rh - h * 0.5) <= GRID / 2 and abs(rw - w * 0.5) <= GRID / 2
     with pytest.raises(ValueError):
         PatchCoreConfig(resize="scale", scale=0.0)
+
+
+def test_scale_inputs_far_larger_than_image_size_fail_alone_and_batch_smaller() -> None:
+    """Under resize="scale" an image larger than the training images gets a larger input: a batch holds
+    at most batch_size x image_size**2 input pixels, and an input above 16 x image_size**2 fails its image
+    with the reason (a full frame sent to a tile product used to take gigabytes)."""
+    cfg = PatchCoreConfig(image_size=32, resize="scale", scale=1.0, batch_size=4)
+    rng = np.random.default_rng(0)
+    images = ([rng.integers(0, 256, (32, 32, 3), np.uint8)] * 5 + [rng.integers(0, 256, (64, 64, 3), np.uint8)] * 3
+              + [rng.integers(0, 256, (160, 144, 3), np.uint8)])  # input areas: 1, 4 and 22.5 x 32**2
+    items = list(iter_batches(images, cfg, (0.5,) * 3, (0.25,) * 3, cfg.batch_size, threads=1))
+    batches = [(len(i.positions), tuple(i.tensor.shape[-2:])) for i in items if isinstance(i, Batch)]
+    assert batches == [(4, (32, 32)), (1, (32, 32)), (1, (64, 64)), (1, (64, 64)), (1, (64, 64))]
+    (failed,) = [i for i in items if not isinstance(i, Batch)]
+    assert failed.position == 8 and "its model input would be 144x160, above the limit of 16,384" in failed.error
+    assert to_input(images[5], replace(cfg, image_size=64), (0.5,) * 3, (0.25,) * 3)[0].shape == (3, 64, 64)
 
 
 def test_auto_resize_keeps_aspect_for_one_size_and_scales_varying_sizes() -> None:

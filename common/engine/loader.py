@@ -100,12 +100,18 @@ def iter_batches(images: Sequence[ImageSource], config: PatchCoreConfig, mean: t
             if err is not None:
                 yield Failed(pos, err)
                 continue
-            if pending and (x.shape != pending[0][1].shape or len(pending) == batch_size):
+            if pending and (x.shape != pending[0][1].shape or len(pending) == _fitting(batch_size, x, config)):
                 yield _collate(pending)
                 pending = []
             pending.append((pos, x, geo))
         if pending:
             yield _collate(pending)
+
+
+def _fitting(batch_size: int, x: torch.Tensor, config: PatchCoreConfig) -> int:
+    """Inputs of x's size in one batch: `batch_size`, fewer for inputs larger than image_size**2 (only
+    resize="scale" makes them), so that a batch never holds more pixels than batch_size x image_size**2."""
+    return max(1, min(batch_size, batch_size * config.image_size**2 // (x.shape[-2] * x.shape[-1])))
 
 
 def _collate(items: list[tuple[int, torch.Tensor, Geometry]]) -> Batch:

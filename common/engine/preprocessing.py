@@ -13,6 +13,10 @@ import torch.nn.functional as F
 from common.engine.config import PatchCoreConfig
 
 GRID = 16  # input sides are multiples of the deepest stride, so the two feature grids align exactly
+# A model input has at most this many times image_size**2 pixels. Only resize="scale" can exceed
+# image_size**2 (an image larger than the training images): far larger, one image's activations would take
+# gigabytes, so it fails alone with the reason instead of taking the worker's memory.
+MAX_INPUT_AREA = 16
 
 
 @dataclass(frozen=True)
@@ -66,8 +70,19 @@ def resized_hw(h: int, w: int, config: PatchCoreConfig) -> tuple[int, int]:
     return max(GRID, round(h * scale / GRID) * GRID), max(GRID, round(w * scale / GRID) * GRID)
 
 
+def input_limit(config: PatchCoreConfig) -> int:
+    """Most pixels a model input may have (MAX_INPUT_AREA x image_size**2)."""
+    return MAX_INPUT_AREA * config.image_size**2
+
+
 def geometry(h: int, w: int, config: PatchCoreConfig) -> Geometry:
+    """Where the model input lies in an (h, w) image; ValueError if the input would exceed `input_limit`."""
     rh, rw = resized_hw(h, w, config)
+    if rh * rw > input_limit(config):
+        raise ValueError(f"image is {w}x{h} pixels: at scale {config.scale:g} its model input would be {rw}x{rh}, "
+                         f"above the limit of {input_limit(config):,} pixels ({MAX_INPUT_AREA} x image_size "
+                         f"{config.image_size} squared), far larger than the training images; crop it like "
+                         "them, or refit with a larger --image-size")
     if config.center_crop is None:
         return Geometry((h, w), (0, 0, h, w), (rh, rw))
     c = config.center_crop
