@@ -279,6 +279,22 @@ def test_knn_returns_true_l2_distances() -> None:
     np.testing.assert_allclose(dist, np.take_along_axis(brute, order, axis=1), rtol=1e-4, atol=1e-4)
 
 
+def test_knn_distances_near_a_bank_row_are_exact_in_any_batch() -> None:
+    """faiss's fast path (|q|^2 + |b|^2 - 2 q.b in float32) got distances of about 0.1 for queries at a
+    bank row with norms like real features', depending on the batch: enough to flip the verdict of a
+    near-duplicate image. The distances are computed again from the differences."""
+    rng = np.random.default_rng(2)
+    bank = (rng.standard_normal((1000, 152)) * 10).astype(np.float32)  # squared norms about 1.5e4
+    queries = bank + rng.standard_normal((1000, 152)).astype(np.float32) * 1e-3
+    truth = np.linalg.norm(queries.astype(np.float64) - bank.astype(np.float64), axis=1)
+    for batch in (1000, 7):
+        dist, ids = NearestNeighbors(bank, use_gpu=False, batch=batch).search(queries, k=3)
+        assert np.array_equal(ids[:, 0], np.arange(1000))
+        np.testing.assert_allclose(dist[:, 0], truth, rtol=1e-4, atol=1e-6)
+        assert (np.diff(dist, axis=1) >= 0).all()
+    assert NearestNeighbors(bank, use_gpu=False).search(bank, k=1)[0].max() == 0.0
+
+
 def test_knn_distance_is_not_squared() -> None:
     index = NearestNeighbors(np.zeros((1, 2), np.float32), use_gpu=False)
     dist, ids = index.search(np.array([[3.0, 4.0]], np.float32), 1)

@@ -143,14 +143,18 @@ class NearestNeighbors:
         for start in range(0, len(queries), self.batch):
             q = queries[start: start + self.batch]
             if self.index is None:
-                d2, i = faiss.knn(q, self.bank, k)
-            elif self.spec.kind == "ivf_pq":  # re-rank the PQ candidates by their exact distance
-                d2, i = _refine(q, self.index.search(q, min(len(self), k * REFINE_FACTOR))[1], self.bank, k)
+                candidates = faiss.knn(q, self.bank, k)[1]
+            elif self.spec.kind == "ivf_pq":  # re-ranked by their exact distance below
+                candidates = self.index.search(q, min(len(self), k * REFINE_FACTOR))[1]
             else:
-                d2, i = self.index.search(q, k)
+                candidates = self.index.search(q, k)[1]
+            # faiss computes |q|^2 + |b|^2 - 2 q.b in float32: near a bank row (a near-duplicate image) its
+            # error exceeds the distance itself and varies with the batch. The neighbours' distances are
+            # computed again from their differences, exact, and the same in any batch and on any device.
+            d2, i = _refine(q, candidates, self.bank, k)
             missing = (i < 0).any(axis=1)
             if missing.any():  # an IVF search found fewer than k rows in its lists: exact search for those
-                d2[missing], i[missing] = faiss.knn(q[missing], self.bank, k)
+                d2[missing], i[missing] = _refine(q[missing], faiss.knn(q[missing], self.bank, k)[1], self.bank, k)
             dists[start: start + self.batch] = np.sqrt(np.maximum(d2, 0.0))
             ids[start: start + self.batch] = i
         return dists, ids
@@ -158,7 +162,8 @@ class NearestNeighbors:
 
 def _refine(queries: np.ndarray, candidates: np.ndarray, bank: np.ndarray, k: int,
             block: int = 4096) -> tuple[np.ndarray, np.ndarray]:
-    """The k candidates (ids into `bank`, -1 = none) nearest to each query by exact squared distance."""
+    """The k candidates (ids into `bank`, -1 = none) nearest to each query by exact squared distance, and
+    those distances (computed from the differences, so a query at a bank row is at 0)."""
     d2 = np.empty((len(queries), k), dtype=np.float32)
     ids = np.empty((len(queries), k), dtype=np.int64)
     for s in range(0, len(queries), block):
