@@ -89,6 +89,16 @@ def test_eq7_b_larger_than_bank_uses_whole_bank() -> None:
     assert got[0] == pytest.approx(expected, rel=1e-5)
 
 
+def test_eq7_with_a_bank_of_one_row_keeps_the_distance() -> None:
+    """m* alone as its own neighbourhood would weigh every image score to 0 (or a rounding error below
+    it), so that nothing is ever flagged: with fewer than two neighbours the score is s* itself."""
+    index = NearestNeighbors(np.array([[3.0, 4.0]], np.float32), use_gpu=False)
+    t = np.array([[0.0, 0.0]], np.float32)
+    dist, ids = index.search(t, 1)
+    got = image_scores(t[None], dist.reshape(1, 1), ids.reshape(1, 1), index, num_neighbors=9)
+    assert got[0] == pytest.approx(5.0)
+
+
 def test_eq7_direction_sparse_neighbourhood_keeps_more_of_the_score() -> None:
     """What Eq. 7 does: w = 1 - exp(d*) / sum_j exp(d_j) over the b bank neighbours of m* (m* included).
     Since m* is the test patch's nearest bank point, every d_j >= d*, so 1 - 1/b <= w < 1:

@@ -21,13 +21,14 @@ def reweighted_image_score(test_feature: np.ndarray, nearest_id: int, bank_neigh
     nearest of itself). A test patch whose nearest bank feature sits in a sparse region of the bank
     (its neighbours are far from the test patch too) keeps more of its score.
     """
-    if len(bank_neighbors) == 0:
+    if len(bank_neighbors) < 2:  # a bank of one row: m* alone would weigh every score to 0
         return max_distance
-    d_star = float(np.linalg.norm(test_feature - bank[nearest_id]))
-    d_all = np.linalg.norm(bank[bank_neighbors].astype(np.float64) - test_feature, axis=1)
+    test = test_feature.astype(np.float64)
+    d_star = float(np.linalg.norm(test - bank[nearest_id].astype(np.float64)))
+    d_all = np.linalg.norm(bank[bank_neighbors].astype(np.float64) - test, axis=1)
     top = max(d_star, float(d_all.max()))  # softmax-style shift; the ratio is unchanged
     weight = 1.0 - math.exp(d_star - top) / float(np.exp(d_all - top).sum())
-    return weight * max_distance
+    return max(0.0, weight) * max_distance
 
 
 def image_scores(features: np.ndarray, patch_dist: np.ndarray, patch_ids: np.ndarray,
