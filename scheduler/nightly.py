@@ -3,7 +3,8 @@
 One job per (product, date, model version), guarded by the unique `jobs.idempotency_key`: a second run for
 the same date (or two schedulers racing) finds the existing job and enqueues nothing, unless that job
 failed or found no images: then it gives up its key and the run schedules the date again (a repaired
-model, or images uploaded late). Images that already have a result for the model version are left out.
+model, or images uploaded late). In-process, so does an unfinished job that the process running it left
+(nothing recorded for longer than a chunk's hard time limit): it is marked failed first. Images that already have a result for the model version are left out.
 Chunks are enqueued product by product, so a worker takes consecutive chunks of one product and loads few
 models.
 """
@@ -14,17 +15,18 @@ import logging
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
-from common.db import Job, JobStatus, Product, images_with_results, session_scope
+from common.db import Job, JobStatus, Product, Result, images_with_results, session_scope, utcnow
 from common.images import IMAGE_SUFFIXES
 from common.logs import log_context, log_event
-from common.settings import redact_text
+from common.settings import get_settings, redact_text
 from common.storage import StorageError, list_uris
 from scheduler.jobs import ScheduledJob, enqueue_score, log_scheduled, new_score_job, nightly_key
 from scheduler.products import SchedulingError, active_version
-from workers.job_state import describe_error
+from workers.job_state import describe_error, fail_locked_job
 
 logger = logging.getLogger(__name__)
 
@@ -132,6 +134,8 @@ def _existing(key: str, target: _Target, release: bool = False) -> ScheduledJob 
         job = session.scalars(select(Job).where(Job.idempotency_key == key)).one_or_none()
         if job is None:
             return None
+        if release and _abandoned_in_process(session, job):
+            job = fail_locked_job(session, job.id, _ABANDONED.format(get_settings().score_time_limits[1])) or job
         if release and _rerunnable(job):
             released = session.execute(
                 update(Job).where(Job.id == job.id, Job.idempotency_key == key)
@@ -143,6 +147,22 @@ def _existing(key: str, target: _Target, release: bool = False) -> ScheduledJob 
                                  message=f"already scheduled as job {job.id} ({job.status}): nothing enqueued")
     log_scheduled("score", scheduled, version=target.version)
     return scheduled
+
+
+_ABANDONED = ("abandoned: it was run in-process (no broker) and nothing was recorded for it for {} s (the score "
+              "chunk's hard time limit): the process that ran it stopped; its date was scheduled again")
+
+
+def _abandoned_in_process(session: Session, job: Job) -> bool:
+    """In-process (no broker), an unfinished job is run by the command that scheduled it, which records a
+    result chunk by chunk. One with nothing recorded for longer than a chunk's hard time limit was left by
+    a process that stopped (killed, or its machine restarted): nothing else will ever finish it. With
+    workers the recovery sweep finds such work instead."""
+    if not get_settings().tasks_in_process or job.status not in (JobStatus.QUEUED, JobStatus.RUNNING):
+        return False
+    last = session.scalar(select(func.max(Result.created_at)).where(Result.job_id == job.id))
+    quiet = utcnow() - max(t for t in (job.created_at, job.started_at, last) if t is not None)
+    return quiet > timedelta(seconds=get_settings().score_time_limits[1])
 
 
 def _rerunnable(job: Job) -> bool:

@@ -395,6 +395,31 @@ def test_a_nightly_that_found_no_images_does_not_hold_its_date(embedded: Embedde
     assert not again.created and again.job_id == late.job_id
 
 
+def test_an_in_process_nightly_left_by_a_stopped_process_gives_its_date_back(embedded: Embedded) -> None:
+    """In-process, the command that schedules a night runs it; killed before it finished, it left a queued
+    job holding the date. Once nothing has been recorded for it for longer than a chunk's hard time limit,
+    the next run marks it failed and schedules the date again (it used to answer "already scheduled" for
+    ever)."""
+    day = date(2026, 5, 1)
+    truth = _write_archive(embedded, day, n=2, corrupt=False)
+    version = _active_version()
+    with session_scope() as session:  # what the killed process left: its job, before its first chunk
+        job = new_score_job(version.product_id, version.id, embedded.archive_uri(day), 2, run_date=day,
+                            enqueued_by="nightly", key=nightly_key(PRODUCT, day, version.version))
+        session.add(job)
+        session.flush()
+        stuck = job.id
+    (recent,) = schedule_nightly(day).jobs  # just created: its process may still be running it
+    assert not recent.created and recent.job_id == stuck and _job(stuck).status == "queued"
+    with session_scope() as session:
+        session.get(Job, stuck).created_at -= timedelta(seconds=get_settings().score_time_limits[1] + 1)
+    (again,) = schedule_nightly(day).jobs
+    assert again.created and again.job_id != stuck and _job(again.job_id).status == "succeeded"
+    assert sorted(r.image_uri for r in _results(again.job_id)) == sorted(truth)
+    left = _job(stuck)
+    assert left.status == "failed" and left.error.startswith("abandoned") and left.idempotency_key is None
+
+
 def test_a_broken_model_fails_its_product_only_and_its_date_is_retried(embedded: Embedded) -> None:
     import shutil
 
