@@ -225,6 +225,17 @@ def test_greedy_matches_textbook_farthest_first() -> None:
     assert np.array_equal(selected[:150], reference[:150])
 
 
+def test_coreset_stops_when_every_feature_is_covered() -> None:
+    """Five distinct features repeated 100 times, 50 asked for: once all five are picked every distance
+    is 0, and the loop used to pick index 0 again and again (45 repeated bank rows)."""
+    x = np.repeat(np.random.default_rng(3).standard_normal((5, 12)).astype(np.float32), 100, axis=0)
+    for pick in (lambda: _greedy_pruned(x.copy(), 50, 7, None),
+                 lambda: _greedy_dense(torch.from_numpy(x.copy()), 50, 7, None).numpy(),
+                 lambda: greedy_coreset(x, 0.1, projection_dim=128, seed=0, minimum=0)):
+        selected = pick()
+        assert len(selected) == 5 and len({tuple(r) for r in x[selected]}) == 5
+
+
 def test_pruned_and_dense_select_the_same_sequence() -> None:
     x = np.random.default_rng(2).standard_normal((6000, 16)).astype(np.float32)
     k, start = 300, 17

@@ -137,7 +137,8 @@ def coreset_size(n: int, ratio: float, minimum: int = 0) -> int:
 def greedy_coreset(features: np.ndarray | torch.Tensor, ratio: float, projection_dim: int = 128,
                    seed: int = 0, progress: ProgressFn | None = None, minimum: int = 0) -> np.ndarray:
     """Indices (into `features`) of the greedy k-center coreset, in selection order (all of them, in their
-    own order, when the coreset is the whole set)."""
+    own order, when the coreset is the whole set). Fewer than k when fewer distinct features remain: the
+    selection stops once every feature coincides with a selected one."""
     return greedy_from_projection(random_projection(features, projection_dim, seed), ratio, seed, progress,
                                   minimum)
 
@@ -165,15 +166,21 @@ def _greedy_dense(x: torch.Tensor, k: int, start: int, progress: ProgressFn | No
     selected[0] = start
     center = torch.tensor(start, device=x.device)
     mind = torch.full((len(x),), float("inf"), device=x.device)
+    gain = torch.empty(k, device=x.device)  # the distance each pick covers (read once, after the loop)
+    gain[0] = float("inf")
     for i in range(1, k):
         c = x[center]
         d2 = (sq - 2 * (x @ c) + sq[center]).clamp_min_(0)
         torch.minimum(mind, d2, out=mind)
         center = torch.argmax(mind)
         selected[i] = center
+        gain[i] = mind[center]
         if progress is not None and i % 1024 == 0:
             progress(1024)
-    return selected
+    # every point coincided with a pick already (up to the float32 rounding of |x|^2 - 2xc + |c|^2): the
+    # rest of the picks are repeats
+    covered = torch.nonzero(gain <= 1e-5 * sq.max())
+    return selected[: int(covered[0, 0])] if len(covered) else selected
 
 
 def _principal_rotation(x: np.ndarray, out: np.ndarray) -> None:
@@ -232,7 +239,10 @@ def _pruned_loop(head: np.ndarray, y: np.ndarray, k: int, start: int, threads: i
         radius2[i] = _assign_step(head, y, y[new], i, near, assign, mind2, best_val, best_idx)
         if i % 256 == 255:
             _exact_radii(assign, mind2, radius2[: i + 1])
-        new = int(best_idx[int(np.argmax(best_val))])
+        top = int(np.argmax(best_val))
+        if best_val[top] <= 0:  # every point coincides with a pick: more picks would only repeat them
+            return selected[: i + 1]
+        new = int(best_idx[top])
         if progress is not None and (i + 1) % 1024 == 0:
             progress(1024)
     return selected
