@@ -622,6 +622,41 @@ def test_unreachable_storage_fails_the_job_in_process(embedded: Embedded,
     assert _results(job_id) == []
 
 
+def test_a_worker_out_of_disk_for_the_model_is_retried_not_blamed_on_the_model(
+        embedded: Embedded, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A worker whose model cache disk is full could not load the model: the chunk is retried (with a
+    broker, on any worker) instead of failing the job as "model cannot be used"."""
+    import errno
+
+    from common.storage import LocalStorage
+    from workers.job_state import WorkerShortOfResources
+    from workers.model_cache import reset_model_cache
+    from workers.scoring import ModelUnusable, load_context, load_model
+    from workers.tasks import is_transient
+
+    def disk_full(self, key, path):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    version = _active_version()
+    job_id = _adhoc_job(version, embedded.archive_uri(date(2026, 3, 1)), 1)
+    monkeypatch.setenv("TOTALRECALL_CACHE_DIR", str(tmp_path / "cache"))  # no copy on this worker's disk yet
+    reset_settings_cache()
+    reset_model_cache()
+    monkeypatch.setattr(LocalStorage, "get_file", disk_full)
+    try:
+        with pytest.raises(WorkerShortOfResources, match="could not load model version 1 of 'part'.*No space") as info:
+            load_model(load_context(job_id))
+        assert is_transient(info.value) and not isinstance(info.value, ModelUnusable)
+        with pytest.raises(WorkerShortOfResources):  # in-process: no broker to retry on, the job says why
+            score_chunk.apply(args=(job_id, [embedded.store.uri_for("archive/x.png")]))
+        job = _job(job_id)
+        assert job.status == "failed" and job.error.startswith("WorkerShortOfResources: this worker (")
+    finally:
+        monkeypatch.undo()
+        reset_settings_cache()
+        reset_model_cache()
+
+
 def test_unknown_product_or_no_active_model_enqueues_nothing(embedded: Embedded) -> None:
     jobs_before = _job_count()
     with pytest.raises(SchedulingError, match="unknown product 'nope'"):

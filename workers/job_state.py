@@ -10,6 +10,7 @@ are safe to run twice. A succeeded job is never marked failed (a late duplicate 
 
 from __future__ import annotations
 
+import errno
 import logging
 from collections import Counter
 from collections.abc import Sequence
@@ -41,6 +42,27 @@ def describe_error(exc: BaseException) -> str:
     """A one-line, secret-free description of `exc` for the jobs table."""
     text = f"{type(exc).__name__}: {exc}".strip()
     return redact_text(text)[:MAX_ERROR_CHARS]
+
+
+class WorkerShortOfResources(RuntimeError):
+    """This worker could not load the model for lack of disk space or memory: not the model's fault, so the
+    chunk is retried (on any worker) instead of failing the job."""
+
+
+# errno values of a full disk or exhausted memory on the worker itself
+_SHORT_OF = (errno.ENOSPC, errno.EDQUOT, errno.ENOMEM)
+
+
+def short_of_resources(exc: BaseException) -> bool:
+    """Whether `exc`, or an error it was raised from, is the worker's disk or memory running out."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError" \
+                or (isinstance(exc, OSError) and exc.errno in _SHORT_OF):  # torch.cuda.OutOfMemoryError
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def name_failures(failures: Sequence[dict[str, Any]], uris: Sequence[str]) -> list[dict[str, Any]]:

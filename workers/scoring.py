@@ -7,7 +7,8 @@ on. An error the engine does not attribute to one image makes the chunk score it
 so the image that causes it fails alone.
 
 Per chunk: storage that does not answer (`StorageUnavailable`) and database errors propagate, so the task
-retries the whole chunk; a model that cannot be loaded (`ModelUnusable`) or outputs that cannot be written
+retries the whole chunk, and so does a worker whose disk or memory runs out while loading the model
+(`WorkerShortOfResources`); a model that cannot be loaded (`ModelUnusable`) or outputs that cannot be written
 fail the job. A chunk stopped by its soft time limit records what it finished and a failed row for the
 rest. Rows are written in one transaction, only for images whose mask and heatmap are already stored
 (which images get them: `TOTALRECALL_SAVE_MAPS`, see `saves_maps`).
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import socket
 import threading
 import time
 from collections import deque
@@ -42,7 +44,13 @@ from common.logs import log_context, log_event
 from common.memory import release_memory
 from common.settings import get_settings, redact_text
 from common.storage import Storage, StorageError, StorageUnavailable, open_storage, read_uri
-from workers.job_state import describe_error, mark_running, record_chunk
+from workers.job_state import (
+    WorkerShortOfResources,
+    describe_error,
+    mark_running,
+    record_chunk,
+    short_of_resources,
+)
 from workers.model_cache import get_model_cache
 from workers.outputs import heatmap_png, mask_png, output_keys
 
@@ -65,7 +73,7 @@ class ImageFetchError(OSError):
 
 
 # Errors that concern the whole chunk: retried or failing the job, never blamed on one image.
-CHUNK_ERRORS = (SoftTimeLimitExceeded, StorageError, ModelUnusable, SQLAlchemyError)
+CHUNK_ERRORS = (SoftTimeLimitExceeded, StorageError, ModelUnusable, WorkerShortOfResources, SQLAlchemyError)
 
 
 @dataclass(frozen=True)
@@ -177,12 +185,16 @@ def load_context(job_id: int) -> ChunkContext:
 
 
 def load_model(context: ChunkContext) -> PatchCore:
-    """The job's model from the worker's cache; `ModelUnusable` if its artifact is refused or missing."""
+    """The job's model from the worker's cache; `ModelUnusable` if its artifact is refused or missing,
+    `WorkerShortOfResources` if this worker's disk or memory ran out while loading it."""
     try:
         return get_model_cache().get(context.sha256, context.artifact_uri)
     except (SoftTimeLimitExceeded, StorageUnavailable, SQLAlchemyError):
         raise
     except Exception as exc:
+        if short_of_resources(exc):
+            raise WorkerShortOfResources(f"this worker ({socket.gethostname()}) could not load model version "
+                                         f"{context.version} of {context.product!r}: {describe_error(exc)}") from exc
         raise ModelUnusable(f"model version {context.version} of {context.product!r} cannot be used: "
                             f"{describe_error(exc)}") from exc
 

@@ -4,7 +4,8 @@ The work itself (`workers.fitting`, `workers.scoring`) is imported when a task r
 CLI can enqueue tasks without loading torch.
 
 Failure policy (with a broker; in-process there is no broker to retry on, so every error fails the job):
-- transient trouble (storage not answering, database unreachable or restarting, broker errors)
+- transient trouble (storage not answering, database unreachable or restarting, broker errors, a
+  worker's disk or memory running out while it loads a model)
   retries the task with exponential backoff and jitter, up to `MAX_RETRIES` times. A score chunk that is
   still failing then records a failed row with the reason for each of its images, so the job completes;
   a fit fails its job.
@@ -40,7 +41,7 @@ from common.logs import log_event
 from common.settings import get_settings
 from common.storage import StorageUnavailable
 from workers.app import FIT_TASK, NIGHTLY_TASK, SCORE_TASK, app
-from workers.job_state import describe_error, mark_failed
+from workers.job_state import WorkerShortOfResources, describe_error, mark_failed
 
 logger = logging.getLogger(__name__)
 
@@ -93,8 +94,9 @@ def retry_countdown(retries: int) -> float:
 
 
 def is_transient(exc: BaseException) -> bool:
-    """True for errors worth retrying later: storage, database or broker not answering."""
-    return isinstance(exc, StorageUnavailable | BrokerError) or is_transient_db_error(exc)
+    """True for errors worth retrying later: storage, database or broker not answering, or a worker short
+    of disk or memory for the model (`WorkerShortOfResources`: the retry may go to another worker)."""
+    return isinstance(exc, StorageUnavailable | BrokerError | WorkerShortOfResources) or is_transient_db_error(exc)
 
 
 def interruptions(task: Task) -> int:
