@@ -26,7 +26,7 @@ from common.settings import get_settings, redact_text
 from common.storage import StorageError, list_uris
 from scheduler.jobs import ScheduledJob, enqueue_score, log_scheduled, new_score_job, nightly_key
 from scheduler.products import SchedulingError, active_version
-from workers.job_state import describe_error, fail_locked_job
+from workers.job_state import describe_error, fail_locked_job, is_transient
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +48,7 @@ class NightlyRun:
     jobs: list[ScheduledJob] = field(default_factory=list)
     without_model: list[str] = field(default_factory=list)  # products skipped: no active model
     errors: dict[str, str] = field(default_factory=dict)  # product -> why it could not be scheduled
+    retry: list[str] = field(default_factory=list)  # those of them whose error was transient (storage down)
 
 
 def yesterday_utc() -> date:
@@ -69,7 +70,8 @@ def scheduled_day(nightly_at: tuple[int, int], now: datetime | None = None) -> d
 def schedule_nightly(day: date | None = None, enqueued_by: str = "nightly") -> NightlyRun:
     """Create and enqueue the nightly jobs for `day` (default: yesterday, UTC).
 
-    A product whose archive cannot be listed (or whose tasks cannot be sent) is reported in `errors`.
+    A product whose archive cannot be listed (or whose tasks cannot be sent) is reported in `errors`, and
+    also in `retry` when the cause was transient (the `nightly_inspection` task then runs again).
     """
     run = NightlyRun(day or yesterday_utc())
     for target in _targets(run):
@@ -79,6 +81,8 @@ def schedule_nightly(day: date | None = None, enqueued_by: str = "nightly") -> N
         except Exception as exc:  # e.g. a missing bucket, or (in-process) a task's error: the others go on
             known = isinstance(exc, (StorageError, SchedulingError))
             run.errors[target.product] = redact_text(str(exc)) if known else describe_error(exc)
+            if is_transient(exc):
+                run.retry.append(target.product)
             log_event(logger, logging.ERROR, "nightly_product_not_scheduled", day=run.day,
                       product=target.product, error=run.errors[target.product])
     log_event(logger, logging.INFO, "nightly_scheduled", day=run.day, jobs=len(run.jobs),

@@ -196,6 +196,41 @@ def test_storage_outage_mid_chunk(c: Cluster) -> None:
 
 
 @pytest.mark.integration
+def test_nightly_task_retries_while_storage_is_down(c: Cluster) -> None:
+    """Beat's nightly task while S3 does not answer: it used to report the product as not scheduled and
+    succeed, so the night was never inspected (no job at all). It now runs again, for the same day, until
+    the archive can be listed."""
+    from celery import Celery
+
+    from workers.app import NIGHTLY_TASK, SCORE_QUEUE
+
+    _ensure_two_workers(c)
+    day = date(2026, 6, 7)
+    images = c.archive(day, 4)
+    saved = c.snapshot()
+    c.service("stop-s3")
+    Celery(broker=c.redis_url).send_task(NIGHTLY_TASK, args=[day.isoformat()], queue=SCORE_QUEUE)
+    logs = lambda: "".join(w.text() for w in c.workers.values())  # noqa: E731
+    try:
+        wait_for(lambda: any("event=nightly_retry" in line and f"day={day}" in line and f"products={PRODUCT}" in line
+                             for line in logs().splitlines()), 90)
+        assert c.jobs(day) == []  # nothing scheduled while the archive cannot be listed
+    finally:
+        for worker in c.workers.values():  # frozen while S3 comes back and is refilled: a retry in
+            worker.signal_group(19)  # between would list an empty archive
+        try:
+            c.service("start-s3")
+            c.restore(saved)
+        finally:
+            for worker in c.workers.values():
+                worker.signal_group(18)
+    wait_for(lambda: bool(c.jobs(day)), 120)
+    (job,) = c.wait_finished([c.jobs(day)[0].id], 120)
+    rows = c.assert_exactly_once(job, images)
+    assert all(r.status == "ok" for r in rows)
+
+
+@pytest.mark.integration
 def test_database_restart_mid_run(c: Cluster) -> None:
     _ensure_two_workers(c)
     day = date(2026, 6, 5)

@@ -16,6 +16,7 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
+from kombu.exceptions import OperationalError as BrokerError
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
@@ -27,12 +28,14 @@ from common.db import (
     ResultStatus,
     in_chunks,
     in_transaction,
+    is_transient_db_error,
     record_results,
     utcnow,
 )
 from common.drift import drift_warning
 from common.logs import log_event
 from common.settings import get_settings, redact_text
+from common.storage import StorageUnavailable
 
 MAX_ERROR_CHARS = 2000
 logger = logging.getLogger(__name__)
@@ -63,6 +66,12 @@ def short_of_resources(exc: BaseException) -> bool:
             return True
         exc = exc.__cause__ or exc.__context__
     return False
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for errors worth retrying later: storage, database or broker not answering, or a worker short
+    of disk or memory for the model (`WorkerShortOfResources`: the retry may go to another worker)."""
+    return isinstance(exc, StorageUnavailable | BrokerError | WorkerShortOfResources) or is_transient_db_error(exc)
 
 
 def name_failures(failures: Sequence[dict[str, Any]], uris: Sequence[str]) -> list[dict[str, Any]]:

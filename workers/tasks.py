@@ -19,6 +19,8 @@ Failure policy (with a broker; in-process there is no broker to retry on, so eve
   a missing job, a bug) marks the job failed with a secret-free message and re-raises, so Celery logs it.
 - the soft time limit: a chunk records what it finished and fails the rest (`workers.scoring`); a fit fails
   its job.
+- the nightly inspection retries itself, for the same day, while the database, storage or broker does not
+  answer (`nightly_inspection`).
 """
 
 from __future__ import annotations
@@ -34,14 +36,11 @@ from typing import Any
 from celery import Task
 from celery.exceptions import SoftTimeLimitExceeded
 from celery.signals import worker_init, worker_process_init
-from kombu.exceptions import OperationalError as BrokerError
 
-from common.db import is_transient_db_error
 from common.logs import log_event
 from common.settings import get_settings
-from common.storage import StorageUnavailable
 from workers.app import FIT_TASK, NIGHTLY_TASK, SCORE_TASK, app
-from workers.job_state import WorkerShortOfResources, describe_error, mark_failed
+from workers.job_state import describe_error, is_transient, mark_failed
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +48,7 @@ MAX_RETRIES = 5
 RETRY_BASE_SECONDS = 10
 RETRY_MAX_SECONDS = 600
 MAX_INTERRUPTIONS = 3
+NIGHTLY_MAX_RETRIES = 12  # backoff capped at RETRY_MAX_SECONDS: up to about an hour of outage in all
 INTERRUPTED = "interrupted (Ctrl-C) in the command that ran it in-process: run it again"
 
 
@@ -91,12 +91,6 @@ def preload_backbones() -> None:
 def retry_countdown(retries: int) -> float:
     """Exponential backoff with full jitter: up to 10 s, 20 s, 40 s ... capped at 10 min."""
     return random.uniform(0, min(RETRY_MAX_SECONDS, RETRY_BASE_SECONDS * 2**retries))
-
-
-def is_transient(exc: BaseException) -> bool:
-    """True for errors worth retrying later: storage, database or broker not answering, or a worker short
-    of disk or memory for the model (`WorkerShortOfResources`: the retry may go to another worker)."""
-    return isinstance(exc, StorageUnavailable | BrokerError | WorkerShortOfResources) or is_transient_db_error(exc)
 
 
 def interruptions(task: Task) -> int:
@@ -194,13 +188,27 @@ def score_chunk(self: Task, job_id: int, image_uris: list[str]) -> dict[str, int
         raise
 
 
-@app.task(name=NIGHTLY_TASK)
-def nightly_inspection(run_date: str | None = None) -> dict[str, Any]:
+@app.task(bind=True, name=NIGHTLY_TASK, max_retries=NIGHTLY_MAX_RETRIES)
+def nightly_inspection(self: Task, run_date: str | None = None) -> dict[str, Any]:
     """Schedule the nightly inspection for `run_date` (YYYY-MM-DD; default: the day before the most
     recent scheduled time, `TOTALRECALL_NIGHTLY_AT` UTC, so a run that waited past midnight in the queue
-    inspects the day beat sent it for)."""
+    inspects the day beat sent it for).
+
+    If the database, storage or broker does not answer (for the whole run, or for some products' archives),
+    the run is tried again with backoff for about an hour (`NIGHTLY_MAX_RETRIES`), for the same day: the
+    products scheduled already keep their jobs (idempotency keys), the others are scheduled then."""
     from scheduler.nightly import schedule_nightly, scheduled_day  # the scheduler imports these tasks
 
     day = date.fromisoformat(run_date) if run_date else scheduled_day(get_settings().nightly_time)
-    run = schedule_nightly(day, enqueued_by="beat")
+    retries = self.request.retries
+    try:
+        run = schedule_nightly(day, enqueued_by="beat")
+    except Exception as exc:
+        if _can_retry(self, exc) and retries < NIGHTLY_MAX_RETRIES:
+            log_event(logger, logging.WARNING, "nightly_retry", day=day, error=describe_error(exc))
+            raise self.retry(exc=exc, args=(day.isoformat(),), countdown=retry_countdown(retries)) from exc
+        raise
+    if run.retry and not self.request.is_eager and retries < NIGHTLY_MAX_RETRIES:
+        log_event(logger, logging.WARNING, "nightly_retry", day=day, products=",".join(run.retry))
+        raise self.retry(args=(day.isoformat(),), countdown=retry_countdown(retries))
     return asdict(run) | {"day": run.day.isoformat()}  # the scheduler logged each product's outcome
