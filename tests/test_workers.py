@@ -535,6 +535,29 @@ def test_two_jobs_taking_failed_images_of_one_job_at_once_leave_its_counts_right
                       second: ("succeeded", 1, 1, 0)}
 
 
+def test_a_finished_job_does_not_take_back_an_image_another_job_took(embedded: Embedded) -> None:
+    """Job A failed image x, and a later job B scored x again (x moved to B, A's total dropped). A chunk of A
+    delivered again (its worker died after committing, before acknowledging) used to move x back: A then
+    counted 1 ok + 1 failed of total 1 and B 0 of total 0. A finished job takes nothing back."""
+    from workers import job_state
+
+    version = _active_version()
+    a, b = _adhoc_job(version, "pingpong/", 2), _adhoc_job(version, "pingpong/", 1)
+
+    def row(job_id: int, name: str, status: str) -> dict:
+        return {"job_id": job_id, "model_version_id": version.id, "product_id": version.product_id,
+                "image_uri": f"pingpong/{name}.png", "status": status,
+                "score": 1.0 if status == "ok" else None, "error": "broken" if status == "failed" else None}
+
+    job_state.record_chunk(a, [row(a, "x", "failed"), row(a, "y", "ok")])
+    job_state.record_chunk(b, [row(b, "x", "failed")])  # x fails again, now B's
+    job_state.record_chunk(a, [row(a, "x", "failed"), row(a, "y", "ok")])  # A's chunk redelivered
+    counts = {job: (j.status, j.total, j.done, j.failed) for job in (a, b) for j in [_job(job)]}
+    assert counts == {a: ("succeeded", 1, 1, 0), b: ("succeeded", 1, 0, 1)}
+    assert {r.image_uri: r.job_id for r in _results() if r.image_uri.startswith("pingpong/")} == {
+        "pingpong/x.png": b, "pingpong/y.png": a}
+
+
 def test_a_job_completing_while_it_is_marked_failed_ends_succeeded(embedded: Embedded,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """`mark_failed` reads the job, then writes; a chunk that completes the job in between must not be

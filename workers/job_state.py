@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import errno
 import logging
-from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -135,14 +134,22 @@ def record_chunk(job_id: int, rows: Sequence[dict[str, Any]]) -> None:
 
     A row that replaces another job's failed result (an ad-hoc job scoring an image again) moves that
     image to this job: the earlier job's total and counts drop by it, so every job's counts stay those of
-    its own rows."""
+    its own rows. Only an unfinished job takes images so; a finished one's rows for them are not written."""
 
     def work(session: Session) -> tuple[dict[int, int], tuple[float, str] | None]:
         job = lock_job(session, job_id)
-        moved = superseded_failures(session, job_id, rows)
+        writing = rows
+        superseded = superseded_failures(session, job_id, rows)
+        if superseded and job.status not in (JobStatus.QUEUED.value, JobStatus.RUNNING.value):
+            # A finished job takes nothing back (a chunk of it redelivered after another job re-scored its
+            # failed images): its counts are complete, and the image would count in both jobs.
+            taken = {uri for uris in superseded.values() for uri in uris}
+            writing = [row for row in rows if row["image_uri"] not in taken]
+            superseded = {}
+        moved = {other: len(uris) for other, uris in superseded.items()}
         # PostgreSQL: a deadlock with a chunk of one of those jobs is possible, and retried (in_transaction)
         earlier = [lock_job(session, other) for other in sorted(moved)]
-        record_results(session, rows)
+        record_results(session, writing)
         finished_before = job.status == JobStatus.SUCCEEDED.value
         refresh_counts(session, job)
         for other in earlier:
@@ -162,21 +169,22 @@ def record_chunk(job_id: int, rows: Sequence[dict[str, Any]]) -> None:
         log_event(logger, logging.WARNING, "score_drift", job=job_id, median_score=drift[0], warning=drift[1])
 
 
-def superseded_failures(session: Session, job_id: int, rows: Sequence[dict[str, Any]]) -> dict[int, int]:
-    """{job id: images} of the other jobs' failed results that `rows` will replace (rows locked)."""
-    moved: Counter[int] = Counter()
+def superseded_failures(session: Session, job_id: int, rows: Sequence[dict[str, Any]]) -> dict[int, list[str]]:
+    """{job id: image URIs} of the other jobs' failed results that `rows` would replace (rows locked)."""
+    moved: dict[int, list[str]] = {}
     for version_id in {row["model_version_id"] for row in rows}:
         uris = [row["image_uri"] for row in rows if row["model_version_id"] == version_id]
         for part in in_chunks(uris):
-            moved.update(session.scalars(
-                select(Result.job_id).where(
+            for other, uri in session.execute(
+                select(Result.job_id, Result.image_uri).where(
                     Result.model_version_id == version_id,
                     Result.image_uri.in_(part),
                     Result.status == ResultStatus.FAILED.value,
                     Result.job_id != job_id,
                 ).with_for_update()
-            ))
-    return dict(moved)
+            ):
+                moved.setdefault(other, []).append(uri)
+    return moved
 
 
 def count_results(session: Session, job: Job) -> None:
