@@ -24,7 +24,7 @@ from PIL import Image
 from common.engine import calibration, mvtec
 from common.engine.artifact import ArtifactError, load_artifact
 from common.engine.config import PatchCoreConfig
-from common.engine.evaluate import evaluate
+from common.engine.evaluate import evaluate, format_table
 from common.engine.metrics import PixelMetrics, f1_max
 from common.engine.patchcore import PatchCore
 from common.images import ImageDecodeError, bits_used, decode_image, decoded_size
@@ -882,7 +882,8 @@ def test_mask_conventions(tmp_path, name: str, defect: int, array: type) -> None
 
 def test_fit_on_one_image_calibrates_in_sample(train, scenes) -> None:
     m = PatchCore(CFG)
-    stats = m.fit(train[:1])
+    with pytest.warns(RuntimeWarning, match="no held-out image was scored"):
+        stats = m.fit(train[:1])
     assert stats["train_images"] == 1 and stats["holdout_images"] == 0
     assert stats["calibration"].startswith("in-sample")
     assert np.isfinite(m.image_threshold)
@@ -894,8 +895,15 @@ def test_fit_on_one_image_calibrates_in_sample(train, scenes) -> None:
 
 @pytest.mark.parametrize("shots", [1, 3])
 def test_evaluate_few_shot(dataset, shots: int) -> None:
-    report = evaluate(dataset["root"], dataset["category"], CFG, shots=shots, progress=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = evaluate(dataset["root"], dataset["category"], CFG, shots=shots, progress=False)
     assert report["shots"] == shots
+    in_sample = any("no held-out image was scored" in str(w.message) for w in caught)
+    assert in_sample == (shots == 1)
+    # one shot: nothing held out, so no calibrated recall or false-alarm rate to report (was FPR 1.0)
+    assert np.isnan(report["calibrated_false_positive_rate"]) == (shots == 1)
+    assert ("n/a: thresholds in-sample" in format_table(report)) == (shots == 1)
     expected_hold = 0 if shots == 1 else 1
     assert report["holdout_images"] == expected_hold
     assert report["train_images"] == shots - expected_hold

@@ -62,6 +62,7 @@ def evaluate(data: str | Path, category: str, config: PatchCoreConfig, shots: in
     image_f1, _ = f1_max(np.array(scores), np.array(labels))
     pixel_f1, _ = pixels.pixel_f1_max()
     predicted = np.array(scores) > model.image_threshold  # the verdict rule of `ImageResult.is_anomalous`
+    calibrated = fit["holdout_images"] > 0  # in-sample thresholds say nothing of recall or false alarms
     return {
         "category": category,
         "data": str(data),
@@ -80,8 +81,9 @@ def evaluate(data: str | Path, category: str, config: PatchCoreConfig, shots: in
         "pixel_f1_max": pixel_f1,
         "image_threshold": model.image_threshold,
         "pixel_threshold": model.pixel_threshold,
-        "calibrated_recall": _share(predicted[np.array(labels) == 1]),
-        "calibrated_false_positive_rate": _share(predicted[np.array(labels) == 0]),
+        "calibration": fit["calibration"],
+        "calibrated_recall": _share(predicted[np.array(labels) == 1]) if calibrated else float("nan"),
+        "calibrated_false_positive_rate": _share(predicted[np.array(labels) == 0]) if calibrated else float("nan"),
         "patch_features": fit["patch_features"],
         "bank_size": fit["bank_size"],
         "feature_dim": fit["feature_dim"],
@@ -134,7 +136,8 @@ def format_table(report: dict[str, Any]) -> str:
         ("AUPRO@0.3", f"{report['aupro']:.4f}"),
         ("image / pixel F1-max", f"{report['image_f1_max']:.4f} / {report['pixel_f1_max']:.4f}"),
         ("recall / FPR at calibrated threshold",
-         f"{report['calibrated_recall']:.3f} / {report['calibrated_false_positive_rate']:.3f}"),
+         f"{report['calibrated_recall']:.3f} / {report['calibrated_false_positive_rate']:.3f}"
+         if report["holdout_images"] else "n/a: thresholds in-sample (no held-out image)"),
         ("patch features -> bank", f"{report['patch_features']} -> {report['bank_size']} x {report['feature_dim']}"),
         ("fit s (coreset s)", f"{report['fit_seconds']:.1f} ({report['coreset_seconds']:.1f})"),
         ("score ms/image", f"{report['score_ms_per_image']:.1f}"),

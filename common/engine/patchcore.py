@@ -30,6 +30,11 @@ from common.engine.roi import RegionOfInterest
 from common.engine.scoring import image_scores
 from common.engine.spool import needs_spool, spool
 
+IN_SAMPLE_WARNING = ("no held-out image was scored (one training image, holdout_fraction 0, or every held-out image "
+                     "failed): the thresholds come from the bank's own images, which lie at or near their own bank "
+                     "rows, so they are too low and most images will be flagged; fit on at least two images with "
+                     "holdout_fraction > 0")
+
 
 @dataclass
 class ImageResult:
@@ -222,6 +227,7 @@ class PatchCore:
         levels, errors = self._nominal_levels([images[i] for i in hold_ids], progress, "calibrate")
         in_sample = not levels  # one training image, or every held-out image failed to decode
         if in_sample:
+            warnings.warn(IN_SAMPLE_WARNING, RuntimeWarning, stacklevel=3)
             levels = self._nominal_levels([images[i] for i in bank_ids], False, "calibrate")[0]
         good = [levels[pos] for pos in sorted(levels)]
         self.image_threshold = calibration.nominal_threshold([score for score, _ in good])
