@@ -42,6 +42,22 @@ def _old_score_job(product_id: int, version_id: int, images_uri: str, total: int
         return job.id
 
 
+def _product_with_a_folder(tmp_path: Path) -> tuple[int, int, Path]:
+    """(product id, active version id, a folder of 3 images) in the current embedded database."""
+    folder = tmp_path / "archive"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"p{i}.png").write_bytes(b"not decoded by the sweep")
+    product_id = add_product("part", str(tmp_path / "train"), str(tmp_path / "a/{date}"), PatchCoreConfig())
+    with session_scope() as session:
+        version = ModelVersion(product_id=product_id, version=1, artifact_uri="file:///none", sha256="0" * 64,
+                               status=ModelStatus.READY.value, is_active=True, image_threshold=1.0,
+                               pixel_threshold=1.0)
+        session.add(version)
+        session.flush()
+        return product_id, version.id, folder
+
+
 def test_a_job_whose_folder_cannot_be_listed_does_not_hold_up_the_others(
         tmp_path: Path, broker_url: str, s3_env: str, caplog: pytest.LogCaptureFixture) -> None:
     """Two unfinished jobs whose tasks the broker lost: the first one's bucket no longer exists. The sweep
@@ -49,18 +65,7 @@ def test_a_job_whose_folder_cannot_be_listed_does_not_hold_up_the_others(
     minute, so no later job was ever recovered)."""
     broker = redis.Redis.from_url(broker_url)
     with embedded_default(tmp_path / "home", TOTALRECALL_BROKER_URL=broker_url):
-        folder = tmp_path / "archive"
-        folder.mkdir()
-        for i in range(3):
-            (folder / f"p{i}.png").write_bytes(b"not decoded by the sweep")
-        product_id = add_product("part", str(tmp_path / "train"), str(tmp_path / "a/{date}"), PatchCoreConfig())
-        with session_scope() as session:
-            version = ModelVersion(product_id=product_id, version=1, artifact_uri="file:///none", sha256="0" * 64,
-                                   status=ModelStatus.READY.value, is_active=True, image_threshold=1.0,
-                                   pixel_threshold=1.0)
-            session.add(version)
-            session.flush()
-            version_id = version.id
+        product_id, version_id, folder = _product_with_a_folder(tmp_path)
         gone = f"s3://tr-deleted-{uuid.uuid4().hex[:12]}/night/"
         lost_elsewhere = _old_score_job(product_id, version_id, gone, 3)
         recoverable = _old_score_job(product_id, version_id, str(folder), 3)
@@ -72,3 +77,20 @@ def test_a_job_whose_folder_cannot_be_listed_does_not_hold_up_the_others(
         assert pending_work(broker).images[recoverable] == {str(folder / f"p{i}.png") for i in range(3)}
         failed = [r.getMessage() for r in caplog.records if "event=recovery_job_failed" in r.getMessage()]
         assert len(failed) == 1 and f"job={lost_elsewhere}" in failed[0] and gone.split("/")[2] in failed[0]
+
+
+def test_a_sweep_does_not_start_while_another_still_runs(tmp_path: Path, broker_url: str) -> None:
+    """The interval lock lets one worker sweep per interval; a sweep that outlasted it (a slow listing) holds
+    a second lock until it ends, and the next interval's sweep, on any worker, waits for it."""
+    from workers.broker import LOCK_PREFIX
+    from workers.recovery import RUNNING_LOCK, sweep
+
+    broker = redis.Redis.from_url(broker_url)
+    with embedded_default(tmp_path / "home", TOTALRECALL_BROKER_URL=broker_url):
+        product_id, version_id, folder = _product_with_a_folder(tmp_path)
+        job = _old_score_job(product_id, version_id, str(folder), 3)
+        broker.set(LOCK_PREFIX + RUNNING_LOCK, "worker-b:sweep-of-the-last-interval", ex=60)
+        assert sweep("worker-a") == [] and job not in pending_work(broker).images
+        broker.delete(LOCK_PREFIX + RUNNING_LOCK, LOCK_PREFIX + "recovery")  # that sweep ended; a new interval
+        assert [(r.job_id, r.sent) for r in sweep("worker-a")] == [(job, 3)]
+        assert broker.get(LOCK_PREFIX + RUNNING_LOCK) is None  # released when the sweep ended

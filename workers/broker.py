@@ -63,12 +63,26 @@ def count_delivery(task_id: str | None) -> int:
         return 1
 
 
+LOCK_PREFIX = "totalrecall:lock:"
+
+
 def try_lock(name: str, seconds: int, owner: str) -> bool:
-    """Take the named lock for `seconds` unless someone holds it (it is never released early)."""
+    """Take the named lock for `seconds` unless someone holds it (it expires then, or `release_lock`)."""
     client = redis_client()
     if client is None:
         return True
-    return bool(client.set(f"totalrecall:lock:{name}", owner, nx=True, ex=max(1, seconds)))
+    return bool(client.set(LOCK_PREFIX + name, owner, nx=True, ex=max(1, seconds)))
+
+
+# Delete the lock only if it still holds our token: one that expired and was taken by someone else stays.
+_RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end"
+
+
+def release_lock(name: str, owner: str) -> None:
+    """Release the named lock if `owner` still holds it."""
+    client = redis_client()
+    if client is not None:
+        client.eval(_RELEASE, 1, LOCK_PREFIX + name, owner)
 
 
 @dataclass
