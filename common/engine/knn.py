@@ -95,8 +95,10 @@ class NearestNeighbors:
     """L2 search returning true (not squared) distances, in batches of at most `batch` queries."""
 
     def __init__(self, bank: np.ndarray, use_gpu: bool | None = None, batch: int = 65_536,
-                 spec: IndexSpec | None = None, state: IndexState | None = None):
+                 spec: IndexSpec | None = None, state: IndexState | None = None, gpu_device: int | None = None):
+        """`gpu_device`: the CUDA device the index goes to (the model's); None: the current one."""
         self.bank = np.ascontiguousarray(bank, dtype=np.float32)
+        self.gpu_device = gpu_device
         self.batch = batch
         self.spec = spec or (state.spec if state is not None else IndexSpec())
         self.state: IndexState | None = None
@@ -113,7 +115,7 @@ class NearestNeighbors:
         self.index = index
 
     def _to_gpu(self, index: faiss.Index) -> faiss.Index:
-        device = torch.cuda.current_device()
+        device = torch.cuda.current_device() if self.gpu_device is None else self.gpu_device
         self._resources = gpu_resources(device)
         try:
             return faiss.index_cpu_to_gpu(self._resources, device, index)

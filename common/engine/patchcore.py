@@ -94,6 +94,10 @@ class PatchCore:
         self.image_threshold = float("nan")
         self.pixel_threshold = float("nan")
         self.stats: dict[str, Any] = {}
+        if self.config.precision == "fp32" and self.device.type == "cuda":
+            # CUDA convolutions default to TF32 (10-bit mantissa): fp32 means IEEE float32, the closest
+            # scores to the CPU's (process-wide; "auto" and "bf16" models run under bfloat16 autocast anyway)
+            torch.backends.cudnn.conv.fp32_precision = "ieee"
         if self.config.precision == "bf16" and self.device.type == "cpu" and not _cpu_has_native_bf16():
             warnings.warn("precision bf16 on a CPU without native bfloat16 instructions is emulated: "
                           "measured 1.3x slower than fp32 with AVX-512 and over 20x slower with AVX2 only; "
@@ -275,7 +279,8 @@ class PatchCore:
         spec = IndexSpec.for_bank(self.config, len(bank), bank.shape[1])
         if index_state is not None and index_state.spec != spec:
             raise ValueError(f"stored index {index_state.spec} does not match the config ({spec})")
-        self.index = NearestNeighbors(bank, use_gpu=self.device.type == "cuda", spec=spec, state=index_state)
+        self.index = NearestNeighbors(bank, use_gpu=self.device.type == "cuda", spec=spec, state=index_state,
+                                      gpu_device=self.device.index)  # cuda:1's bank on GPU 1
 
     def calibrate_with_labels(self, images: Sequence[ImageSource], masks: Sequence[np.ndarray | None],
                               labels: Sequence[int], max_false_alarms: float | None = None) -> tuple[float, float]:
