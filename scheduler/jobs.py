@@ -83,6 +83,9 @@ def chunked(items: Sequence[str], size: int) -> list[list[str]]:
     return chunks
 
 
+NO_NEW_IMAGES = "no new images to score under"  # the note of a score job created with nothing to do
+
+
 def new_score_job(product_id: int, version_id: int, images_uri: str, total: int, *,
                   run_date: date | None = None, enqueued_by: str, key: str | None = None) -> Job:
     """An uncommitted score job; with no images it is created succeeded, saying so in `error`."""
@@ -92,7 +95,7 @@ def new_score_job(product_id: int, version_id: int, images_uri: str, total: int,
     if total == 0:
         now = utcnow()
         job.status, job.created_at, job.started_at, job.finished_at = JobStatus.SUCCEEDED.value, now, now, now
-        job.error = f"no new images to score under {images_uri}"
+        job.error = f"{NO_NEW_IMAGES} {images_uri}"
     return job
 
 

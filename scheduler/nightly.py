@@ -24,7 +24,14 @@ from common.images import IMAGE_SUFFIXES
 from common.logs import log_context, log_event
 from common.settings import get_settings, redact_text
 from common.storage import StorageError, list_uris
-from scheduler.jobs import ScheduledJob, enqueue_score, log_scheduled, new_score_job, nightly_key
+from scheduler.jobs import (
+    NO_NEW_IMAGES,
+    ScheduledJob,
+    enqueue_score,
+    log_scheduled,
+    new_score_job,
+    nightly_key,
+)
 from scheduler.products import SchedulingError, active_version
 from workers.job_state import describe_error, fail_locked_job, is_transient
 
@@ -170,5 +177,7 @@ def _abandoned_in_process(session: Session, job: Job) -> bool:
 
 
 def _rerunnable(job: Job) -> bool:
-    """A failed nightly job, or a finished one that found nothing to score, does not hold its date."""
-    return job.status == JobStatus.FAILED or (job.status == JobStatus.SUCCEEDED and job.total == 0)
+    """A failed nightly job, or one that found nothing to score, does not hold its date. (A job left with
+    no image because other jobs scored its failed ones again does: its night was inspected.)"""
+    found_nothing = job.total == 0 and (job.error or "").startswith(NO_NEW_IMAGES)
+    return job.status == JobStatus.FAILED or (job.status == JobStatus.SUCCEEDED and found_nothing)

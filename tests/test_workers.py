@@ -479,6 +479,22 @@ def test_adhoc_scoring_skips_ok_images_and_retries_failed_ones(embedded: Embedde
     assert again.total == 0 and _job(again.job_id).status == "succeeded"
 
 
+def test_a_nightly_whose_failed_images_were_all_scored_again_keeps_its_date(embedded: Embedded) -> None:
+    """A night whose one image failed, then was repaired and scored ad hoc: the image moved to the ad-hoc
+    job and the nightly job has no image left. Its night was inspected, so it keeps its date (it used to
+    give it back like a night that found nothing, and the next run made an empty job)."""
+    day = date(2026, 5, 2)
+    _write_archive(embedded, day, n=0)  # a corrupt PNG only
+    (nightly,) = schedule_nightly(day).jobs
+    assert (_job(nightly.job_id).total, _job(nightly.job_id).failed) == (1, 1)
+    embedded.store.put_bytes(f"archive/{day.isoformat()}/{PRODUCT}/corrupt.png", png_bytes(nominal_image(98, SIZE)))
+    adhoc = score_images(PRODUCT, embedded.archive_uri(day))
+    assert _job(adhoc.job_id).done == 1 and _job(nightly.job_id).total == 0
+    jobs = _job_count()
+    (again,) = schedule_nightly(day).jobs
+    assert not again.created and again.job_id == nightly.job_id and _job_count() == jobs
+
+
 def test_in_process_job_whose_images_another_job_scored_first_finishes(embedded: Embedded) -> None:
     """Two `totalrecall score` commands on one folder at once (embedded mode): the job whose rows lost
     the race (the images have the other job's results) still finishes, instead of running for ever."""
