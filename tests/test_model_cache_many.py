@@ -86,3 +86,32 @@ def test_disk_copies_stay_within_their_bound_least_recently_used_first(artifacts
     alone.get(b, b_uri)
     assert _copies(alone) == [b]
 
+
+
+def test_a_download_survives_another_process_pruning_the_cache_meanwhile(artifacts, tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another worker process on the machine finishes downloading model Y just as this one puts model X in
+    place, and prunes the disk cache keeping Y: X's folder goes. The load used to read X from that folder
+    afterwards (ArtifactError: the job failed as "model cannot be used"); it reads the private copy first."""
+    import os
+
+    import workers.model_cache as model_cache
+    from workers.local_disk import prune_model_cache
+
+    (x_sha, x_uri), (y_sha, y_uri) = artifacts[0], artifacts[1]
+    cache = ModelCache(tmp_path / "cache", max_bytes=2**30, device="cpu")
+    cache.get(y_sha, y_uri)
+    class PrunedAfterRename:  # the model cache's `os`, whose rename is followed by the other process's prune
+        def __getattr__(self, name: str):
+            return getattr(os, name)
+
+        @staticmethod
+        def rename(src, dst) -> None:
+            os.rename(src, dst)
+            later = time.time() + 5
+            os.utime(tmp_path / "cache" / y_sha, (later, later))  # Y's download just finished over there
+            assert x_sha in prune_model_cache(tmp_path / "cache", 1, keep=[y_sha])
+
+    monkeypatch.setattr(model_cache, "os", PrunedAfterRename())
+    model = cache.get(x_sha, x_uri)
+    assert model.image_threshold == 0.0 and not (tmp_path / "cache" / x_sha).exists()

@@ -122,8 +122,7 @@ class ModelCache:
                 log_event(logger, logging.WARNING, "model_copy_damaged", sha256=sha256[:12], error=str(exc),
                           action="downloading it again")
                 discard_model(folder)
-        self._download(artifact_uri, folder)
-        model = PatchCore.load(folder, sha256, device=self.device)
+        model = self._download(sha256, artifact_uri, folder)
         mark_used(folder)
         if self.disk_max_bytes is not None:
             pruned = prune_model_cache(self.cache_dir, self.disk_max_bytes, keep=[sha256])
@@ -132,13 +131,17 @@ class ModelCache:
                           sha256=",".join(p[:12] for p in pruned), max_bytes=self.disk_max_bytes)
         return model, "storage"
 
-    def _download(self, artifact_uri: str, folder: Path) -> None:
+    def _download(self, sha256: str, artifact_uri: str, folder: Path) -> PatchCore:
+        """Download into a private temporary folder and load the model from there, then put the folder in
+        place as the disk copy: another process pruning the cache meanwhile (it removes only model folders
+        in place) cannot take the files from under the load."""
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=self.cache_dir, prefix=f".{folder.name}-"))
         try:
             store = open_storage(artifact_uri)
             for name in (BANK_FILE, META_FILE):
                 store.get_file(name, tmp / name)
+            model = PatchCore.load(tmp, sha256, device=self.device)
             try:
                 os.rename(tmp, folder)
             except OSError:  # another process put it there first: theirs is as good as ours
@@ -148,6 +151,7 @@ class ModelCache:
             shutil.rmtree(tmp, ignore_errors=True)
         with self._lock:
             self.stats.downloads += 1
+        return model
 
 
 def _model_bytes(model: PatchCore) -> int:
