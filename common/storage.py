@@ -158,7 +158,17 @@ def list_uris(prefix_uri: str | Path, suffixes: tuple[str, ...] | None = None) -
     keys = storage.list()
     if suffixes is not None:
         keys = [k for k in keys if k.lower().endswith(suffixes)]
-    return [storage.uri_for(key) for key in keys]
+    return [_listed_uri(storage, key) for key in keys]
+
+
+def _listed_uri(storage: Storage, key: str) -> str:
+    """The URI of a listed object. S3 allows keys this code will not address (`a//b.png`, `a/../b.png`):
+    they are listed all the same, and reading one fails as that image's failure, with the reason, instead
+    of failing the whole folder's listing (or skipping the image silently)."""
+    try:
+        return storage.uri_for(key)
+    except UnsafeKeyError:
+        return storage.root_uri + key
 
 
 def check_key(key: str) -> str:
@@ -198,7 +208,8 @@ def _local_path(uri: str) -> Path:
         uri = unquote(parts.path)
     elif "://" in uri:
         raise ValueError(f"unsupported storage URI scheme: {uri!r} (use s3://, file:// or a path)")
-    return Path(uri).expanduser().absolute()
+    return Path(os.path.normpath(Path(uri).expanduser().absolute()))  # "data/../imgs" -> "imgs": keys never
+    # hold ".." segments
 
 
 def _current_umask() -> int:
@@ -321,6 +332,7 @@ _TRANSIENT_CODES = {
     "ServiceUnavailable",
     "RequestLimitExceeded",
     "TooManyRequestsException",
+    "OperationAborted",  # a conflicting operation on the bucket is in progress: AWS says to try again
 }
 _NOT_FOUND_CODES = {"NoSuchKey", "404", "NotFound"}
 
@@ -475,6 +487,7 @@ class _S3Errors:
             ConnectionError,
             HTTPClientError,
             IncompleteReadError,
+            SSLError,
         )
 
         uri = f"s3://{self.storage.bucket}/{self.storage.prefix}{self.key}"
@@ -488,11 +501,13 @@ class _S3Errors:
                 raise StorageError(
                     f"bucket {self.storage.bucket!r} does not exist (accessing {uri})"
                 ) from exc
-            if code in _TRANSIENT_CODES or status >= 500 or status == 429:
+            if code in _TRANSIENT_CODES or (status >= 500 and status != 501) or status == 429:  # 501: never
                 raise StorageUnavailable(
                     f"S3 unavailable for {uri}: {code or status} (retries exhausted)"
                 ) from exc
             raise StorageError(f"S3 error for {uri}: {code or status}: {error.get('Message', '')}") from exc
+        if isinstance(exc, SSLError):  # a certificate that fails verification does not heal by waiting
+            raise StorageError(f"TLS error reaching S3 for {uri}: {exc}") from exc
         if isinstance(exc, ConnectionError | HTTPClientError | IncompleteReadError):
             raise StorageUnavailable(f"cannot reach S3 for {uri}: {exc} (retries exhausted)") from exc
         if isinstance(exc, RetriesExceededError):  # download_file's retries of failed reads ran out

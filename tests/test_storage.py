@@ -237,6 +237,14 @@ class _FailingS3(http.server.BaseHTTPRequestHandler):
         self.end_headers()
 
     def do_GET(self) -> None:  # noqa: N802
+        for name, status, code in (("unsupported", 501, "NotImplemented"), ("busy", 409, "OperationAborted")):
+            if self.path.split("?")[0].endswith(name):
+                body = f"<Error><Code>{code}</Code><Message>{code}</Message></Error>".encode()
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+                return
         self.do_HEAD()
         self.wfile.write(b"x" * 10)  # then the connection closes: an incomplete read
         self.close_connection = True
@@ -273,3 +281,42 @@ def test_download_cut_short_every_time_is_transient(failing_s3: Storage, tmp_pat
     with pytest.raises(StorageUnavailable, match="retries exhausted"):
         failing_s3.get_file("models/bank.bin", dest)
     assert list(tmp_path.iterdir()) == []  # no partial file left behind
+
+
+def test_errors_that_waiting_cannot_heal_are_not_retried(failing_s3: Storage) -> None:
+    """501 Not Implemented is the endpoint's answer for good (it was retried five times like a 503), while
+    409 OperationAborted (a conflicting operation in progress) is one AWS says to retry."""
+    with pytest.raises(StorageError, match="NotImplemented") as refused:
+        failing_s3.get_bytes("models/unsupported")
+    assert not isinstance(refused.value, StorageUnavailable)
+    with pytest.raises(StorageUnavailable, match="OperationAborted"):
+        failing_s3.get_bytes("models/busy")
+
+
+@pytest.mark.integration
+def test_a_listed_key_this_code_will_not_address_fails_alone(s3_bucket: str) -> None:
+    """S3 allows keys such as `day/../up.png`: the listing used to fail on them (the whole night of the
+    product unscheduled); they are listed, and reading one fails with the reason, as that image's failure."""
+    import boto3
+
+    bucket = s3_bucket[len("s3://"):].rstrip("/")
+    client = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
+    for key in ("day/ok.png", "day/../up.png", "day//twice.png"):
+        client.put_object(Bucket=bucket, Key=key, Body=b"1")
+    uris = list_uris(s3_bucket + "day/", (".png",))
+    assert uris == [f"{s3_bucket}day/../up.png", f"{s3_bucket}day//twice.png", f"{s3_bucket}day/ok.png"]
+    assert read_uri(uris[2]) == b"1"
+    for odd in uris[:2]:
+        with pytest.raises(UnsafeKeyError, match="empty, '.' or '..' segment"):
+            read_uri(odd)
+
+
+def test_local_paths_with_dot_dot_are_normalised(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`totalrecall score ../imgs` stored `/cwd/../imgs`, whose listed images every read then refused."""
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "a.png").write_bytes(b"1")
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    assert absolute_uri("../imgs") == str(tmp_path / "imgs")
+    (uri,) = list_uris("../imgs")
+    assert uri == str(tmp_path / "imgs" / "a.png") and read_uri(uri) == b"1"
