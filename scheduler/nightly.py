@@ -12,6 +12,7 @@ models.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 
@@ -74,14 +75,18 @@ def scheduled_day(nightly_at: tuple[int, int], now: datetime | None = None) -> d
     return fired.date() - timedelta(days=1)
 
 
-def schedule_nightly(day: date | None = None, enqueued_by: str = "nightly") -> NightlyRun:
-    """Create and enqueue the nightly jobs for `day` (default: yesterday, UTC).
+def schedule_nightly(day: date | None = None, enqueued_by: str = "nightly",
+                     products: Sequence[str] | None = None) -> NightlyRun:
+    """Create and enqueue the nightly jobs for `day` (default: yesterday, UTC); `products`: only those
+    (a retry of the products whose scheduling failed), default all.
 
     A product whose archive cannot be listed (or whose tasks cannot be sent) is reported in `errors`, and
-    also in `retry` when the cause was transient (the `nightly_inspection` task then runs again).
+    also in `retry` when the cause was transient (the `nightly_inspection` task then runs again for them).
     """
     run = NightlyRun(day or yesterday_utc())
     for target in _targets(run):
+        if products is not None and target.product not in products:
+            continue
         try:
             with log_context(product=target.product):
                 run.jobs.append(_schedule(target, run.day, enqueued_by))

@@ -373,6 +373,8 @@ def test_nightly_task_and_an_unlistable_archive(embedded: Embedded, monkeypatch:
             session.scalars(select(Product).where(Product.name == PRODUCT)).one().archive_uri_template = template
     assert run.jobs == [] and "cannot reach S3" in run.errors[PRODUCT]
     assert run.retry == [PRODUCT]  # transient: the nightly task runs again (test_faults, with workers)
+    retried = schedule_nightly(date(2026, 3, 1), products=["some other product"])  # a retry's scope
+    assert retried.jobs == [] and retried.errors == {}
 
 
 def test_empty_archive_gives_a_succeeded_job_with_zero_images(embedded: Embedded) -> None:

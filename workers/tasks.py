@@ -48,7 +48,7 @@ MAX_RETRIES = 5
 RETRY_BASE_SECONDS = 10
 RETRY_MAX_SECONDS = 600
 MAX_INTERRUPTIONS = 3
-NIGHTLY_MAX_RETRIES = 12  # backoff capped at RETRY_MAX_SECONDS: up to about an hour of outage in all
+NIGHTLY_MAX_RETRIES = 12  # backoff capped at RETRY_MAX_SECONDS: up to 70 minutes of outage in all (35 on average)
 INTERRUPTED = "interrupted (Ctrl-C) in the command that ran it in-process: run it again"
 
 
@@ -189,26 +189,27 @@ def score_chunk(self: Task, job_id: int, image_uris: list[str]) -> dict[str, int
 
 
 @app.task(bind=True, name=NIGHTLY_TASK, max_retries=NIGHTLY_MAX_RETRIES)
-def nightly_inspection(self: Task, run_date: str | None = None) -> dict[str, Any]:
+def nightly_inspection(self: Task, run_date: str | None = None, products: list[str] | None = None) -> dict[str, Any]:
     """Schedule the nightly inspection for `run_date` (YYYY-MM-DD; default: the day before the most
     recent scheduled time, `TOTALRECALL_NIGHTLY_AT` UTC, so a run that waited past midnight in the queue
     inspects the day beat sent it for).
 
     If the database, storage or broker does not answer (for the whole run, or for some products' archives),
-    the run is tried again with backoff for about an hour (`NIGHTLY_MAX_RETRIES`), for the same day: the
-    products scheduled already keep their jobs (idempotency keys), the others are scheduled then."""
+    the run is tried again with backoff (`NIGHTLY_MAX_RETRIES`: up to about 70 minutes in all) for the same
+    day and only the products that could not be scheduled (`products`); the others keep their jobs."""
     from scheduler.nightly import schedule_nightly, scheduled_day  # the scheduler imports these tasks
 
     day = date.fromisoformat(run_date) if run_date else scheduled_day(get_settings().nightly_time)
     retries = self.request.retries
     try:
-        run = schedule_nightly(day, enqueued_by="beat")
+        run = schedule_nightly(day, enqueued_by="beat", products=products)
     except Exception as exc:
         if _can_retry(self, exc) and retries < NIGHTLY_MAX_RETRIES:
             log_event(logger, logging.WARNING, "nightly_retry", day=day, error=describe_error(exc))
-            raise self.retry(exc=exc, args=(day.isoformat(),), countdown=retry_countdown(retries)) from exc
+            raise self.retry(exc=exc, args=(day.isoformat(), products), countdown=retry_countdown(retries)) \
+                from exc
         raise
     if run.retry and not self.request.is_eager and retries < NIGHTLY_MAX_RETRIES:
         log_event(logger, logging.WARNING, "nightly_retry", day=day, products=",".join(run.retry))
-        raise self.retry(args=(day.isoformat(),), countdown=retry_countdown(retries))
+        raise self.retry(args=(day.isoformat(), run.retry), countdown=retry_countdown(retries))
     return asdict(run) | {"day": run.day.isoformat()}  # the scheduler logged each product's outcome
