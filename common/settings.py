@@ -58,8 +58,10 @@ SAVE_MAPS_CHOICES = ("findings", "all", "none")
 DEFAULT_SAVE_MAPS = "findings"
 DEFAULT_DRIFT_LEVEL = 0.5  # common.drift: a run's median score halfway from nominal to the threshold
 
-# Upper bound of every integer setting: 2**31 - 1 (68 years in seconds, 2 PB in MB), far above any real value.
+# Upper bound of the integer settings: 2**31 - 1 (68 years in seconds, 2 PB in MB), far above any real value;
+# MAX_SIZE for the image limits in bytes and pixels (1 TiB).
 MAX_INT = 2**31 - 1
+MAX_SIZE = 2**40
 
 REDACTED = "***"
 # Query parameters whose values are secrets (e.g. `?password=` accepted by libpq and redis-py).
@@ -133,9 +135,9 @@ class Settings:
             recovery_interval=_positive_int(env, "RECOVERY_INTERVAL", DEFAULT_RECOVERY_INTERVAL),
             recovery_grace=_positive_int(env, "RECOVERY_GRACE", DEFAULT_RECOVERY_GRACE),
             s3_timeout=s3_timeout(env),
-            max_image_pixels=_positive_int(env, "MAX_IMAGE_PIXELS", DEFAULT_MAX_IMAGE_PIXELS),
+            max_image_pixels=_positive_int(env, "MAX_IMAGE_PIXELS", DEFAULT_MAX_IMAGE_PIXELS, MAX_SIZE),
             max_image_side=_positive_int(env, "MAX_IMAGE_SIDE", DEFAULT_MAX_IMAGE_SIDE),
-            max_image_bytes=_positive_int(env, "MAX_IMAGE_BYTES", DEFAULT_MAX_IMAGE_BYTES),
+            max_image_bytes=_positive_int(env, "MAX_IMAGE_BYTES", DEFAULT_MAX_IMAGE_BYTES, MAX_SIZE),
             preload_backbones=_names(env, "PRELOAD_BACKBONES", DEFAULT_PRELOAD_BACKBONES),
             save_maps=_choice(env, "SAVE_MAPS", SAVE_MAPS_CHOICES, DEFAULT_SAVE_MAPS),
             drift_level=_non_negative(env, "DRIFT_LEVEL", DEFAULT_DRIFT_LEVEL),
@@ -274,7 +276,8 @@ def _database_url(env: Mapping[str, str], home: Path) -> str:
     try:
         parsed = make_url(raw)
     except (ArgumentError, ValueError) as exc:
-        raise SettingsError(f"{PREFIX}DATABASE_URL {redact_url(raw)!r} is not a database URL ({exc}): use "
+        # not echoed: a URL that does not parse may not be redacted either (postgresql//u:secret@h/db)
+        raise SettingsError(f"{PREFIX}DATABASE_URL is not a database URL ({exc}): use "
                             "postgresql://USER:PASSWORD@HOST:PORT/DB or sqlite:///PATH") from None
     if parsed.get_backend_name() != "sqlite":
         return raw
@@ -312,8 +315,9 @@ def _broker_url(env: Mapping[str, str]) -> str | None:
     return raw
 
 
-def _positive_int(env: Mapping[str, str], name: str, default: int) -> int:
-    """An integer from 1 to MAX_INT (larger counts or seconds are typos, and overflow timers and timedeltas)."""
+def _positive_int(env: Mapping[str, str], name: str, default: int, maximum: int = MAX_INT) -> int:
+    """An integer from 1 to `maximum` (larger counts or seconds are typos, and overflow timers and
+    timedeltas)."""
     raw = _get(env, name)
     if raw is None:
         return default
@@ -321,8 +325,8 @@ def _positive_int(env: Mapping[str, str], name: str, default: int) -> int:
         value = int(raw)
     except ValueError:
         value = 0
-    if not 0 < value <= MAX_INT:
-        raise SettingsError(f"{PREFIX}{name} must be a positive integer up to {MAX_INT}, got {raw!r}")
+    if not 0 < value <= maximum:
+        raise SettingsError(f"{PREFIX}{name} must be a positive integer up to {maximum}, got {raw!r}")
     return value
 
 

@@ -478,6 +478,11 @@ def test_scale_inputs_far_larger_than_image_size_fail_alone_and_batch_smaller() 
     (failed,) = [i for i in items if not isinstance(i, Batch)]
     assert failed.position == 8 and "its model input would be 144x160, above the limit of 16,384" in failed.error
     assert to_input(images[5], replace(cfg, image_size=64), (0.5,) * 3, (0.25,) * 3)[0].shape == (3, 64, 64)
+    # keep_aspect rounds sides to multiples of 16 (900 x 1200 at 288: 256 x 336, a little over 288**2):
+    # its batches stay full
+    photos = [rng.integers(0, 256, (900, 1200, 3), np.uint8)] * 5
+    keep = PatchCoreConfig(image_size=288, resize="keep_aspect", batch_size=4)
+    assert [len(b.positions) for b in iter_batches(photos, keep, (0.5,) * 3, (0.25,) * 3, 4, threads=1)] == [4, 1]
 
 
 def test_auto_resize_keeps_aspect_for_one_size_and_scales_varying_sizes() -> None:

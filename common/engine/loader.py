@@ -109,8 +109,11 @@ def iter_batches(images: Sequence[ImageSource], config: PatchCoreConfig, mean: t
 
 
 def _fitting(batch_size: int, x: torch.Tensor, config: PatchCoreConfig) -> int:
-    """Inputs of x's size in one batch: `batch_size`, fewer for inputs larger than image_size**2 (only
-    resize="scale" makes them), so that a batch never holds more pixels than batch_size x image_size**2."""
+    """Inputs of x's size in one batch: `batch_size`; under resize="scale", fewer for inputs larger than
+    image_size**2 (images larger than the training images), so that such a batch never holds more pixels
+    than batch_size x image_size**2. (The other modes' inputs are about image_size**2 by construction.)"""
+    if config.resize != "scale":
+        return batch_size
     return max(1, min(batch_size, batch_size * config.image_size**2 // (x.shape[-2] * x.shape[-1])))
 
 
