@@ -234,6 +234,8 @@ def test_coreset_stops_when_every_feature_is_covered() -> None:
                  lambda: greedy_coreset(x, 0.1, projection_dim=128, seed=0, minimum=0)):
         selected = pick()
         assert len(selected) == 5 and len({tuple(r) for r in x[selected]}) == 5
+    near = x + np.random.default_rng(4).normal(0, 0.02, x.shape).astype(np.float32)  # distinct, if close
+    assert len(_greedy_pruned(near.copy(), 50, 7, None)) == len(_greedy_dense(torch.from_numpy(near), 50, 7, None)) == 50
 
 
 def test_pruned_and_dense_select_the_same_sequence() -> None:

@@ -177,9 +177,9 @@ def _greedy_dense(x: torch.Tensor, k: int, start: int, progress: ProgressFn | No
         gain[i] = mind[center]
         if progress is not None and i % 1024 == 0:
             progress(1024)
-    # every point coincided with a pick already (up to the float32 rounding of |x|^2 - 2xc + |c|^2): the
-    # rest of the picks are repeats
-    covered = torch.nonzero(gain <= 1e-5 * sq.max())
+    # every point coincided with a pick already, up to the rounding of |x|^2 - 2xc + |c|^2 (a few float32
+    # epsilons of the largest |x|^2, measured): the rest of the picks are repeats
+    covered = torch.nonzero(gain <= 16 * torch.finfo(x.dtype).eps * sq.max())
     return selected[: int(covered[0, 0])] if len(covered) else selected
 
 
