@@ -11,16 +11,18 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import date
+from datetime import date, timedelta
 
 from celery import Task
 from kombu.exceptions import OperationalError as BrokerError
-from sqlalchemy import update
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
 
-from common.db import Job, JobKind, JobStatus, Product, session_scope, utcnow
+from common.db import Job, JobKind, JobStatus, Product, Result, session_scope, utcnow
 from common.logs import log_context, log_event
 from common.settings import get_settings, redact_text
 from scheduler.products import SchedulingError
+from workers.job_state import fail_locked_job, locked_job
 from workers.tasks import fit_product, score_chunk
 
 logger = logging.getLogger(__name__)
@@ -175,3 +177,30 @@ def _send(job_id: int, send: Callable[[], object]) -> None:
                 status=JobStatus.FAILED.value, error=message, idempotency_key=None, finished_at=utcnow()))
         log_event(logger, logging.ERROR, "job_failed", job=job_id, error=message)
         raise SchedulingError(f"job {job_id}: {message}") from exc
+
+
+# In-process, a score job with nothing recorded for this many times a chunk's hard time limit is abandoned
+# (in-process chunks have no time limit: the margin covers a slow one)
+ABANDONED_AFTER_LIMITS = 2
+ABANDONED = ("abandoned: it was run in-process (no broker) and nothing was recorded for it for {} s: the command "
+             "that ran it stopped (for a nightly job, `totalrecall nightly --date D` schedules its date again)")
+
+
+def fail_if_abandoned(session: Session, job: Job) -> Job | None:
+    """In-process (no broker), a score job is run by the command that created it, which records results
+    chunk by chunk; one with nothing recorded for ABANDONED_AFTER_LIMITS x the chunk's hard time limit was
+    left by a command that stopped (killed, its machine restarted), and nothing else will ever finish it:
+    it is marked failed, and returned (None: it is not). With workers the recovery sweep finds such work."""
+    settings = get_settings()
+    if not settings.tasks_in_process or job.kind != JobKind.SCORE.value \
+            or job.status not in (JobStatus.QUEUED.value, JobStatus.RUNNING.value):
+        return None
+    limit = ABANDONED_AFTER_LIMITS * settings.score_time_limits[1]
+    locked = locked_job(session, job.id)  # decided under the lock: no chunk of it records meanwhile
+    if locked is None or locked.status not in (JobStatus.QUEUED.value, JobStatus.RUNNING.value):
+        return None
+    last = session.scalar(select(func.max(Result.created_at)).where(Result.job_id == job.id))
+    quiet = utcnow() - max(t for t in (locked.created_at, locked.started_at, last) if t is not None)
+    if quiet <= timedelta(seconds=limit):
+        return None
+    return fail_locked_job(session, job.id, ABANDONED.format(limit))

@@ -16,25 +16,25 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 
-from sqlalchemy import func, select, update
+from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
 
-from common.db import Job, JobStatus, Product, Result, images_with_results, session_scope, utcnow
+from common.db import Job, JobStatus, Product, images_with_results, session_scope
 from common.images import IMAGE_SUFFIXES
 from common.logs import log_context, log_event
-from common.settings import get_settings, redact_text
+from common.settings import redact_text
 from common.storage import StorageError, list_uris
 from scheduler.jobs import (
     NO_NEW_IMAGES,
     ScheduledJob,
     enqueue_score,
+    fail_if_abandoned,
     log_scheduled,
     new_score_job,
     nightly_key,
 )
 from scheduler.products import SchedulingError, active_version
-from workers.job_state import describe_error, fail_locked_job, is_transient
+from workers.job_state import describe_error, is_transient
 
 logger = logging.getLogger(__name__)
 
@@ -150,8 +150,8 @@ def _existing(key: str, target: _Target, release: bool = False) -> ScheduledJob 
         job = session.scalars(select(Job).where(Job.idempotency_key == key)).one_or_none()
         if job is None:
             return None
-        if release and _abandoned_in_process(session, job):
-            job = fail_locked_job(session, job.id, _ABANDONED.format(get_settings().score_time_limits[1])) or job
+        if release:
+            job = fail_if_abandoned(session, job) or job
         if release and _rerunnable(job):
             released = session.execute(
                 update(Job).where(Job.id == job.id, Job.idempotency_key == key)
@@ -163,22 +163,6 @@ def _existing(key: str, target: _Target, release: bool = False) -> ScheduledJob 
                                  message=f"already scheduled as job {job.id} ({job.status}): nothing enqueued")
     log_scheduled("score", scheduled, version=target.version)
     return scheduled
-
-
-_ABANDONED = ("abandoned: it was run in-process (no broker) and nothing was recorded for it for {} s (the score "
-              "chunk's hard time limit): the process that ran it stopped; its date was scheduled again")
-
-
-def _abandoned_in_process(session: Session, job: Job) -> bool:
-    """In-process (no broker), an unfinished job is run by the command that scheduled it, which records a
-    result chunk by chunk. One with nothing recorded for longer than a chunk's hard time limit was left by
-    a process that stopped (killed, or its machine restarted): nothing else will ever finish it. With
-    workers the recovery sweep finds such work instead."""
-    if not get_settings().tasks_in_process or job.status not in (JobStatus.QUEUED, JobStatus.RUNNING):
-        return False
-    last = session.scalar(select(func.max(Result.created_at)).where(Result.job_id == job.id))
-    quiet = utcnow() - max(t for t in (job.created_at, job.started_at, last) if t is not None)
-    return quiet > timedelta(seconds=get_settings().score_time_limits[1])
 
 
 def _rerunnable(job: Job) -> bool:

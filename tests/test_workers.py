@@ -400,9 +400,12 @@ def test_a_nightly_that_found_no_images_does_not_hold_its_date(embedded: Embedde
 
 def test_an_in_process_nightly_left_by_a_stopped_process_gives_its_date_back(embedded: Embedded) -> None:
     """In-process, the command that schedules a night runs it; killed before it finished, it left a queued
-    job holding the date. Once nothing has been recorded for it for longer than a chunk's hard time limit,
-    the next run marks it failed and schedules the date again (it used to answer "already scheduled" for
-    ever)."""
+    job holding the date. Once nothing has been recorded for it for twice a chunk's hard time limit, the
+    next run marks it failed and schedules the date again (it used to answer "already scheduled" for ever),
+    and `--wait` on such a job ends (it waited for ever)."""
+    from scheduler.jobs import ABANDONED_AFTER_LIMITS
+    from totalrecall.jobs_view import wait_for_jobs
+
     day = date(2026, 5, 1)
     truth = _write_archive(embedded, day, n=2, corrupt=False)
     version = _active_version()
@@ -414,13 +417,23 @@ def test_an_in_process_nightly_left_by_a_stopped_process_gives_its_date_back(emb
         stuck = job.id
     (recent,) = schedule_nightly(day).jobs  # just created: its process may still be running it
     assert not recent.created and recent.job_id == stuck and _job(stuck).status == "queued"
+    quiet = ABANDONED_AFTER_LIMITS * get_settings().score_time_limits[1]
     with session_scope() as session:
-        session.get(Job, stuck).created_at -= timedelta(seconds=get_settings().score_time_limits[1] + 1)
+        session.get(Job, stuck).created_at -= timedelta(seconds=quiet - 60)
+    (recent,) = schedule_nightly(day).jobs  # quiet for less than the limit: still held
+    assert not recent.created and _job(stuck).status == "queued"
+    with session_scope() as session:
+        session.get(Job, stuck).created_at -= timedelta(seconds=61)
     (again,) = schedule_nightly(day).jobs
     assert again.created and again.job_id != stuck and _job(again.job_id).status == "succeeded"
     assert sorted(r.image_uri for r in _results(again.job_id)) == sorted(truth)
     left = _job(stuck)
     assert left.status == "failed" and left.error.startswith("abandoned") and left.idempotency_key is None
+    waited = _adhoc_job(version, embedded.archive_uri(day), 2)  # another command's, left the same way
+    with session_scope() as session:
+        session.get(Job, waited).created_at -= timedelta(seconds=quiet + 1)
+    (view,) = wait_for_jobs([waited], poll_seconds=0.01, settle_every=3)  # ends: it was abandoned
+    assert view.status == "failed" and view.error.startswith("abandoned")
 
 
 def test_a_broken_model_fails_its_product_only_and_its_date_is_retried(embedded: Embedded) -> None:
@@ -574,6 +587,22 @@ def test_a_finished_job_does_not_take_back_an_image_another_job_took(embedded: E
     assert counts == {a: ("succeeded", 1, 1, 0), b: ("succeeded", 1, 0, 1)}
     assert {r.image_uri: r.job_id for r in _results() if r.image_uri.startswith("pingpong/")} == {
         "pingpong/x.png": b, "pingpong/y.png": a}
+
+
+def test_failure_listings_escape_control_characters(embedded: Embedded) -> None:
+    """An archive file name with a terminal escape or a newline restyled the terminal or forged a line in
+    `totalrecall jobs N` and `--wait` (the table escaped them, the failure list did not)."""
+    from totalrecall.jobs_view import format_failures
+    from workers import job_state
+
+    version = _active_version()
+    job = _adhoc_job(version, "odd/", 1)
+    job_state.record_chunk(job, [{"job_id": job, "model_version_id": version.id, "product_id": version.product_id,
+                                  "image_uri": "odd/a\x1b[31mRED\nfake: line.png", "status": "failed",
+                                  "score": None, "error": "ImageDecodeError: bad\rline"}])
+    text = format_failures(job)
+    assert "\x1b" not in text and "\r" not in text and len(text.splitlines()) == 2
+    assert "odd/a\\x1b[31mRED\\nfake: line.png: ImageDecodeError: bad\\rline" in text
 
 
 def test_a_job_completing_while_it_is_marked_failed_ends_succeeded(embedded: Embedded,

@@ -11,6 +11,7 @@ from sqlalchemy import func, select
 from tqdm import tqdm
 
 from common.db import Job, JobKind, JobStatus, Result, ResultStatus, job_summary, session_scope
+from common.settings import get_settings
 
 FINISHED = (JobStatus.SUCCEEDED.value, JobStatus.FAILED.value)
 
@@ -117,7 +118,7 @@ def _note(v: JobView) -> str:
 
 def format_warnings(views: Sequence[JobView]) -> str:
     """Each job's warning in full (the table cuts notes short); empty if none has one."""
-    return "\n".join(f"job {v.id} ({v.product}): {v.warning}" for v in views if v.warning)
+    return "\n".join(f"job {v.id} ({v.product}): {printable(v.warning)}" for v in views if v.warning)
 
 
 def format_failures(job_id: int, limit: int = 100) -> str:
@@ -125,17 +126,22 @@ def format_failures(job_id: int, limit: int = 100) -> str:
     if not count:
         return f"job {job_id}: no failed images"
     lines = [f"job {job_id}: {count} failed image(s)"]
-    lines += [f"  {uri}: {reason}" for uri, reason in failures]
+    lines += [f"  {printable(uri)}: {printable(reason)}" for uri, reason in failures]  # names are data
     if count > len(failures):
         lines.append(f"  ... and {count - len(failures)} more")
     return "\n".join(lines)
 
 
-def wait_for_jobs(job_ids: Sequence[int], poll_seconds: float = 0.25) -> list[JobView]:
+def wait_for_jobs(job_ids: Sequence[int], poll_seconds: float = 0.25, settle_every: int = 40) -> list[JobView]:
     """Poll the jobs table (one small query by id, 4 a second) until every job has finished, showing a
-    progress bar over their images."""
+    progress bar over their images. In-process, every `settle_every` polls a job that another command was
+    running and left (`scheduler.jobs.fail_if_abandoned`) is marked failed, so the wait ends."""
+    polls = 0
     with tqdm(total=0, unit="img", desc="waiting", dynamic_ncols=True) as bar:
         while True:
+            polls += 1
+            if polls % settle_every == 0:
+                _settle_abandoned(job_ids)
             views = load_jobs(job_ids)
             bar.total = sum(v.total for v in views)
             bar.n = sum(v.done + v.failed for v in views)
@@ -145,3 +151,15 @@ def wait_for_jobs(job_ids: Sequence[int], poll_seconds: float = 0.25) -> list[Jo
             if not running:
                 return views
             time.sleep(poll_seconds)
+
+
+def _settle_abandoned(job_ids: Sequence[int]) -> None:
+    from scheduler.jobs import fail_if_abandoned
+
+    if not get_settings().tasks_in_process:
+        return
+    for job_id in job_ids:
+        with session_scope() as session:
+            job = session.get(Job, job_id)
+            if job is not None:
+                fail_if_abandoned(session, job)
