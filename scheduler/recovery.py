@@ -30,7 +30,7 @@ from sqlalchemy.orm import Session
 from common.db import Job, JobKind, JobStatus, Product, Result, images_with_results, in_transaction, utcnow
 from common.images import IMAGE_SUFFIXES
 from common.logs import log_context, log_event
-from common.settings import get_settings
+from common.settings import get_settings, redact_text
 from common.storage import StorageError, StorageUnavailable, list_uris
 from workers.broker import PendingWork, pending_work, redis_client
 from workers.job_state import lock_job, refresh_counts
@@ -87,7 +87,7 @@ def recover_lost_work(client: Any = None) -> list[Recovery]:
             except StorageUnavailable:
                 raise  # the store is down for every job: the next sweep tries them all again
             except StorageError as exc:  # this job's folder alone (a deleted bucket, access revoked)
-                log_event(logger, logging.WARNING, "recovery_job_failed", error=str(exc),
+                log_event(logger, logging.WARNING, "recovery_job_failed", error=redact_text(str(exc)),
                           retry_in=settings.recovery_interval)
                 continue
         if outcome is not None:

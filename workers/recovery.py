@@ -8,6 +8,7 @@ that outlasts the interval (listing large folders) from running next to the next
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import uuid
 from typing import Any
@@ -54,7 +55,8 @@ def sweep(owner: str) -> list[Any]:
         try:
             recovered = recover_lost_work()
         finally:
-            release_lock(RUNNING_LOCK, token)
+            with contextlib.suppress(Exception):  # Redis gone meanwhile: the lock expires by itself
+                release_lock(RUNNING_LOCK, token)
     except Exception as exc:  # the broker or the database is down: next time
         log_event(logger, logging.WARNING, "recovery_sweep_failed", owner=owner, error=describe_error(exc),
                   retry_in=settings.recovery_interval)
