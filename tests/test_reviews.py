@@ -158,6 +158,14 @@ def test_verdicts_show_in_the_history_and_can_be_changed_or_cleared(store: Stora
     assert "2 review(s)" in capsys.readouterr().out
     assert main(["review", "clear", NAME, plain]) == 0
     assert "0 review(s) of 'cover' removed (1 of the images given had none)" in capsys.readouterr().out
+    assert main(["review", "mark", NAME, plain, "--good"]) == 0
+    capsys.readouterr()
+    twice = plain.replace("/night/", "/night/./")  # the same image, written another way
+    assert main(["review", "clear", NAME, plain, twice]) == 0
+    assert capsys.readouterr().out.strip() == "1 review(s) of 'cover' removed"  # not "(1 ... had none)"
+    with pytest.raises(SystemExit):
+        main(["review", "list", NAME, "--label", "bogus"])
+    assert "(choose from 'good', 'defective')" in capsys.readouterr().err
     assert main(["review", "list", NAME]) == 0
     assert f"no reviews of {NAME!r}" in capsys.readouterr().out
 

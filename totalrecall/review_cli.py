@@ -26,7 +26,7 @@ def add_review_command(subparsers: argparse._SubParsersAction) -> argparse.Argum
     mark.set_defaults(handler=_cmd_mark)
     listing = sub.add_parser("list", help="a product's reviews, newest first")
     listing.add_argument("name", metavar="PRODUCT")
-    listing.add_argument("--label", choices=list(ReviewLabel), help="only this verdict")
+    listing.add_argument("--label", choices=[label.value for label in ReviewLabel], help="only this verdict")
     listing.set_defaults(handler=_cmd_list)
     clear = sub.add_parser("clear", help="remove verdicts given by mistake")
     clear.add_argument("name", metavar="PRODUCT")
@@ -66,10 +66,11 @@ def _cmd_list(a: argparse.Namespace) -> int:
 
 
 def _cmd_clear(a: argparse.Namespace) -> int:
+    from common.storage import absolute_uri
     from scheduler.reviews import clear
 
     removed = clear(a.name, a.images)
-    asked = len(set(a.images))
+    asked = len({absolute_uri(u) for u in a.images})  # as clear() counts them: one image given twice is one
     unreviewed = f" ({asked - removed} of the images given had none)" if removed < asked else ""
     print(f"{removed} review(s) of {a.name!r} removed{unreviewed}")
     return 0
