@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 from sqlalchemy import func, select
 
-from common.db import Job, JobKind, Result, ResultStatus, Review, session_scope, utcnow
+from common.db import Job, JobKind, Result, ResultStatus, Review, in_chunks, session_scope, utcnow
 from common.images import decode_image
 from common.settings import get_settings, redact_text
 from common.storage import read_uri
@@ -140,8 +140,9 @@ def load_report_data(job_id: int, top_n: int, database_url: str | None = None) -
         if job.kind == JobKind.FIT.value:  # a fit's failures are the training images it could not read
             failures, fit_failed = fit_failures(job, MAX_FAILURES)
         bit_depth = int((mv.config or {}).get("bit_depth", 0)) if mv is not None else 0
-        reviews = {rv.image_uri: _review_text(rv) for rv in session.scalars(select(Review).where(
-            Review.product_id == job.product_id, Review.image_uri.in_([r.image_uri for r in top_rows])))}
+        reviews = {rv.image_uri: _review_text(rv) for part in in_chunks([r.image_uri for r in top_rows])
+                   for rv in session.scalars(select(Review).where(Review.product_id == job.product_id,
+                                                                 Review.image_uri.in_(part)))}
         top = [Scored(i + 1, r.image_uri, r.score, r.threshold, bool(r.is_anomalous), r.defect_fraction,
                       (r.max_y, r.max_x) if r.max_y is not None and r.max_x is not None else None,
                       r.mask_uri, r.heatmap_uri, bit_depth, reviews.get(r.image_uri))
