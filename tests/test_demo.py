@@ -17,11 +17,11 @@ from common.engine.metrics import image_auroc
 IMAGES = 24
 
 
-def _run_demo(home: Path) -> subprocess.CompletedProcess:
+def _run_demo(home: Path, images: int = IMAGES) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("TOTALRECALL_", "AWS_"))}  # no service settings whatsoever
     return subprocess.run([sys.executable, "-m", "totalrecall.cli", "demo", "--home", str(home), "--images",
-                           str(IMAGES)], env=env, cwd=home.parent, capture_output=True, text=True, timeout=300)
+                           str(images)], env=env, cwd=home.parent, capture_output=True, text=True, timeout=300)
 
 
 def _history(db: Path) -> list[tuple]:
@@ -68,3 +68,7 @@ def test_demo_runs_embedded_and_is_idempotent(tmp_path: Path) -> None:
     assert second.returncode == 0, second.stdout + second.stderr
     assert "not refitting" in second.stdout and "idempotent no-op" in second.stdout
     assert _history(home / "totalrecall.db") == rows
+    more = _run_demo(home, IMAGES + 8)  # images added after the night was inspected: not counted as missed
+    assert more.returncode == 0, more.stdout + more.stderr
+    assert "8 archive image(s) written after the night was inspected are not counted" in more.stdout
+    assert f"of {IMAGES // 4} planted defects" in more.stdout

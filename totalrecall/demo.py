@@ -12,6 +12,7 @@ active model and the nightly job already there and adds nothing.
 from __future__ import annotations
 
 import os
+import shlex
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -52,6 +53,7 @@ class Summary:
     auroc: float
     drift: float | None  # the night's score-drift level (common.drift), None without a reference
     warning: str | None
+    not_inspected: int = 0  # archive images written after the night was inspected (a larger --images)
 
 
 def run_demo(home: str | None = None, n_images: int = 40) -> int:
@@ -84,10 +86,15 @@ def run_demo(home: str | None = None, n_images: int = 40) -> int:
             print(f"nightly {day}: job {job.job_id} inspected {job.total} image(s)")
         else:
             print(f"nightly {day}: {job.message} (idempotent no-op: no new rows)")
+    for product, error in run.errors.items():
+        print(f"nightly {day}: {product} not scheduled: {error}")
 
     summary = _summarise(day, truth)
+    if summary.not_inspected:
+        print(f"{summary.not_inspected} archive image(s) written after the night was inspected are not counted "
+              "(the night's job holds its date): run the demo in a new --home to inspect them all")
     _print_summary(summary, timings, settings.home, day)
-    return 0
+    return 1 if run.errors else 0
 
 
 def _use_embedded_settings(home: str | None) -> None:
@@ -173,17 +180,19 @@ def _summarise(day: date, truth: dict[str, bool]) -> Summary:
         warning = night.warning if night else None
     ok = [r for r in rows if r.status == ResultStatus.OK.value and r.image_uri in truth]
     labels = [truth[r.image_uri] for r in ok]
+    inspected = {r.image_uri for r in rows}
     return Summary(
         version=version.version,
         images=len(rows),
         anomalous=sum(bool(r.is_anomalous) for r in rows),
         failed=sum(r.status == ResultStatus.FAILED.value for r in rows),
-        planted=sum(truth.values()),
+        planted=sum(defective for uri, defective in truth.items() if uri in inspected),
         planted_found=sum(bool(r.is_anomalous) and truth[r.image_uri] for r in ok),
         false_alarms=sum(bool(r.is_anomalous) and not truth[r.image_uri] for r in ok),
         auroc=image_auroc([r.score for r in ok], labels) if 0 < sum(labels) < len(labels) else float("nan"),
         drift=drift,
         warning=warning,
+        not_inspected=sum(uri not in inspected for uri in truth),
     )
 
 
@@ -207,4 +216,4 @@ def _print_summary(s: Summary, timings: dict[str, float], home: Path, day: date)
           f"{home / 'storage' / 'results' / PRODUCT / str(s.version) / day.isoformat()}/")
     print(f"planted truth masks: {home / 'truth' / day.isoformat()}/")
     print("query the history:")
-    print(f'  sqlite3 {home / "totalrecall.db"} "{HISTORY_SQL}"')
+    print(f'  sqlite3 {shlex.quote(str(home / "totalrecall.db"))} "{HISTORY_SQL}"')
