@@ -126,7 +126,7 @@ def _decode(source: bytes | str | Path, max_side: int | None, needed: Callable[[
             raise ImageDecodeError(f"corrupt or truncated image: {exc}") from exc
         except DECODER_FAULTS as exc:  # a decoder plugin's own failure (e.g. AVIF's RuntimeError): this image's
             raise ImageDecodeError(f"could not decode the image: {type(exc).__name__}: {exc}") from exc
-        if min(rgb.size) < 8 <= min(width, height):
+        if min(_side_limited(rgb.size, max_side)) < 8 <= min(width, height):  # as it will be: any mode alike
             small = "x".join(map(str, _side_limited((width, height), max_side)))
             raise ImageDecodeError(f"image is {width}x{height} pixels: at most {max_side} pixels a side "
                                    f"(TOTALRECALL_MAX_IMAGE_SIDE) it would be {small}, too small to inspect")

@@ -184,6 +184,9 @@ def test_planar_high_bit_tiff_and_thin_images() -> None:
                                                 r"\(TOTALRECALL_MAX_IMAGE_SIDE\) it would be 4000x3, too small"):
         decode_image(thin, max_side=4000)
     assert decode_image(thin, max_side=10_000).shape == (8, 10_000, 3)  # within the side limit: inspected
+    for channels in (3, 4):  # made thin by the final resize alone (no integer reduction), any mode alike
+        with pytest.raises(ImageDecodeError, match="it would be 4096x7, too small"):
+            decode_image(png_bytes(np.zeros((14, 8000, channels), np.uint8)), max_side=4096)
 
 
 def test_any_decoder_failure_fails_that_image_only(model, monkeypatch) -> None:
