@@ -823,6 +823,10 @@ def test_output_keys_are_safe_readable_and_unique() -> None:
     keys = [output_keys("p", 3, "2026-01-01", f"/in/{name}", "/in")[1] for name in (long_a, long_b)]
     assert keys[0] != keys[1]  # cut to the same length, told apart by the hash of the whole key
     assert all(len(segment.encode()) <= 255 for key in keys for segment in key.split("/"))
+    deep = ["/".join(["folder" * 30] * 8 + [name]) for name in ("a.png", "b.png")]  # 1,450 characters each
+    keys = [output_keys("p", 3, "2026-01-01", f"/in/{name}", "/in")[1] for name in deep]
+    assert keys[0] != keys[1] and all(len(k.encode()) < 1024 for k in keys)  # S3's key limit (the job failed)
+    assert keys[0].endswith("/a.png~" + keys[0].split("~")[-1]) and keys[0].count("/") == 5
 
 
 def test_mask_and_heatmap_cover_the_original_image() -> None:

@@ -35,14 +35,18 @@ def relative_image_key(image_uri: str, images_uri: str | None) -> str:
 
 
 MAX_SEGMENT = 200  # characters of one path segment: with the hash and `_heatmap.png`, within 255 bytes
+MAX_IMAGE_KEY = 700  # characters of the whole image key: with `results/...` and the suffixes, within S3's 1024
 
 
 def safe_key(key: str) -> str:
     """`key` with characters outside [A-Za-z0-9._-] replaced in every segment, and segments cut to
-    `MAX_SEGMENT` characters (file systems allow 255 bytes a name); unique per input key."""
+    `MAX_SEGMENT` characters (file systems allow 255 bytes a name), the folders replaced by a hash beyond
+    `MAX_IMAGE_KEY` characters in all; unique per input key."""
     segments = [_UNSAFE.sub("_", s)[:MAX_SEGMENT] or "_" for s in key.strip("/").split("/")]
     segments = ["_" if s in (".", "..") else s for s in segments]
     safe = "/".join(segments)
+    if len(safe) > MAX_IMAGE_KEY:  # deep folders: their path gives way to a hash (an S3 key has 1024 bytes)
+        safe = hashlib.sha1(key.encode()).hexdigest()[:16] + "/" + segments[-1]
     if safe != key:
         safe += "~" + hashlib.sha1(key.encode()).hexdigest()[:8]
     return safe
