@@ -405,6 +405,7 @@ class S3Storage(Storage):
                         _check_size(int(response["ContentLength"]), max_bytes, self.uri_for(key))
                     return response["Body"].read()
                 except (HTTPClientError, IncompleteReadError):  # read timeout, connection closed mid-body
+                    response["Body"].close()  # its pooled connection is not reused half-read
                     if attempt == 2:
                         raise
         raise AssertionError("unreachable")
