@@ -3,8 +3,9 @@
 One job per (product, date, model version), guarded by the unique `jobs.idempotency_key`: a second run for
 the same date (or two schedulers racing) finds the existing job and enqueues nothing, unless that job
 failed or found no images: then it gives up its key and the run schedules the date again (a repaired
-model, or images uploaded late). In-process, so does an unfinished job that the process running it left
-(nothing recorded for longer than a chunk's hard time limit): it is marked failed first. Images that already have a result for the model version are left out.
+model, or images uploaded late). In-process, so does an unfinished job that the command running it left
+(`scheduler.jobs.fail_if_abandoned`): it is marked failed first. Images that already have a result for the
+model version are left out.
 Chunks are enqueued product by product, so a worker takes consecutive chunks of one product and loads few
 models.
 """
