@@ -102,6 +102,9 @@ class JobStatus(StrEnum):
     FAILED = "failed"
 
 
+UNFINISHED = (JobStatus.QUEUED.value, JobStatus.RUNNING.value)  # a job whose work may still come
+
+
 class ResultStatus(StrEnum):
     OK = "ok"
     FAILED = "failed"

@@ -96,8 +96,8 @@ def _decode(source: bytes | str | Path, max_side: int | None, needed: Callable[[
                 shown = _shown_size(img.size, orientation, max_side)
                 if _is_plain_png(img, max_side, orientation):
                     _check_inspectable(width, height)
-                    with DECODING.hold(width * height, max_pixels):
-                        return _decode_plain_png(data), shown
+                    decoding.enter_context(DECODING.hold(width * height, max_pixels))
+                    return _decode_plain_png(data), shown
                 if img.format == "JPEG":
                     request = _draft_request(img, orientation, max_side, needed and needed(*shown))
                     if request is not None:
@@ -429,15 +429,15 @@ def bits_used(source: bytes | str | Path) -> int | None:
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
             if img.size[0] * img.size[1] > max_pixels:
                 return None  # a refused image fails, with its reason, when it is decoded
-            if img.mode in HIGH_BIT_MODES:
-                with DECODING.hold(img.size[0] * img.size[1], max_pixels):
+            grey = img.mode in HIGH_BIT_MODES
+            if not grey and not _is_high_bit_colour(img):
+                return None
+            with DECODING.hold(img.size[0] * img.size[1], max_pixels):
+                if grey:
                     return max(1, int(np.asarray(img).max()).bit_length())
-            if _is_high_bit_colour(img):
                 data = source if isinstance(source, bytes) else Path(source).read_bytes()
-                with DECODING.hold(img.size[0] * img.size[1], max_pixels):
-                    pixels = _high_bit_pixels(img, data)
-                    return max(1, int(pixels[..., :_colour_channels(pixels)].max()).bit_length())
-            return None
+                pixels = _high_bit_pixels(img, data)
+                return max(1, int(pixels[..., :_colour_channels(pixels)].max()).bit_length())
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, *DECODER_FAULTS):
         return None
 
@@ -451,8 +451,10 @@ def _reduce(img: Image.Image, max_side: int) -> Image.Image:
     factor = max(img.size) // max_side
     if factor < 2:
         return img
-    if img.mode in _UNREDUCIBLE:  # palette, 1-bit: into the smallest mode that keeps them, then reduced
-        img = img.convert(_UNREDUCIBLE[img.mode](img))
+    if img.mode == "1":  # modes reduce() refuses: into the smallest mode that keeps them
+        img = img.convert("L")
+    elif img.mode in ("P", "PA"):  # (PA it accepts, averaging the indices: wrong colours)
+        img = img.convert("RGBA" if _with_alpha(img) else "RGB")
     try:
         return img.reduce(factor)
     except ValueError:  # 16-bit grey (Pillow cannot reduce it): made 8-bit at full size, then resized
@@ -461,14 +463,6 @@ def _reduce(img: Image.Image, max_side: int) -> Image.Image:
 
 def _with_alpha(img: Image.Image) -> bool:
     return img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info)
-
-
-# Modes Image.reduce() refuses -> the mode to reduce them in
-_UNREDUCIBLE: dict[str, Callable[[Image.Image], str]] = {
-    "1": lambda img: "L",
-    "P": lambda img: "RGBA" if _with_alpha(img) else "RGB",
-    "PA": lambda img: "RGBA",
-}
 
 
 def _high_bit_grey_to_8_bits(img: Image.Image, bit_depth: int) -> Image.Image:

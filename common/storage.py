@@ -208,8 +208,8 @@ def _local_path(uri: str) -> Path:
         uri = unquote(parts.path)
     elif "://" in uri:
         raise ValueError(f"unsupported storage URI scheme: {uri!r} (use s3://, file:// or a path)")
-    return Path(os.path.normpath(Path(uri).expanduser().absolute()))  # "data/../imgs" -> "imgs": keys never
-    # hold ".." segments
+    # normalised ("data/../imgs" -> "imgs"): the keys of what it lists never hold ".." segments
+    return Path(os.path.normpath(Path(uri).expanduser().absolute()))
 
 
 def _current_umask() -> int:

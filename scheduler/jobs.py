@@ -18,7 +18,7 @@ from kombu.exceptions import OperationalError as BrokerError
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from common.db import Job, JobKind, JobStatus, Product, Result, session_scope, utcnow
+from common.db import UNFINISHED, Job, JobKind, JobStatus, Product, Result, session_scope, utcnow
 from common.logs import log_context, log_event
 from common.settings import get_settings, redact_text
 from scheduler.products import SchedulingError
@@ -193,11 +193,11 @@ def fail_if_abandoned(session: Session, job: Job) -> Job | None:
     it is marked failed, and returned (None: it is not). With workers the recovery sweep finds such work."""
     settings = get_settings()
     if not settings.tasks_in_process or job.kind != JobKind.SCORE.value \
-            or job.status not in (JobStatus.QUEUED.value, JobStatus.RUNNING.value):
+            or job.status not in UNFINISHED:
         return None
     limit = ABANDONED_AFTER_LIMITS * settings.score_time_limits[1]
     locked = locked_job(session, job.id)  # decided under the lock: no chunk of it records meanwhile
-    if locked is None or locked.status not in (JobStatus.QUEUED.value, JobStatus.RUNNING.value):
+    if locked is None or locked.status not in UNFINISHED:
         return None
     last = session.scalar(select(func.max(Result.created_at)).where(Result.job_id == job.id))
     quiet = utcnow() - max(t for t in (locked.created_at, locked.started_at, last) if t is not None)

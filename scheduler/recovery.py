@@ -27,7 +27,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from common.db import Job, JobKind, JobStatus, Product, Result, images_with_results, in_transaction, utcnow
+from common.db import UNFINISHED, Job, JobKind, Product, Result, images_with_results, in_transaction, utcnow
 from common.images import IMAGE_SUFFIXES
 from common.logs import log_context, log_event
 from common.settings import get_settings, redact_text
@@ -36,7 +36,6 @@ from workers.broker import PendingWork, pending_work, redis_client
 from workers.job_state import lock_job, refresh_counts
 
 logger = logging.getLogger(__name__)
-UNFINISHED = (JobStatus.QUEUED.value, JobStatus.RUNNING.value)
 
 
 @dataclass(frozen=True)

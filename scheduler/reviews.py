@@ -69,8 +69,9 @@ def mark(product_name: str, image_uris: Sequence[str], label: str, defect_type: 
     return before
 
 
-def clear(product_name: str, image_uris: Sequence[str]) -> int:
-    """Remove the images' reviews (a verdict given by mistake); returns how many there were."""
+def clear(product_name: str, image_uris: Sequence[str]) -> tuple[int, int]:
+    """Remove the images' reviews (a verdict given by mistake); returns how many there were, and how many
+    images were given (each image once, however it was written)."""
     uris = _unique([absolute_uri(u) for u in image_uris])
 
     def work(session: Session) -> int:
@@ -80,7 +81,7 @@ def clear(product_name: str, image_uris: Sequence[str]) -> int:
 
     removed = in_transaction(work)
     log_event(logger, logging.INFO, "reviews_cleared", product=product_name, images=len(uris), removed=removed)
-    return removed
+    return removed, len(uris)
 
 
 def list_reviews(product_name: str, label: str | None = None) -> list[ReviewInfo]:

@@ -66,11 +66,9 @@ def _cmd_list(a: argparse.Namespace) -> int:
 
 
 def _cmd_clear(a: argparse.Namespace) -> int:
-    from common.storage import absolute_uri
     from scheduler.reviews import clear
 
-    removed = clear(a.name, a.images)
-    asked = len({absolute_uri(u) for u in a.images})  # as clear() counts them: one image given twice is one
+    removed, asked = clear(a.name, a.images)
     unreviewed = f" ({asked - removed} of the images given had none)" if removed < asked else ""
     print(f"{removed} review(s) of {a.name!r} removed{unreviewed}")
     return 0

@@ -20,6 +20,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from common.db import (
+    UNFINISHED,
     Job,
     JobKind,
     JobStatus,
@@ -140,7 +141,7 @@ def record_chunk(job_id: int, rows: Sequence[dict[str, Any]]) -> None:
         job = lock_job(session, job_id)
         writing = rows
         superseded = superseded_failures(session, job_id, rows)
-        if superseded and job.status not in (JobStatus.QUEUED.value, JobStatus.RUNNING.value):
+        if superseded and job.status not in UNFINISHED:
             # A finished job takes nothing back (a chunk of it redelivered after another job re-scored its
             # failed images): its counts are complete, and the image would count in both jobs.
             taken = {uri for uris in superseded.values() for uri in uris}
@@ -154,7 +155,7 @@ def record_chunk(job_id: int, rows: Sequence[dict[str, Any]]) -> None:
         refresh_counts(session, job)
         for other in earlier:
             other.total -= moved[other.id]
-            if other.status in (JobStatus.QUEUED.value, JobStatus.RUNNING.value):
+            if other.status in UNFINISHED:
                 refresh_counts(session, other)
             else:  # a finished job keeps its outcome; only its counts follow its rows
                 count_results(session, other)

@@ -4,8 +4,8 @@
 - Images reviewed `defective` (confirmed defects) are scored by the new model once its thresholds are set.
   A confirmed defect that was flagged the last time it was scored (normally by the active version) and
   that the new model does not flag is a regression, and keeps the new version from becoming active by
-  itself; so does one that can no longer be read (the check cannot vouch for it). A wrong `good` review of a defective part is the usual cause: it teaches the model that defect
-  as normal.
+  itself; so does one that can no longer be read (the check cannot vouch for it). A wrong `good` review
+  of a defective part is the usual cause: it teaches the model that defect as normal.
 """
 
 from __future__ import annotations
