@@ -14,6 +14,7 @@ so that callers (Celery tasks) can retry later. Local writes are atomic (temp fi
 
 from __future__ import annotations
 
+import logging
 import mimetypes
 import os
 import shutil
@@ -23,8 +24,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+from common.logs import log_event
 from common.per_process import PerProcess
 from common.settings import aws_endpoint_url, s3_max_attempts, s3_timeout
+
+logger = logging.getLogger(__name__)
 
 _TMP_PREFIX = ".totalrecall-tmp-"
 
@@ -258,17 +262,27 @@ class LocalStorage(Storage):
         return self._path(key).is_file()
 
     def list(self, prefix: str = "") -> list[str]:
+        """Keys under `prefix`, linked folders followed. A link that leads out of the root is listed
+        but not followed: reading it fails with the reason, so it is never skipped silently."""
         _check_prefix(prefix)
         folder = prefix.rpartition("/")[0]
         base = self._path(folder) if folder else self.root
-        keys = []
-        for dirpath, _dirs, files in os.walk(base):
-            for name in files:
+        keys, walked = [], set()
+        for dirpath, dirs, files in os.walk(base, followlinks=True):
+            if os.path.realpath(dirpath) in walked:  # a link back to a folder already walked: no cycles
+                dirs[:] = []
+                continue
+            walked.add(os.path.realpath(dirpath))
+            escaping = [d for d in dirs if not Path(dirpath, d).resolve().is_relative_to(self.root)]
+            dirs[:] = [d for d in dirs if d not in escaping]
+            for name in escaping:  # listed below, but without an image suffix a folder is not an image
+                log_event(logger, logging.WARNING, "storage_link_outside_root", folder_link=str(Path(dirpath, name)),
+                          root=str(self.root))
+            for name in files + escaping:
                 if name.startswith(_TMP_PREFIX):
                     continue
-                full = Path(dirpath, name)
-                key = full.relative_to(self.root).as_posix()
-                if key.startswith(prefix) and full.resolve().is_relative_to(self.root):
+                key = Path(dirpath, name).relative_to(self.root).as_posix()
+                if key.startswith(prefix):
                     keys.append(key)
         return sorted(keys)
 
@@ -420,6 +434,8 @@ class S3Storage(Storage):
         return True
 
     def list(self, prefix: str = "") -> list[str]:
+        """Keys under `prefix`, linked folders followed. A link that leads out of the root is listed
+        but not followed: reading it fails with the reason, so it is never skipped silently."""
         _check_prefix(prefix)
         paginator = self.client.get_paginator("list_objects_v2")
         keys = []

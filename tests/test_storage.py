@@ -116,7 +116,30 @@ def test_local_refuses_symlink_out(tmp_path: Path) -> None:
     with pytest.raises(UnsafeKeyError):
         store.list("link/")
     assert not (outside / "new.txt").exists()
-    assert store.list() == []  # escaping links are not listed
+    # escaping links are listed, not followed: reading one fails with the reason, never skipped silently
+    assert store.list() == ["file-link", "link"]
+
+
+def test_a_folder_listing_includes_linked_images_from_elsewhere(tmp_path: Path) -> None:
+    """A training folder whose images are links into a pool: every image is listed and readable."""
+    (tmp_path / "pool").mkdir()
+    (tmp_path / "pool" / "a.png").write_bytes(b"a")
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train" / "b.png").write_bytes(b"b")
+    os.symlink(tmp_path / "pool" / "a.png", tmp_path / "train" / "a.png")
+    uris = list_uris(tmp_path / "train", (".png",))
+    assert uris == [str(tmp_path / "train" / "a.png"), str(tmp_path / "train" / "b.png")]
+    assert [read_uri(u) for u in uris] == [b"a", b"b"]
+
+
+def test_local_list_follows_linked_folders_inside_the_root_without_cycles(tmp_path: Path) -> None:
+    store = LocalStorage(tmp_path)
+    store.put_bytes("pool/a.png", b"a")
+    store.put_bytes("train/b.png", b"b")
+    os.symlink(tmp_path / "pool", tmp_path / "train" / "more")
+    os.symlink(tmp_path / "train", tmp_path / "train" / "loop")  # a cycle
+    assert store.list("train/") == ["train/b.png", "train/more/a.png"]
+    assert store.get_bytes("train/more/a.png") == b"a"
 
 
 def test_local_symlink_inside_root_is_fine(tmp_path: Path) -> None:
