@@ -7,8 +7,10 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import pytest
 from sqlalchemy import select
 
 from common.db import Job, Product, session_scope
@@ -184,3 +186,19 @@ def test_database_urls_that_cannot_work_are_refused(tmp_path: Path, monkeypatch,
     finally:
         monkeypatch.undo()
         apply_settings()
+
+
+class _RaisesInFinalizer:
+    """Stands for a Ctrl-C handled while the garbage collector runs a finalizer: Python ignores it there."""
+
+    def __del__(self) -> None:
+        raise KeyboardInterrupt
+
+
+def test_a_ctrl_c_swallowed_by_a_finalizer_is_raised_again() -> None:
+    from totalrecall.interrupts import keep_interrupts
+
+    with pytest.raises(KeyboardInterrupt), keep_interrupts():
+        _RaisesInFinalizer()  # dropped at once: its __del__ raises, and Python only prints "Exception ignored"
+        for _ in range(100):
+            time.sleep(0.01)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from common.engine.config import BACKBONE_NAMES, INDEX_TYPES, PRECISIONS, RESIZE_MODES, PatchCoreConfig
+from totalrecall.interrupts import keep_interrupts
 from totalrecall.report import add_report_command
 from totalrecall.review_cli import add_review_command
 
@@ -497,7 +498,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level)
     try:
-        status = args.handler(args)
+        with keep_interrupts():
+            status = args.handler(args)
         sys.stdout.flush()  # a closed pipe shows here, not in Python's exit
         return status
     except KeyboardInterrupt:
