@@ -10,6 +10,7 @@ Invariants the schema enforces:
   version may be active.
 - `jobs.idempotency_key` is unique, so two schedulers racing to enqueue the same nightly run create one job.
 - `reviews` has UNIQUE (product_id, image_uri): an image carries one operator verdict, the latest.
+- Product names are unique regardless of case (unique index on lower(name)).
 
 Timestamps are timezone-aware UTC datetimes in Python (SQLite stores them as naive UTC text).
 
@@ -152,7 +153,9 @@ class Product(Base):
     """A product line: where its training images and its daily archives live, and how to fit it."""
 
     __tablename__ = "products"
-    __table_args__ = (UniqueConstraint("name"),)
+    # Names become storage keys, and "P2" and "p2" would share files on case-insensitive disks. An
+    # expression index: SQLite cannot reflect it, so only PostgreSQL compares it with the migration.
+    __table_args__ = (UniqueConstraint("name"), Index("uq_products_lower_name", text("lower(name)"), unique=True))
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(200))
@@ -614,14 +617,13 @@ def images_with_results(session: Session, model_version_id: int, image_uris: Seq
 def activate_model_version(session: Session, version: ModelVersion) -> None:
     """Make `version` its product's only active version (deactivate the others first, then flush).
 
-    The product's row is locked first (PostgreSQL; SQLite serialises writers anyway), so two activations
-    of one product run one after the other instead of both passing the deactivation and colliding on
-    the one-active-version index."""
+    The product's row is locked first (`lock_product`), so two activations of one product run one after
+    the other instead of both passing the deactivation and colliding on the one-active-version index."""
     if version.status != ModelStatus.READY:
         raise ValueError(
             f"model version {version.version} is {version.status}, only a ready one can be active"
         )
-    session.execute(select(Product.id).where(Product.id == version.product_id).with_for_update())
+    lock_product(session, version.product_id)
     session.execute(
         update(ModelVersion)
         .where(
@@ -634,3 +636,16 @@ def activate_model_version(session: Session, version: ModelVersion) -> None:
     )
     version.is_active = True
     session.flush()
+
+
+def lock_product(session: Session, product_id: int) -> None:
+    """Lock the product's row until the transaction ends: what changes which of its versions is active
+    takes this lock first, so such changes run one after the other and read what the previous committed.
+
+    SQLite has no row locks, and Python's sqlite3 begins a transaction only at the first write: a write
+    comes first there, taking SQLite's one write lock for the whole transaction (as `workers.job_state`
+    does for jobs)."""
+    if session.get_bind().dialect.name == "sqlite":
+        session.execute(update(Product).where(Product.id == product_id).values(name=Product.name)
+                        .execution_options(synchronize_session=False))
+    session.execute(select(Product.id).where(Product.id == product_id).with_for_update())

@@ -15,8 +15,9 @@ from common.db import ModelStatus, ModelVersion, Product, session_scope
 from common.engine.config import PatchCoreConfig
 from common.storage import absolute_uri
 
-# Product names become storage key segments (models/<name>/..., results/<name>/...).
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
+# Product names become storage key segments (models/<name>/..., results/<name>/...); whole-string match
+# (fullmatch: `$` would let a trailing newline through).
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
 
 
 class Unset(Enum):
@@ -50,30 +51,39 @@ def add_product(name: str, train_uri: str, archive_uri_template: str, config: Pa
     """Register a product; returns its id. The archive template must contain `{date}`. `validation_uri`:
     labelled validation images (`workers.validation`), from which each fit sets F1-optimal thresholds, or
     an image threshold flagging at most `max_false_alarms` of the nominal images."""
-    if not _NAME.match(name):
+    if not _NAME.fullmatch(name):
         raise SchedulingError(f"invalid product name {name!r}: use letters, digits, '.', '_' and '-' "
                               "(it becomes part of storage keys)")
     check_not_empty(train=train_uri, archive=archive_uri_template)
-    _check_archive_template(archive_uri_template)
+    archive = _archive_template(archive_uri_template)
     _check_false_alarms(max_false_alarms)
+    _check_false_alarms_have_validation(max_false_alarms, validation_uri)
     _check_roi(config.center_crop, roi_uri)
     config.check_stages()
     try:
         with session_scope() as session:
-            taken = session.scalar(select(Product.name).where(func.lower(Product.name) == name.lower()))
-            if taken is not None:  # names become storage keys: P2 and p2 would share files on some disks
-                raise SchedulingError(f"product {taken!r} already exists" + (
-                    f" (names may not differ only in case: {name!r})" if taken != name else ""))
-            product = Product(name=name, train_uri=absolute_uri(train_uri),
-                              archive_uri_template=absolute_uri(archive_uri_template),
+            _check_name_free(session, name)
+            product = Product(name=name, train_uri=absolute_uri(train_uri), archive_uri_template=archive,
                               validation_uri=_optional_uri(validation_uri), max_false_alarms=max_false_alarms,
                               roi_uri=_optional_uri(roi_uri),
                               fit_config=config.to_dict())
             session.add(product)
             session.flush()
             return product.id
-    except IntegrityError:
-        raise SchedulingError(f"product {name!r} already exists") from None
+    except IntegrityError:  # a concurrent call registered the name, or one differing only in case, first
+        pass
+    with session_scope() as session:
+        _check_name_free(session, name)  # raises, naming the product that has it
+    raise SchedulingError(f"product {name!r} already exists")
+
+
+def _check_name_free(session: Session, name: str) -> None:
+    """SchedulingError if a product has this name, or one differing from it only in case (names become
+    storage keys: P2 and p2 would share files on some disks)."""
+    taken = session.scalar(select(Product.name).where(func.lower(Product.name) == name.lower()))
+    if taken is not None:
+        raise SchedulingError(f"product {taken!r} already exists" + (
+            f" (names may not differ only in case: {name!r})" if taken != name else ""))
 
 
 def update_product(name: str, train_uri: str | None = None, archive_uri_template: str | None = None,
@@ -85,15 +95,14 @@ def update_product(name: str, train_uri: str | None = None, archive_uri_template
     the next fit uses them, model versions already fitted keep theirs. Returns {what: (before, after)} for
     what changed. Nothing is written unless every change is valid."""
     check_not_empty(train=train_uri, archive=archive_uri_template)
-    if archive_uri_template is not None:
-        _check_archive_template(archive_uri_template)
+    archive = _archive_template(archive_uri_template) if archive_uri_template is not None else None
     if not isinstance(max_false_alarms, Unset):
         _check_false_alarms(max_false_alarms)
     wanted: dict[str, tuple[str, Any]] = {}  # what -> (Product attribute, new value), for those given
     if train_uri is not None:
         wanted["train"] = ("train_uri", absolute_uri(train_uri))
-    if archive_uri_template is not None:
-        wanted["archive"] = ("archive_uri_template", absolute_uri(archive_uri_template))
+    if archive is not None:
+        wanted["archive"] = ("archive_uri_template", archive)
     if validation_uri is not None:
         wanted["validation"] = ("validation_uri", _optional_uri(validation_uri))
     if roi_uri is not None:
@@ -116,9 +125,7 @@ def update_product(name: str, train_uri: str | None = None, archive_uri_template
             changes.update({k: (before[k], after[k]) for k in after if after[k] != before[k]})
             product.fit_config = after
         _check_roi(product.fit_config.get("center_crop"), product.roi_uri)  # raising rolls it all back
-        if product.max_false_alarms is not None and not product.validation_uri:
-            raise SchedulingError("a false-alarm budget sets the image threshold from validation images: "
-                                  "give the product a validation folder, or set --max-false-alarms none")
+        _check_false_alarms_have_validation(product.max_false_alarms, product.validation_uri)
         return changes
 
 
@@ -130,6 +137,12 @@ def _optional_uri(uri: str | None) -> str | None:
 def _check_false_alarms(rate: float | None) -> None:
     if rate is not None and not 0 <= rate < 1:
         raise SchedulingError(f"max_false_alarms must be a fraction in [0, 1), e.g. 0.01, not {rate}")
+
+
+def _check_false_alarms_have_validation(rate: float | None, validation_uri: str | None) -> None:
+    if rate is not None and not validation_uri:
+        raise SchedulingError("a false-alarm budget sets the image threshold from validation images: "
+                              "give the product a validation folder, or set --max-false-alarms none")
 
 
 def _check_roi(center_crop: int | None, roi_uri: str | None) -> None:
@@ -145,9 +158,13 @@ def check_not_empty(**uris: str | None) -> None:
             raise SchedulingError(f"the {what} folder cannot be empty")
 
 
-def _check_archive_template(template: str) -> None:
-    if "{date}" not in template:
-        raise SchedulingError(f"archive template {template!r} must contain {{date}} (replaced by YYYY-MM-DD)")
+def _archive_template(template: str) -> str:
+    """The template's absolute form, which must still contain `{date}` (normalising `{date}/..` drops it)."""
+    absolute = absolute_uri(template)
+    if "{date}" not in absolute:
+        shown = repr(template) + (f" ({absolute})" if "{date}" in template else "")
+        raise SchedulingError(f"archive template {shown} must contain {{date}} (replaced by YYYY-MM-DD)")
+    return absolute
 
 
 def get_product(session: Session, name: str) -> Product:

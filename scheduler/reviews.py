@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from sqlalchemy import delete, select
-from sqlalchemy.orm import Session
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from common.db import Product, Result, ResultStatus, Review, ReviewLabel, in_chunks, in_transaction, utcnow
 from common.logs import log_event
@@ -46,6 +47,8 @@ def mark(product_name: str, image_uris: Sequence[str], label: str, defect_type: 
         raise SchedulingError(f"unknown verdict {label!r}: use one of {', '.join(ReviewLabel)}")
     if defect_type is not None and label != ReviewLabel.DEFECTIVE:
         raise SchedulingError("a defect type goes with a 'defective' verdict only")
+    _check_length("defect type", defect_type, Review.defect_type)
+    _check_length("reviewer", reviewed_by, Review.reviewed_by)
     uris = _unique([absolute_uri(u) for u in image_uris])
 
     def work(session: Session) -> dict[str, str | None]:
@@ -62,7 +65,10 @@ def mark(product_name: str, image_uris: Sequence[str], label: str, defect_type: 
             session.add(review)
         return before
 
-    before = in_transaction(work)
+    try:
+        before = in_transaction(work)
+    except IntegrityError:  # a concurrent review inserted an image's first verdict: this one replaces it
+        before = in_transaction(work)
     for uri, previous in before.items():
         log_event(logger, logging.INFO, "image_reviewed", product=product_name, image=uri, label=label,
                   previous=previous, defect_type=defect_type, by=reviewed_by)
@@ -111,6 +117,13 @@ def _require_results(session: Session, product: Product, uris: list[str]) -> Non
         raise SchedulingError(f"no successful result of product {product.name!r} for {shown}: only scored "
                               "images can be reviewed (image URIs as `anomaly_history` shows them; one that "
                               "failed to score cannot be learned from); nothing was recorded")
+
+
+def _check_length(what: str, value: str | None, column: InstrumentedAttribute[str | None]) -> None:
+    """PostgreSQL refuses a string longer than its column (SQLite would store it): refused up front."""
+    limit = column.type.length
+    if value is not None and len(value) > limit:
+        raise SchedulingError(f"the {what} is {len(value)} characters long: at most {limit}")
 
 
 def _unique(items: list[str]) -> list[str]:

@@ -9,10 +9,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from common.db import ModelStatus, ModelVersion, activate_model_version, in_transaction
+from common.db import ModelStatus, ModelVersion, activate_model_version, in_transaction, lock_product
 from common.logs import log_event
 from scheduler.products import SchedulingError, active_version, get_product
 
@@ -68,6 +68,8 @@ def activate_version(product_name: str, version: int) -> tuple[int | None, Versi
             raise SchedulingError(f"model version {version} of {product_name!r} is {target.status}"
                                   + (f" ({target.error})" if target.error else "")
                                   + "; only a ready version can be active")
+        # read "before" under the lock (taken after the version's row, the order a publishing fit takes them)
+        lock_product(session, product.id)
         before = active_version(session, product)
         activate_model_version(session, target)
         return (before.version if before else None), _info(target)
@@ -83,9 +85,10 @@ def deactivate(product_name: str) -> int | None:
 
     def work(session: Session) -> int | None:
         product = get_product(session, product_name)
+        lock_product(session, product.id)  # an activation waits for this one, not commits in between
         before = active_version(session, product)
-        if before is not None:
-            before.is_active = False
+        session.execute(update(ModelVersion).where(ModelVersion.product_id == product.id, ModelVersion.is_active)
+                        .values(is_active=False).execution_options(synchronize_session="fetch"))
         return before.version if before else None
 
     previous = in_transaction(work)

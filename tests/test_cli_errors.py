@@ -14,8 +14,10 @@ import pytest
 from sqlalchemy import select
 
 from common.db import Job, Product, session_scope
+from common.engine.config import PatchCoreConfig
+from scheduler.products import SchedulingError, add_product
 from tests.cluster import wait_for
-from tests.conftest import SMALL_FIT, embedded_with_training_images
+from tests.conftest import SMALL_FIT, embedded_default, embedded_with_training_images
 from totalrecall.cli import main
 
 
@@ -48,6 +50,39 @@ def test_a_failed_fit_does_not_strand_the_other_products(tmp_path: Path, capsys)
         assert status == "failed" and "no training images" in error
         assert f"for {name!r} failed: " in err
     assert "'b-good' failed" not in err
+
+
+def _products() -> dict[str, str]:
+    """{name: archive template} of every product."""
+    with session_scope() as session:
+        return dict(session.execute(select(Product.name, Product.archive_uri_template)).all())
+
+
+def test_a_product_name_ending_in_a_newline_is_refused(tmp_path: Path, capsys) -> None:
+    with embedded_default(tmp_path):
+        assert main(["product", "add", "part\n", "--train", "train", "--archive", "archive/{date}"]) == 2
+        assert "invalid product name 'part\\n'" in capsys.readouterr().err
+        assert _products() == {}
+
+
+def test_an_archive_template_whose_date_is_normalised_away_is_refused(tmp_path: Path, capsys) -> None:
+    """`{date}/..` is no folder: the stored (normalised) template would read one folder every night."""
+    gone = "archive/{date}/../flat"
+    with embedded_default(tmp_path):
+        assert main(["product", "add", "part", "--train", "train", "--archive", gone]) == 2
+        assert "must contain {date}" in capsys.readouterr().err
+        assert main(["product", "add", "part", "--train", "train", "--archive", "archive/{date}"]) == 0
+        assert main(["product", "set", "part", "--archive", gone]) == 2
+        assert "must contain {date}" in capsys.readouterr().err
+        assert _products()["part"].endswith("/archive/{date}")
+
+
+def test_add_product_refuses_a_false_alarm_budget_without_validation_images(tmp_path: Path) -> None:
+    """The CLI refuses it too; a product registered so could not be changed at all afterwards."""
+    with embedded_default(tmp_path):
+        with pytest.raises(SchedulingError, match="give the product a validation folder"):
+            add_product("part", "train", "archive/{date}", PatchCoreConfig(), max_false_alarms=0.01)
+        assert _products() == {}
 
 
 def _cli(home: Path, *args: str, **kwargs) -> subprocess.Popen:

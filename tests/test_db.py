@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import io
+import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, date, datetime, timedelta
+from functools import partial
 
 import pytest
 import sqlalchemy as sa
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy.exc import DBAPIError, IntegrityError
@@ -25,6 +29,7 @@ from common.db import (
     Product,
     Result,
     ResultStatus,
+    Review,
     activate_model_version,
     anomaly_history,
     get_engine,
@@ -34,7 +39,9 @@ from common.db import (
     record_results,
     session_scope,
 )
+from common.engine.config import PatchCoreConfig
 from common.migrate import (
+    alembic_config,
     create_readonly_login,
     current_revision,
     downgrade,
@@ -42,6 +49,10 @@ from common.migrate import (
     readonly_url,
     upgrade,
 )
+from common.settings import reset_settings_cache
+from scheduler import versions
+from scheduler.products import SchedulingError, add_product
+from scheduler.reviews import mark
 
 TABLES = {"products", "model_versions", "jobs", "results", "reviews"}
 VIEWS = {"anomaly_history", "job_summary"}
@@ -62,6 +73,14 @@ def db_url(request: pytest.FixtureRequest) -> Iterator[str]:
         yield url
         return
     yield request.getfixturevalue("clean_pg_url")
+
+
+@pytest.fixture
+def scheduler_db(db_url: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """`db_url`, made the settings' database: the one the scheduler's functions use."""
+    monkeypatch.setenv("TOTALRECALL_DATABASE_URL", db_url)
+    reset_settings_cache()
+    return db_url
 
 
 @pytest.fixture
@@ -136,6 +155,12 @@ def test_upgrade_sqlite_creates_schema_and_is_idempotent(sqlite_url: str) -> Non
         assert connection.execute(sa.text("PRAGMA foreign_keys")).scalar() == 1
 
 
+# SQLite cannot reflect the expression index on lower(name): only PostgreSQL compares it (the concurrent
+# registration test below shows it works on both)
+SKIPS_EXPRESSION_INDEX = pytest.mark.filterwarnings("ignore:.*expression-based index")
+
+
+@SKIPS_EXPRESSION_INDEX
 def test_models_match_migration(db_url: str) -> None:
     """The ORM models and the migration describe the same schema (no autogenerate diff)."""
     with get_engine(db_url).connect() as connection:
@@ -144,6 +169,7 @@ def test_models_match_migration(db_url: str) -> None:
     assert diff == []
 
 
+@SKIPS_EXPRESSION_INDEX
 def test_constraint_names_are_the_models(db_url: str) -> None:
     """The migrated database names every constraint as the models do (autogenerate does not compare
     CHECK constraints; 0001 and 0004 had their names prefixed twice, 0006 renames them)."""
@@ -165,6 +191,28 @@ def test_downgrade_and_upgrade_again(db_url: str) -> None:
     assert not (TABLES | VIEWS) & set(inspector.get_table_names() + inspector.get_view_names())
     upgrade(db_url)  # on PostgreSQL the read-only role already exists now: must not fail
     assert current_revision(db_url) == head_revision()
+
+
+def test_upgrade_names_products_differing_only_in_case(sqlite_url: str) -> None:
+    """Such products predate the case-insensitive unique index: the upgrade names them, changes nothing."""
+    upgrade(sqlite_url, "0006")
+    with session_scope(sqlite_url) as session:
+        _product(session, "Bottle")
+        _product(session, "bottle")
+    with pytest.raises(RuntimeError, match="differ only in case: bottle; rename or remove"):
+        upgrade(sqlite_url)
+    assert current_revision(sqlite_url) == "0006"
+
+
+def test_offline_postgresql_sql_keeps_percent_signs() -> None:
+    """`alembic upgrade head --sql` for PostgreSQL prints SQL for psql: `format('... %I ...')` as written
+    (psycopg2's own paramstyle would double every '%', and psql would run the doubled text)."""
+    config = alembic_config("postgresql://user@nohost/db")  # offline: never connected to
+    config.output_buffer = io.StringIO()
+    command.upgrade(config, "head", sql=True)
+    sql = config.output_buffer.getvalue()
+    assert "%I" in sql and "%%" not in sql
+    assert "CREATE UNIQUE INDEX uq_products_lower_name ON products (lower(name))" in sql
 
 
 # --- constraints ---------------------------------------------------------------------------------------------
@@ -323,6 +371,123 @@ def test_a_deadlock_is_retried_by_in_transaction(clean_pg_url: str, caplog: pyte
             thread.join(60)
     assert sorted(done) == ["x", "y"]
     assert any("deadlock detected" in r.getMessage() for r in caplog.records)
+
+
+# --- concurrent calls of the scheduler's functions (a barrier or an event forces the interleaving) -----------
+
+
+def _meet_once(barrier: threading.Barrier, prefix: str) -> Callable[[], None]:
+    """Waits at `barrier` the first time each thread named `prefix...` calls it (a retry passes)."""
+    met: set[str] = set()
+
+    def meet() -> None:
+        name = threading.current_thread().name
+        if name.startswith(prefix) and name not in met:
+            met.add(name)
+            barrier.wait()
+
+    return meet
+
+
+def _run_in_threads(calls: dict[str, Callable[[], object]]) -> dict[str, object]:
+    """Runs each call in a thread of that name: {name: what it returned, or the exception it raised}."""
+    outcome: dict[str, object] = {}
+
+    def run(name: str, call: Callable[[], object]) -> None:
+        try:
+            outcome[name] = call()
+        except Exception as exc:
+            outcome[name] = exc
+
+    threads = [threading.Thread(target=run, args=item, name=item[0]) for item in calls.items()]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    return outcome
+
+
+def test_names_differing_only_in_case_are_refused_when_registered_at_once(
+        scheduler_db: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both registrations look the name up before either inserts: the database refuses the second, and
+    it gets the look-up's message."""
+    meet, look_up = _meet_once(threading.Barrier(2, timeout=10), "add-"), Session.scalar
+
+    def looked_up(self: Session, *args: object, **kwargs: object) -> object:
+        found = look_up(self, *args, **kwargs)
+        meet()
+        return found
+
+    monkeypatch.setattr(Session, "scalar", looked_up)
+    outcome = _run_in_threads({f"add-{name}": partial(add_product, name, "s3://b/train/", "s3://b/a/{date}/",
+                                                      PatchCoreConfig()) for name in ("Bottle", "bottle")})
+    refused = [v for v in outcome.values() if isinstance(v, Exception)]
+    assert len(refused) == 1 and isinstance(refused[0], SchedulingError), outcome
+    assert "names may not differ only in case" in str(refused[0])
+    with session_scope(scheduler_db) as session:
+        assert len(session.scalars(sa.select(Product.name)).all()) == 1
+
+
+def test_deactivate_and_a_concurrent_activation_run_one_after_the_other(
+        scheduler_db: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An activation that starts while `deactivate` has read the active version waits for it, then
+    stands (before, it committed in between and `deactivate` reported a deactivation it never made)."""
+    with session_scope(scheduler_db) as session:
+        product = _product(session)
+        _version(session, product, 1, is_active=True)
+        _version(session, product, 2)
+        name = product.name
+    read, proceed, active_version = threading.Event(), threading.Event(), versions.active_version
+
+    def read_then_pause(session: Session, product: Product) -> ModelVersion | None:
+        found = active_version(session, product)
+        if threading.current_thread().name == "deactivate":
+            read.set()
+            proceed.wait(10)
+        return found
+
+    monkeypatch.setattr(versions, "active_version", read_then_pause)
+    outcome: dict[str, object] = {}
+    deactivating = threading.Thread(target=lambda: outcome.update(deactivated=versions.deactivate(name)),
+                                    name="deactivate")
+    activating = threading.Thread(target=lambda: outcome.update(previous=versions.activate_version(name, 2)[0]))
+    deactivating.start()
+    assert read.wait(10)
+    activating.start()
+    activating.join(1.0)  # it must wait for the deactivation's transaction, not pass it
+    outcome["waited"] = activating.is_alive()
+    proceed.set()
+    deactivating.join(30)
+    activating.join(30)
+    assert outcome == {"waited": True, "deactivated": 1, "previous": None}
+    with session_scope(scheduler_db) as session:
+        assert session.scalars(sa.select(ModelVersion.version).where(ModelVersion.is_active)).all() == [2]
+
+
+def test_first_reviews_of_an_image_given_at_once_both_land(scheduler_db: str,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both reviews find no verdict and add one: the later replaces the earlier (not a unique violation)."""
+    uri = "s3://b/archive/x.png"
+    with session_scope(scheduler_db) as session:
+        product = _product(session)
+        mv = _version(session, product, 1)
+        record_results(session, [_result_row(_job(session, product, mv), mv, uri)])
+        name = product.name
+    meet, add = _meet_once(threading.Barrier(2, timeout=10), "mark-"), Session.add
+
+    def adding(self: Session, instance: object, *args: object, **kwargs: object) -> None:
+        if isinstance(instance, Review):
+            meet()
+        add(self, instance, *args, **kwargs)
+
+    monkeypatch.setattr(Session, "add", adding)
+    outcome = _run_in_threads({f"mark-{label}": partial(mark, name, [uri], label) for label in ("good", "defective")})
+    assert all(isinstance(v, dict) for v in outcome.values()), outcome
+    previous = {thread.removeprefix("mark-"): before[uri] for thread, before in outcome.items()}
+    first, last = sorted(previous, key=lambda label: previous[label] is not None)
+    assert (previous[first], previous[last]) == (None, first)
+    with session_scope(scheduler_db) as session:
+        assert session.scalars(sa.select(Review.label)).all() == [last]
 
 
 def test_a_plain_postgresql_url_uses_the_installed_driver() -> None:

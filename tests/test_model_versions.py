@@ -17,8 +17,10 @@ from common.db import Job, ModelVersion, Product, Result, session_scope
 from common.logs import parse_fields
 from common.storage import Storage
 from common.synthetic import nominal_image, png_bytes
+from scheduler.jobs import new_fit_job
 from tests.conftest import SMALL_FIT, embedded_with_training_images
 from totalrecall.cli import main
+from workers.fitting import fit_job, start_fit
 
 SIZE = 96
 NAME = "part"
@@ -148,3 +150,26 @@ def test_deactivate_pauses_the_nightly_until_a_version_is_activated(store: Stora
     assert main(["model", "activate", NAME, str(active)]) == 0
     assert main(["nightly", "--date", "2026-11-30"]) == 0
     assert f"{NAME}: job " in capsys.readouterr().out
+
+
+def test_an_older_fit_finishing_last_leaves_the_newer_version_active(store: Storage, capsys) -> None:
+    """Two fits of the product overlap, and the one started first (older settings) finishes last: its
+    version passes the activation rule but stays inactive, saying why; the newer one stays active."""
+    with session_scope() as session:
+        job = new_fit_job(_product(), "test")
+        session.add(job)
+    older = start_fit(job.id)  # a worker starts it: its version number is taken
+    assert main(["fit", NAME, "--wait"]) == 0  # a fit started later finishes first
+    newer = max(_versions())
+    outcome = fit_job(job.id)  # the first worker finishes now
+    assert outcome is not None and not outcome.activated
+    versions = _versions()
+    assert versions[newer].is_active and versions[older.version].status == "ready"
+    assert not versions[older.version].is_active and versions[older.version].validation["activation"]["passed"]
+    with session_scope() as session:
+        error = session.get(Job, job.id).error
+    assert f"model version {older.version} is ready but not active: version {newer}, from a fit started " \
+        f"later, is ready already (`totalrecall model activate {NAME} {older.version}`" in error
+    capsys.readouterr()
+    assert main(["model", "list", NAME]) == 0
+    assert f"not activated: v{newer} (fitted later) was ready first" in capsys.readouterr().out

@@ -170,6 +170,19 @@ def test_verdicts_show_in_the_history_and_can_be_changed_or_cleared(store: Stora
     assert f"no reviews of {NAME!r}" in capsys.readouterr().out
 
 
+def test_a_defect_type_or_reviewer_longer_than_its_column_is_refused(store: Storage, capsys) -> None:
+    """PostgreSQL would refuse the row (SQLite stores it): refused up front, on either, nothing recorded."""
+    def reviews() -> list[tuple[str, str]]:
+        with session_scope() as session:
+            return session.execute(select(Review.image_uri, Review.label).order_by(Review.id)).all()
+
+    before, scratch = reviews(), store.uri_for("night/scratch.png")
+    for option, what in (("--type", "defect type"), ("--by", "reviewer")):
+        assert main(["review", "mark", NAME, scratch, "--defective", option, "x" * 201]) == 2
+        assert f"the {what} is 201 characters long: at most 200" in capsys.readouterr().err
+    assert reviews() == before
+
+
 def test_a_false_alarm_reviewed_good_is_learned_by_the_next_fit(store: Storage) -> None:
     v1 = _results(1)
     plates = [name for name in v1 if name.startswith("plate_")]

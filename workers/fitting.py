@@ -12,7 +12,9 @@ thresholds were calibrated on held-out images (at least one held-out image score
 most `MAX_FAILED_FRACTION` of the training folder's images failed to load (unreadable images reviewed
 good are failures of the fit but not counted here), and it flags every image reviewed defective that was
 flagged the last time it was scored, all of them readable (`workers.reviews`). Otherwise it is kept
-`ready` but inactive, and the job says why. A failed fit leaves its version `failed`, never active.
+`ready` but inactive, and the job says why. A passing version is not activated either when a newer version
+of the product is ready already (two fits overlapped, and the older one finished last): the job says so.
+A failed fit leaves its version `failed`, never active.
 
 A redelivered fit task reuses the version row its first attempt created (the job points to it), so a
 worker dying mid-fit never leaves a second half-made version behind.
@@ -49,6 +51,7 @@ from common.db import (
     ModelVersion,
     activate_model_version,
     in_transaction,
+    lock_product,
     utcnow,
 )
 from common.engine.artifact import BANK_FILE, META_FILE
@@ -161,9 +164,11 @@ def _fit_and_publish(target: FitTarget) -> FitOutcome | None:
     passed, reason = check_validation(stats, model, len(train))
     with TemporaryDirectory(prefix="totalrecall-fit-") as tmp:
         sha256 = model.save(tmp)
-        published = publish(target, Path(tmp), model, stats, sha256, passed, reason, len(uris))
+        inactive = publish(target, Path(tmp), model, stats, sha256, passed, reason, len(uris))
+    if inactive is None:
+        return None
     failed = len(stats.get("failed_images", []))
-    return FitOutcome(target.version, sha256, passed, reason, len(uris), failed) if published else None
+    return FitOutcome(target.version, sha256, not inactive, inactive or reason, len(uris), failed)
 
 
 def _read_roi(uri: str, max_bytes: int) -> RegionOfInterest:
@@ -260,24 +265,25 @@ def check_validation(stats: dict[str, Any], model: PatchCore, n_images: int) -> 
 
 
 def publish(target: FitTarget, folder: Path, model: PatchCore, stats: dict[str, Any], sha256: str,
-            passed: bool, reason: str, n_images: int) -> bool:
-    """Upload the artifact and record the version, with the job locked; False if another attempt did."""
+            passed: bool, reason: str, n_images: int) -> str | None:
+    """Upload the artifact and record the version, with the job locked; returns why the version was left
+    inactive ("" if it was activated), None if another attempt published it."""
 
-    def work(session: Session) -> bool:
+    def work(session: Session) -> str | None:
         job = lock_job(session, target.job_id)
         version = session.get(ModelVersion, target.version_id)
         if job.status != JobStatus.RUNNING.value or version.status != ModelStatus.TRAINING.value:
-            return False  # a duplicate attempt published (or failed) this fit already
+            return None  # a duplicate attempt published (or failed) this fit already
         artifact_uri = upload_artifact(folder, target.product, target.version)
-        finish_fit(session, job, version, model, stats, sha256, artifact_uri, passed, reason, n_images)
-        return True
+        return finish_fit(session, job, version, model, stats, sha256, artifact_uri, passed, reason, n_images)
 
     return in_transaction(work)
 
 
 def finish_fit(session: Session, job: Job, version: ModelVersion, model: PatchCore, stats: dict[str, Any],
-               sha256: str, artifact_uri: str, passed: bool, reason: str, n_images: int) -> None:
-    """Record the ready version (activating it if it passed) and the job's outcome (job row locked)."""
+               sha256: str, artifact_uri: str, passed: bool, reason: str, n_images: int) -> str:
+    """Record the ready version (activating it if it passed and no newer version is ready) and the job's
+    outcome (job row locked); returns why the version was left inactive ("": it was activated)."""
     version.status, version.error = ModelStatus.READY.value, None
     version.sha256, version.artifact_uri = sha256, artifact_uri
     version.config = model.config.to_dict()
@@ -285,15 +291,31 @@ def finish_fit(session: Session, job: Job, version: ModelVersion, model: PatchCo
     nominal = stats.get("holdout_scores") or []
     version.nominal_median_score = float(statistics.median(nominal)) if nominal else None
     version.train_image_count = int(stats["train_images"])
-    version.validation = {**stats, "activation": {"passed": passed, "rule": ACTIVATION_RULE,
-                                                  "reason": reason}}
-    session.flush()
+    activation = {"passed": passed, "rule": ACTIVATION_RULE, "reason": reason}
+    inactive = "" if passed else reason
     if passed:
+        lock_product(session, version.product_id)  # a newer fit publishing meanwhile commits first: seen below
+        newer = _newer_ready_version(session, version)
+        if newer is not None:
+            activation["superseded_by"] = newer
+            inactive = (f"version {newer}, from a fit started later, is ready already (`totalrecall model "
+                        f"activate {job.product.name} {version.version}` makes this one active)")
+    version.validation = {**stats, "activation": activation}
+    session.flush()
+    if not inactive:
         activate_model_version(session, version)
     failed = len(stats.get("failed_images", []))
     job.total, job.done, job.failed = n_images, n_images - failed, failed
     job.status, job.finished_at = JobStatus.SUCCEEDED.value, utcnow()
-    job.error = None if passed else f"model version {version.version} is ready but not active: {reason}"
+    job.error = f"model version {version.version} is ready but not active: {inactive}" if inactive else None
+    return inactive
+
+
+def _newer_ready_version(session: Session, version: ModelVersion) -> int | None:
+    """The newest ready version of the product numbered above `version`, if any."""
+    return session.scalar(select(func.max(ModelVersion.version)).where(
+        ModelVersion.product_id == version.product_id, ModelVersion.version > version.version,
+        ModelVersion.status == ModelStatus.READY.value))
 
 
 def fail_fit(job_id: int, error: str) -> str | None:

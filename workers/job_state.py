@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import statistics
 from collections.abc import Sequence
 from typing import Any
 
@@ -211,12 +212,15 @@ def refresh_counts(session: Session, job: Job) -> None:
 
 def record_drift(session: Session, job: Job) -> None:
     """A finished score job's median image score and, if the run drifted from the model's nominal
-    scores, its warning (`common.drift`). The median is read with ORDER BY ... OFFSET, the same on
-    SQLite and PostgreSQL."""
+    scores, its warning (`common.drift`). The middle score (the mean of the two middle ones for an even
+    count, as for the nominal reference) is read with ORDER BY ... OFFSET, the same on SQLite and
+    PostgreSQL."""
     if job.kind != JobKind.SCORE.value or not job.done:
         return
     scores = select(Result.score).where(Result.job_id == job.id, Result.status == ResultStatus.OK.value)
-    job.median_score = session.scalar(scores.order_by(Result.score).offset((job.done - 1) // 2).limit(1))
+    middle = session.scalars(scores.order_by(Result.score).offset((job.done - 1) // 2).limit(2 - job.done % 2))
+    values = middle.all()  # empty only if the counts ran ahead of the rows
+    job.median_score = statistics.median(values) if values else None
     version = job.model_version
     job.warning = drift_warning(job.median_score, version and version.nominal_median_score,
                                 version and version.image_threshold, get_settings().drift_level)
