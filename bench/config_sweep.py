@@ -90,7 +90,7 @@ def run(data: Path, category: str, overrides: dict, sigmas: list[float], referen
         pixels = PixelMetrics()
         for pos, grid, input_hw, geo in grids:
             top, left, h, w = geo.box
-            pixels.update(anomaly_map(grid, input_hw, (h, w), sigma),
+            pixels.update(anomaly_map(grid, input_hw, (h, w), sigma, model.features.stride),
                           mvtec.load_mask(tests[pos], geo.orig_hw)[top: top + h, left: left + w],
                           tests[pos].defect_type)
         out[f"sigma_{sigma:g}"] = {"pixel_auroc": round(pixels.pixel_auroc(), 4),

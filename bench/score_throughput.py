@@ -110,7 +110,7 @@ def profile(model, images: list[bytes]) -> dict:
         t.append(time.perf_counter())
         image_scores(flat.reshape(b, h * w, d), dist, ids, model.index, cfg.num_neighbors)
         t.append(time.perf_counter())
-        maps = [anomaly_map(dist[i].reshape(h, w), tuple(x.shape[-2:]), geo.box[2:], cfg.sigma)
+        maps = [anomaly_map(dist[i].reshape(h, w), tuple(x.shape[-2:]), geo.box[2:], cfg.sigma, model.features.stride)
                 for i, (_, geo) in enumerate(inputs)]
         t.append(time.perf_counter())
         for amap in maps:

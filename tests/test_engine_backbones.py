@@ -290,6 +290,22 @@ def test_patch_features_do_not_depend_on_canvas_beyond_them() -> None:
     assert torch.allclose(small[top_left], large[top_left], atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("hw", [(64, 96), (72, 100)])
+def test_patch_features_take_the_finest_grid_whatever_the_layer_order(hw: tuple[int, int]) -> None:
+    """Layers listed deepest first: the grid is still the stride-8 stage's (not the first listed one's,
+    which cropped the stride-8 map to its top-left quarter); only the channel order follows the list."""
+    from common.engine.features import PatchFeatures, probe_stages
+
+    x = torch.from_numpy(np.random.default_rng(0).standard_normal((1, 3, *hw), dtype=np.float32))
+    out = {}
+    for layers in (("blocks.2", "blocks.4"), ("blocks.4", "blocks.2")):
+        extractor, _ = load_extractor("efficientnet_lite0", layers=layers)
+        out[layers] = PatchFeatures(extractor, probe_stages(extractor), 256)(x)[0]
+    normal, reversed_ = out[("blocks.2", "blocks.4")], out[("blocks.4", "blocks.2")]
+    assert normal.shape == reversed_.shape == (-(-hw[0] // 8), -(-hw[1] // 8), 40 + 112)
+    torch.testing.assert_close(reversed_, torch.cat([normal[..., 40:], normal[..., :40]], dim=-1))
+
+
 def test_settings_name_the_backbones_that_are_built() -> None:
     from common.engine.backbones import BACKBONES
     from common.engine.config import BACKBONE_NAMES

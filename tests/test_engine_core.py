@@ -142,6 +142,21 @@ def test_config_rejects_b_equal_one() -> None:
         PatchCoreConfig(num_neighbors=1)
 
 
+@pytest.mark.parametrize(("setting", "message"), [
+    ({"seed": -1}, "seed must be an integer >= 0"),  # every fit failed in the random generator
+    ({"seed": 1.5}, "seed must be an integer >= 0"),
+    ({"sigma": float("nan")}, "sigma must be a number >= 0"),  # every map failed in the Gaussian kernel
+    ({"sigma": float("inf")}, "sigma must be a number >= 0"),
+    ({"sigma": -1.0}, "sigma must be a number >= 0"),
+    ({"num_neighbors": 2.5}, "num_neighbors .* must be an integer"),  # every score failed in the kNN search
+    ({"resize": "square", "center_crop": 0}, "center_crop in 1..image_size"),
+])
+def test_config_refuses_settings_every_fit_would_fail_on(setting: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        PatchCoreConfig(**setting)
+    assert PatchCoreConfig(seed=np.int64(3), sigma=np.float32(2.0), num_neighbors=np.int64(4)).seed == 3
+
+
 # ------------------------------------------------------------------------------------------ coreset
 def _farthest_first_reference(x: np.ndarray, k: int, start: int) -> np.ndarray:
     """Textbook greedy k-center in float64 (the paper's Algorithm 1 without projection)."""

@@ -806,8 +806,9 @@ def test_calibrate_with_labels_is_f1_optimal(train, scenes) -> None:
 
 
 def test_calibrate_with_labels_uses_masks_where_there_are_some(train, scenes) -> None:
-    """Defective images without a mask set the image threshold only; with no mask at all the pixel
-    threshold keeps the nominal rule; a mask of another size is resized to the image."""
+    """Defective images without a mask set the image threshold only; with no mask at all, or masks that
+    mark no defect pixel, the pixel threshold keeps the nominal rule; a mask of another size is resized to
+    the image."""
     m = PatchCore(CFG)
     m.fit(train)
     nominal_pixel = m.pixel_threshold
@@ -820,6 +821,9 @@ def test_calibrate_with_labels_uses_masks_where_there_are_some(train, scenes) ->
                                       "by the nominal rule (no defect masks)")
     assert m.stats["validation_set"] == {"nominal": 4, "defective": len(scenes["defects"]),
                                          "defective_with_mask": 0, "failed_images": [], "max_false_alarms": None}
+    blank = [np.zeros((128, 128), dtype=bool)] * len(scenes["defects"])  # masks that mark no defect pixel
+    assert m.calibrate_with_labels(images, [None] * 4 + blank, labels) == (image_thr, nominal_pixel)
+    assert m.stats["calibration"].endswith("pixel threshold by the nominal rule (the defect masks mark no pixel)")
 
     half = [mk[::2, ::2] for mk in scenes["masks"]]  # 64 x 64 masks of 128 x 128 images: resized
     with_masks = m.calibrate_with_labels(images, [None] * 4 + half, labels)
@@ -855,6 +859,22 @@ def test_false_alarm_threshold_by_hand() -> None:
         calibration.false_alarm_threshold(scores, 1.0)
 
 
+def test_false_alarm_threshold_never_splits_tied_scores() -> None:
+    """Scores too close to tell apart (the same part twice, rescored a few float32 steps off) are flagged
+    together or not at all: the threshold steps up to the next real gap (fewer flagged, never more than the
+    budget) and keeps SCORE_RTOL from both sides; it was their midpoint, i.e. on the score itself."""
+    near = 3.0 * (1 + 1e-7)
+    for scores, rate, flagged in (([3.0, 3.0, 1.0, 1.0], 0.25, 0),  # one of four allowed: neither 3
+                                  ([5.0, 3.0, near, 1.0], 0.5, 1),  # two allowed: the 5 alone
+                                  ([5.0, 5.0, 4.0, 2.0, 2.0], 0.8, 3)):  # four allowed: not the 2s
+        threshold = calibration.false_alarm_threshold(scores, rate)
+        assert sum(score > threshold for score in scores) == flagged, scores
+        assert all(calibration.just_above(v) <= threshold or threshold <= calibration.just_below(v) for v in scores)
+    # a rate within the floor's tolerance of 1 still leaves one image unflagged (it raised IndexError)
+    assert calibration.false_alarm_threshold([5.0], 1 - 1e-10) == calibration.just_above(5.0)
+    assert calibration.false_alarm_threshold([5.0, 4.0], 1 - 5e-11) == 4.5
+
+
 # -------------------------------------------------------------------------- few-shot and CLI
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> dict:
@@ -868,6 +888,21 @@ def test_mvtec_listing(dataset) -> None:
     no_mask = [p for p in items if p.label == 1 and p.mask_path is None]
     assert [p.path.name for p in no_mask] == ["003.png"]
     assert not mvtec.load_mask(no_mask[0], (128, 128)).any()
+
+
+def test_mvtec_masks_have_any_image_suffix_in_any_case(tmp_path) -> None:
+    """`000_mask.PNG` or `001_mask.tif` is the mask of its image (it was missed: the image then counted as
+    having no defect pixel); of two masks of one image the .png is taken; good images have none."""
+    for key in ("train/good/a.png", "test/good/000.png", "ground_truth/good/000_mask.png", "test/crack/000.PNG",
+                "ground_truth/crack/000_mask.PNG", "test/crack/001.png", "ground_truth/crack/001_mask.tif",
+                "test/crack/002.jpg", "ground_truth/crack/002_mask.JPG", "ground_truth/crack/002_mask.png",
+                "test/crack/003.png", "ground_truth/crack/003_mask.txt"):
+        (tmp_path / "c" / key).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "c" / key).write_bytes(b"")
+    found = {f"{t.defect_type}/{t.path.name}": t.mask_path and t.mask_path.name
+             for t in mvtec.test_images(tmp_path, "c")}
+    assert found == {"good/000.png": None, "crack/000.PNG": "000_mask.PNG", "crack/001.png": "001_mask.tif",
+                     "crack/002.jpg": "002_mask.png", "crack/003.png": None}
 
 
 @pytest.mark.parametrize(("name", "defect", "array"), [
@@ -894,6 +929,13 @@ def test_fit_on_one_image_calibrates_in_sample(train, scenes) -> None:
     defects = m.predict(scenes["defects"])
     assert min(r.score for r in defects) > max(r.score for r in nominal)
     assert all(r.is_anomalous for r in defects)
+    # the bank image's own score is no held-out score: a false-alarm budget (and the nominal median a
+    # worker records) counts the genuine nominal images only
+    assert stats["holdout_scores"] == [] and len(stats["in_sample_scores"]) == 1
+    validation = scenes["nominal"][:2] + scenes["defects"][:1]
+    threshold, _ = m.calibrate_with_labels(validation, [None] * 3, [0, 0, 1], max_false_alarms=0.0)
+    assert threshold == calibration.just_above(max(r.score for r in m.predict(validation)[:2]))
+    assert "at most 0.0% false alarms on 2 nominal images" in m.stats["calibration"]
 
 
 @pytest.mark.parametrize("shots", [1, 3])

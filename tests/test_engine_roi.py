@@ -100,6 +100,34 @@ def test_the_region_travels_in_the_artifact(models, defects, tmp_path) -> None:
         PatchCore.load(tmp_path / "art")
 
 
+@pytest.fixture(scope="module")
+def unaligned() -> PatchCore:
+    """A 100 px square input (13 stride-8 cells covering 104 px) inspected left of column 90, with a bank of
+    one zero feature (every patch's distance is its feature's norm, above 0)."""
+    region = np.zeros((100, 100), dtype=bool)
+    region[:, :90] = True
+    model = PatchCore(PatchCoreConfig(image_size=100, resize="square"), device="cpu", roi=RegionOfInterest(region))
+    model.set_bank(np.zeros((1, model.features.dim), dtype=np.float32))
+    return model
+
+
+def test_the_grid_of_an_input_not_a_multiple_of_the_stride_is_not_stretched(unaligned, monkeypatch) -> None:
+    """Cell i is input pixels 8i..8i+7 (the last cell reaches past the input): cell 11 (88..95) is a
+    quarter inside the region and left out; stretched over 100 px it was 85..92, mostly inside. A hot
+    cell's map is centred on its own pixels."""
+    image = texture(np.random.default_rng(0), 100, 100)
+    _, dist, _, counted, grid = unaligned.nearest(next(unaligned._batches([image])))
+    assert grid == (13, 13) and counted == 13 * 11
+    assert np.array_equal(np.flatnonzero(dist.reshape(grid)[0]), np.arange(11))
+
+    hot = np.zeros((1, *grid), dtype=np.float32)
+    hot[0, 6, 3] = 1.0  # input pixels 48..55 x 24..31: its tent and blur stay inside the image and the region
+    monkeypatch.setattr(unaligned, "patch_scores", lambda batch: (hot, np.ones(1)))
+    amap = unaligned.predict([image])[0].anomaly_map
+    centroid = [(np.arange(100) * amap.sum(axis=axis)).sum() / amap.sum() for axis in (1, 0)]
+    assert centroid == pytest.approx([51.5, 27.5], abs=1e-3)
+
+
 def test_bad_regions_are_refused() -> None:
     with pytest.raises(ValueError, match="no pixel to inspect"):
         RegionOfInterest(np.zeros((8, 8), dtype=bool))

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from common.engine.calibration import f1_image_threshold, f1_pixel_threshold
 from common.engine.metrics import (
     PixelMetrics,
     f1_max,
@@ -176,10 +177,20 @@ def test_pixel_f1_max_matches_image_f1_on_concatenated_pixels():
 
 
 def test_no_positive_pixels_gives_nan():
+    """Without defect pixels (or images) every F1 is 0: no threshold is F1-optimal, and none may be taken
+    for one (it was the highest bin seen, so a nominal map's top pixels came out as defects)."""
     pm = fed([np.ones((4, 4)), np.zeros((4, 4))], [None, np.zeros((4, 4), bool)])
     assert math.isnan(pm.pixel_auroc())
     assert math.isnan(pm.aupro())
     assert all(math.isnan(v) for v in PixelMetrics().pixel_f1_max())
+    assert all(math.isnan(v) for v in pm.pixel_f1_max())
+    assert pm.defect_pixels == 0
+    assert all(math.isnan(v) for v in f1_max(np.array([0.2, 0.7]), np.array([0, 0])))
+    assert f1_max(np.array([0.2, 0.7]), np.array([1, 1])) == (1.0, 0.2)  # no negatives: defined
+    with pytest.raises(ValueError, match="needs defect pixels"):
+        f1_pixel_threshold(pm)
+    with pytest.raises(ValueError, match="needs a defective image"):
+        f1_image_threshold([0.2, 0.7], [0, 0])
 
 
 # ---------------------------------------------------------------- AUPRO

@@ -7,18 +7,24 @@ fits and a real score job.
 from __future__ import annotations
 
 import json
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 from sqlalchemy import select
 
 from common.db import Job, ModelVersion, Product, Result, session_scope
 from common.engine.artifact import META_FILE
+from common.engine.mvtec import read_mask
+from common.settings import reset_settings_cache
 from common.storage import Storage
 from common.synthetic import mask_png_bytes, nominal_image, plant_defect, png_bytes
 from tests.conftest import SMALL_FIT, embedded_with_training_images
 from totalrecall.cli import main
+from workers import validation
 
 SIZE = 96  # as SMALL_FIT
 
@@ -136,6 +142,49 @@ def test_an_unreadable_mask_is_left_out_and_named(store: Storage) -> None:
     assert job.status == "succeeded" and version.is_active
     assert (summary["defective"], summary["defective_with_mask"]) == (2, 1)
     assert [m["mask"] for m in summary["unreadable_masks"]] == [store.uri_for("torn/ground_truth/crack/d1_mask.png")]
+
+
+def test_a_mask_over_the_pixel_limit_is_left_out_and_named(store: Storage, monkeypatch) -> None:
+    """Pillow refuses a mask above twice TOTALRECALL_MAX_IMAGE_PIXELS (DecompressionBombError, no OSError):
+    the mask is left out like any unreadable one, instead of failing the fit."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # decoding sets it: restored after
+    monkeypatch.setenv("TOTALRECALL_MAX_IMAGE_PIXELS", str(2 * SIZE * SIZE))
+    reset_settings_cache()
+    for key in ("good/g0.png", "good/g1.png", "scratch/d1.png", "scratch/d2.png", "ground_truth/scratch/d1_mask.png"):
+        store.put_bytes(f"huge/{key}", store.get_bytes(f"validation/{key}"))
+    mask = read_mask(store.get_bytes("validation/ground_truth/scratch/d2_mask.png"))
+    store.put_bytes("huge/ground_truth/scratch/d2_mask.png", mask_png_bytes(np.kron(mask, np.ones((3, 3), bool))))
+    _add(store, "huge", "--validation", store.uri_for("huge"))
+    assert main(["fit", "huge", "--wait"]) == 0
+    summary = _latest("huge")[0].validation["validation_set"]
+    assert (summary["defective"], summary["defective_with_mask"]) == (2, 1)
+    [unreadable] = summary["unreadable_masks"]
+    assert unreadable["mask"] == store.uri_for("huge/ground_truth/scratch/d2_mask.png")
+    assert unreadable["error"].startswith("DecompressionBombError")
+
+
+@pytest.mark.parametrize("fault", [RuntimeError("plugin failed"), struct.error("unpack requires a buffer")])
+def test_a_mask_a_decoder_plugin_fails_on_is_left_out(tmp_path: Path, monkeypatch, fault: Exception) -> None:
+    """What `common.images` counts as a decoder's failure on a malformed file leaves that mask out."""
+    def failing(data: bytes) -> None:
+        raise fault
+
+    (tmp_path / "m_mask.png").write_bytes(b"malformed")
+    monkeypatch.setattr(validation, "read_mask", failing)
+    masks = validation._Masks([str(tmp_path / "m_mask.png"), None], 1 << 20)
+    assert masks[0] is None and masks[1] is None
+    assert masks.unreadable == [{"mask": str(tmp_path / "m_mask.png"), "error": f"{type(fault).__name__}: {fault}"}]
+
+
+def test_masks_are_found_with_any_image_suffix_in_any_case(tmp_path: Path) -> None:
+    """`d0_mask.PNG` or `d1_mask.tif` is the mask of its image (only `_mask.png` was looked for)."""
+    for key in ("good/g.png", "crack/d0.png", "crack/d1.JPG", "crack/d2.png", "ground_truth/crack/d0_mask.PNG",
+                "ground_truth/crack/d1_mask.tif", "ground_truth/crack/d2_mask.png"):
+        (tmp_path / key).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / key).write_bytes(b"")
+    found = validation.list_validation_set(str(tmp_path))
+    masks = {Path(image).name: mask and Path(mask).name for image, mask in zip(found.images, found.masks, strict=True)}
+    assert masks == {"g.png": None, "d0.png": "d0_mask.PNG", "d1.JPG": "d1_mask.tif", "d2.png": "d2_mask.png"}
 
 
 def test_a_false_alarm_budget_sets_the_image_threshold_from_the_nominal_images(store: Storage, capsys) -> None:

@@ -5,7 +5,8 @@ Layout under the product's validation URI (MVTec AD's test layout, so a dataset'
 
     good/...                                       nominal images
     <defect type>/...                              defective images, one folder per type
-    ground_truth/<defect type>/<stem>_mask.png     optional defect masks (0/255, or 0/1)
+    ground_truth/<defect type>/<stem>_mask.png     optional defect masks (0/255, or 0/1; any image suffix, in
+                                                   any case: `common.engine.mvtec.masks_by_stem`)
 
 The image threshold is F1-optimal over every validation image that decodes, or, with the product's
 `max_false_alarms`, the lowest that flags at most that fraction of the nominal images (the validation
@@ -22,14 +23,20 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any
 
-from common.engine.mvtec import read_mask
+from PIL import Image
+
+from common.engine.mvtec import masks_by_stem, read_mask
 from common.engine.patchcore import PatchCore
-from common.images import IMAGE_SUFFIXES
+from common.images import DECODER_FAULTS, IMAGE_SUFFIXES
 from common.storage import StorageNotFound, list_uris, open_storage, read_uri
 from workers.job_state import name_failures
 
 NOMINAL = "good"
 MASKS = "ground_truth"
+# What reading one mask may raise; the mask is then left out. ObjectTooLarge is a ValueError; Pillow refuses
+# a mask above twice TOTALRECALL_MAX_IMAGE_PIXELS with DecompressionBombError; DECODER_FAULTS are a decoder
+# plugin's own failures on a malformed file (as for images)
+MASK_ERRORS = (OSError, ValueError, SyntaxError, StorageNotFound, Image.DecompressionBombError, *DECODER_FAULTS)
 
 
 class ValidationSetError(ValueError):
@@ -61,7 +68,8 @@ def list_validation_set(uri: str) -> ValidationSet:
     if 0 not in labels or 1 not in labels:
         raise ValidationSetError(f"validation folder {uri} needs nominal images in {NOMINAL}/ and defective "
                                  f"ones in defect-type folders: found {labels.count(0)} and {labels.count(1)}")
-    masks = [None if label == 0 else _mask_key(k, mask_keys) for k, label in zip(image_keys, labels, strict=True)]
+    by_stem = masks_by_stem(mask_keys)
+    masks = [None if label == 0 else by_stem.get(_mask_stem(k)) for k, label in zip(image_keys, labels, strict=True)]
     return ValidationSet(uri, [storage.uri_for(k) for k in image_keys], labels,
                          [None if m is None else storage.uri_for(m) for m in masks])
 
@@ -83,15 +91,15 @@ class _Masks(Sequence):
             return None
         try:
             return read_mask(read_uri(uri, self.max_bytes))
-        except (OSError, ValueError, SyntaxError, StorageNotFound) as exc:  # ObjectTooLarge: a ValueError
+        except MASK_ERRORS as exc:
             self.unreadable.append({"mask": uri, "error": f"{type(exc).__name__}: {exc}"})
             return None
 
 
-def _mask_key(image_key: str, mask_keys: set[str]) -> str | None:
+def _mask_stem(image_key: str) -> str:
+    """The key of an image's mask less its `_mask<suffix>`: `crack/001.png` -> `ground_truth/crack/001`."""
     path = PurePosixPath(image_key)
-    key = str(PurePosixPath(MASKS, *path.parent.parts, f"{path.stem}_mask.png"))
-    return key if key in mask_keys else None
+    return str(PurePosixPath(MASKS, *path.parent.parts, path.stem))
 
 
 def calibrate_on_validation_set(model: PatchCore, found: ValidationSet,

@@ -54,26 +54,40 @@ def f1_image_threshold(image_scores: Sequence[float], labels: Sequence[int]) -> 
     placed halfway between t and the next lower observed value."""
     scores = np.asarray(image_scores, dtype=np.float64)
     _, t = f1_max(scores, np.asarray(labels))
+    if np.isnan(t):
+        raise ValueError("an F1-optimal image threshold needs a defective image")
     below = scores[scores < t]
     return float((t + below.max()) / 2) if below.size else just_below(float(t))
 
 
 def false_alarm_threshold(nominal_scores: Sequence[float], rate: float) -> float:
     """The lowest image threshold that flags at most `rate` of these nominal images: with the scores in
-    descending order s_1 >= s_2 >= ..., k = floor(rate * n) of them may be flagged, and the threshold lies
-    halfway between s_(k+1) and s_k (just above s_1 when k = 0), so the k highest are flagged and no other."""
+    descending order s_1 >= s_2 >= ..., k = floor(rate * n) of them may be flagged (fewer than n), and the
+    threshold lies halfway between s_(k+1) and s_k, so the k highest are flagged and no other (just above
+    s_1 when k = 0).
+
+    Scores as close as `SCORE_RTOL` (ties: the same part twice) cannot be told apart reliably, so the
+    threshold is never placed between them: it steps up to the nearest boundary where the scores are
+    further apart, and flags fewer than k rather than more (the budget is a most). It keeps
+    `SCORE_RTOL` from the scores on both sides."""
     s = np.sort(np.asarray(nominal_scores, dtype=np.float64))[::-1]
     if s.size == 0:
         raise ValueError("no nominal scores to set a false-alarm threshold on")
     if not 0 <= rate < 1:
         raise ValueError(f"false-alarm rate must be in [0, 1), not {rate}")
-    k = int(np.floor(rate * s.size + 1e-9))
-    return just_above(float(s[0])) if k == 0 else float((s[k] + s[k - 1]) / 2)
+    k = min(int(np.floor(rate * s.size + 1e-9)), s.size - 1)  # the tolerance must not reach n
+    for j in range(k, 0, -1):  # flag the j highest: s_(j+1) = s[j] and s_j = s[j - 1] lie on either side
+        low, high = just_above(float(s[j])), just_below(float(s[j - 1]))
+        if low < high:
+            return float(min(max((s[j] + s[j - 1]) / 2, low), high))
+    return just_above(float(s[0]))
 
 
 def f1_pixel_threshold(pixels: PixelMetrics) -> float:
     """F1-optimal pixel threshold over labelled maps: halfway between the best float16 bin and the next
     lower one (masks are `map > threshold`)."""
     _, pt = pixels.pixel_f1_max()
+    if np.isnan(pt):
+        raise ValueError("an F1-optimal pixel threshold needs defect pixels in the masks")
     code = int(score_to_code(np.array([pt]))[0])
     return float((pt + score_from_code(code - 1)) / 2) if code > 0 else just_below(float(pt))

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
+from numbers import Integral, Real
 from typing import Any
 
 RESIZE_MODES = ("auto", "keep_aspect", "square", "scale")
@@ -18,6 +20,10 @@ BACKBONE_STAGES: dict[str, tuple[str, ...]] = {
     **{f"efficientnet_lite{v}": _LITE_STAGES for v in (0, 1, 2)},
 }
 BACKBONE_NAMES = tuple(BACKBONE_STAGES)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, Integral) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -77,14 +83,19 @@ class PatchCoreConfig:
             raise ValueError("coreset_ratio must be in (0, 1]")
         if self.coreset_min_size < 0:
             raise ValueError("coreset_min_size must be >= 0")
-        if self.num_neighbors == 1 or self.num_neighbors < 0:
-            raise ValueError("num_neighbors (b of Eq. 7) must be 0 (off) or >= 2")
+        if not _is_int(self.num_neighbors) or self.num_neighbors == 1 or self.num_neighbors < 0:
+            raise ValueError(f"num_neighbors (b of Eq. 7) must be an integer, 0 (off) or >= 2, not "
+                             f"{self.num_neighbors!r}")
+        if not _is_int(self.seed) or self.seed < 0:
+            raise ValueError(f"seed must be an integer >= 0, not {self.seed!r}")
+        if not (isinstance(self.sigma, Real) and math.isfinite(self.sigma) and self.sigma >= 0):
+            raise ValueError(f"sigma must be a number >= 0 (0: no smoothing), not {self.sigma!r}")
         if not 0 <= self.image_score_top <= 1:
             raise ValueError("image_score_top must be in [0, 1] (0: the highest patch distance alone)")
         if not 0 <= self.holdout_fraction < 1:
             raise ValueError("holdout_fraction must be in [0, 1)")
-        if self.image_size < 32 or (self.center_crop is not None and self.center_crop > self.image_size):
-            raise ValueError("image_size must be >= 32 and center_crop <= image_size")
+        if self.image_size < 32 or (self.center_crop is not None and not 0 < self.center_crop <= self.image_size):
+            raise ValueError("image_size must be >= 32 and center_crop in 1..image_size")
         if self.center_crop is not None and self.resize != "square":
             raise ValueError("center_crop needs resize='square' (the paper's 256 -> 224 protocol); "
                              "keep_aspect keeps the whole field of view")

@@ -2,7 +2,8 @@
 
 Each stage map is averaged over a 3x3 neighbourhood (anomalib's reading of the paper's aggregation), the
 stride-16 map is bilinearly upsampled onto the stride-8 grid (by the ratio of the strides, anchored at the
-top left), and each stage is brought to an equal share of the `embed_dim` budget before concatenation:
+top left; the grid is the finest stage's, whatever order the layers are listed in), and each stage is
+brought to an equal share of the `embed_dim` budget before concatenation:
 - a stage with more channels than its share is reduced by adaptive average pooling over channels;
 - a stage with fewer channels keeps them and is scaled by sqrt(share / channels): repeating its channels
   up to the share would multiply its squared L2 distances by share / channels, so the scaling gives the
@@ -28,7 +29,10 @@ class PatchFeatures(nn.Module):
         super().__init__()
         self.extractor = extractor
         channels = [c for c, _ in stages]
-        self.factors = [max(1, stride // stages[0][1]) for _, stride in stages]  # onto the first grid
+        strides = [s for _, s in stages]
+        self.stride = min(strides)  # the patch grid's: the finest stage's
+        self.finest = strides.index(self.stride)
+        self.factors = [max(1, s // self.stride) for s in strides]  # onto the finest grid
         share = embed_dim // len(channels)
         self.out_channels = [min(c, share) for c in channels]
         self.scales = [math.sqrt(share / c) if c < share else 1.0 for c in channels]
@@ -36,9 +40,10 @@ class PatchFeatures(nn.Module):
 
     @torch.inference_mode()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) -> (B, H/8, W/8, dim) float32 patch features."""
+        """(B, 3, H, W) -> (B, H/s, W/s, dim) float32 patch features (s = `stride`, rounded up), the stages
+        concatenated in the order they are listed."""
         maps = self.extractor(x)
-        grid = maps[0].shape[-2:]
+        grid = maps[self.finest].shape[-2:]
         parts = []
         for fmap, out_c, scale, factor in zip(maps, self.out_channels, self.scales, self.factors, strict=True):
             fmap = fmap.float()

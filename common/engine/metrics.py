@@ -36,8 +36,11 @@ def image_auroc(scores: np.ndarray, labels: np.ndarray) -> float:
 
 
 def f1_max(scores: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
-    """Best F1 over thresholds ``score >= t`` at every distinct score; returns (f1, t), highest t on ties."""
+    """Best F1 over thresholds ``score >= t`` at every distinct score; returns (f1, t), highest t on ties.
+    (nan, nan) without positives: every F1 is 0, and no threshold is better than another."""
     s, y = _as_binary(scores, labels)
+    if not y.any():
+        return float("nan"), float("nan")
     order = np.argsort(-s, kind="stable")
     s_sorted = s[order]
     tp = np.cumsum(y[order])
@@ -126,6 +129,11 @@ class PixelMetrics:
             self.pro_weight += np.bincount(code[m], weights=inv_size, minlength=N_BINS)
             self.region_count += int(n_regions)
 
+    @property
+    def defect_pixels(self) -> int:
+        """How many defect (mask) pixels were seen."""
+        return int(self.pos_hist.sum())
+
     def pixel_auroc(self) -> float:
         """ROC AUC over all pixels seen (ties within a bin count 1/2); NaN without positives or negatives."""
         return _hist_auroc(self.pos_hist, self.neg_hist)
@@ -153,10 +161,11 @@ class PixelMetrics:
         return _trapezoid_to(fpr, pro, fpr_limit) / fpr_limit
 
     def pixel_f1_max(self) -> tuple[float, float]:
-        """Best pixel F1 over bin thresholds and that threshold as a score; (nan, nan) before any update."""
-        used = np.flatnonzero((self.pos_hist + self.neg_hist) > 0)[::-1]  # occupied bins, high to low
-        if used.size == 0:
+        """Best pixel F1 over bin thresholds and that threshold as a score; (nan, nan) without defect pixels
+        (every F1 is 0: no threshold is better than another), e.g. before any update."""
+        if not self.defect_pixels:
             return float("nan"), float("nan")
+        used = np.flatnonzero((self.pos_hist + self.neg_hist) > 0)[::-1]  # occupied bins, high to low
         tp = np.cumsum(self.pos_hist[::-1])[N_BINS - 1 - used]
         fp = np.cumsum(self.neg_hist[::-1])[N_BINS - 1 - used]
         f1 = 2.0 * tp / (tp + fp + int(self.pos_hist.sum()))

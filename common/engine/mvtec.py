@@ -1,15 +1,19 @@
-"""Datasets in the MVTec AD folder layout: train/good, test/<type>, ground_truth/<type>/<stem>_mask.png."""
+"""Datasets in the MVTec AD folder layout: train/good, test/<type>, ground_truth/<type>/<stem>_mask.png (a
+mask may have any image suffix, in any case: `masks_by_stem`)."""
 
 from __future__ import annotations
 
 import io
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from common.images import list_image_files
+from common.images import IMAGE_SUFFIXES, list_image_files
+
+MASK_SUFFIXES = tuple(f"_mask{suffix}" for suffix in IMAGE_SUFFIXES)  # in order of preference
 
 
 @dataclass(frozen=True)
@@ -36,18 +40,33 @@ def test_images(root: str | Path, category: str) -> list[TestImage]:
         raise FileNotFoundError(f"no test folder {base / 'test'}")
     items = []
     for type_dir in sorted(p for p in (base / "test").iterdir() if p.is_dir()):
-        for path in list_image_files(type_dir):
-            mask = None
-            if type_dir.name != "good":
-                for ext in (".png", ".jpg", ".jpeg", ".bmp"):
-                    candidate = base / "ground_truth" / type_dir.name / f"{path.stem}_mask{ext}"
-                    if candidate.is_file():
-                        mask = candidate
-                        break
-            items.append(TestImage(path, type_dir.name, mask))
+        masks = {} if type_dir.name == "good" else _masks_in(base / "ground_truth" / type_dir.name)
+        items.extend(TestImage(path, type_dir.name, masks.get(path.stem)) for path in list_image_files(type_dir))
     if not items:
         raise FileNotFoundError(f"no test images under {base / 'test'} (test/good/, test/<defect type>/)")
     return items
+
+
+def masks_by_stem(names: Iterable[str]) -> dict[str, str]:
+    """The defect masks among `names` (file names, or keys under one prefix), by the stem of their image:
+    `<stem>_mask<suffix>` for any image suffix, in any case (`000_mask.PNG`, `000_mask.tif`); where a stem
+    has several, the first of `MASK_SUFFIXES` (.png first)."""
+    found: dict[str, tuple[int, str]] = {}
+    for name in names:
+        lower = name.lower()
+        rank = next((i for i, suffix in enumerate(MASK_SUFFIXES) if lower.endswith(suffix)), None)
+        if rank is not None:
+            stem = name[: -len(MASK_SUFFIXES[rank])]
+            found[stem] = min(found.get(stem, (rank, name)), (rank, name))
+    return {stem: name for stem, (_, name) in found.items()}
+
+
+def _masks_in(folder: Path) -> dict[str, Path]:
+    """The mask files of a ground-truth folder by their image's stem (`masks_by_stem`); none if it is missing."""
+    if not folder.is_dir():
+        return {}
+    masks = masks_by_stem(p.name for p in folder.iterdir() if p.is_file())
+    return {stem: folder / name for stem, name in masks.items()}
 
 
 def load_mask(item: TestImage, hw: tuple[int, int]) -> np.ndarray:

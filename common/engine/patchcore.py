@@ -67,6 +67,14 @@ def _mask_over_map(mask: np.ndarray, result: ImageResult) -> np.ndarray:
     return resize_mask(np.asarray(mask, dtype=bool), result.image_hw)[top: top + bh, left: left + bw]
 
 
+def _pixel_rule(masks: int, defect_pixels: int) -> str:
+    """How labelled calibration sets the pixel threshold: F1-optimal where the masks mark defect pixels
+    (within the maps' boxes), else by the fit's nominal rule (with none, F1 is 0 at every threshold)."""
+    if defect_pixels:
+        return "F1-optimal"
+    return "by the nominal rule (" + ("the defect masks mark no pixel" if masks else "no defect masks") + ")"
+
+
 def resolve_device(device: str | None) -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -241,7 +249,9 @@ class PatchCore:
             "train_images": len(bank_ids) - len(failures),
             "holdout_images": 0 if in_sample else len(good),
             "calibration": "in-sample (no usable held-out image)" if in_sample else calibration.RULE,
-            "holdout_scores": [round(score, 6) for score, _ in good],
+            # genuine held-out scores only (a false-alarm budget and the nominal median count them); the bank
+            # images' own, near their bank rows, are kept apart
+            "holdout_scores": [] if in_sample else [round(score, 6) for score, _ in good],
             "failed_images": [{"position": int(bank_ids[f.position]), "error": f.error} for f in failures]
             + [{"position": int(hold_ids[i]), "error": error} for i, error in sorted(errors.items())],
             "patch_features": int(n_patches),
@@ -256,6 +266,8 @@ class PatchCore:
             "fit_seconds": round(t3 - t0, 3),
             "device": str(self.device),
         }
+        if in_sample:
+            self.stats["in_sample_scores"] = [round(score, 6) for score, _ in good]
         if self.roi is not None:
             self.stats["roi_fraction"] = round(self.roi.fraction, 4)  # of the image that is inspected
         return self.stats
@@ -289,7 +301,7 @@ class PatchCore:
         is the lowest that flags at most that fraction of the nominal images (these and the fit's held-out
         ones: `calibration.false_alarm_threshold`), whatever the mix; the pixel threshold from the
         nominal images and the defective ones with a mask (a boolean array of the image's size, resized if
-        not; None: no mask), and stays at the nominal rule when no defective image has one. Needs a nominal
+        not; None: no mask), and stays at the nominal rule when no mask marks a defect pixel. Needs a nominal
         and a defective image that decode. What was used goes to `stats["validation_set"]`. Streams: one
         image's map and mask at a time (`masks` may read each mask when it is indexed)."""
         from common.engine.metrics import PixelMetrics
@@ -319,11 +331,11 @@ class PatchCore:
             nominal = [sc for sc, y in zip(scores, ys, strict=True) if y == 0] + list(self.stats.get("holdout_scores", []))
             self.image_threshold = calibration.false_alarm_threshold(nominal, max_false_alarms)
             image_rule = f"at most {max_false_alarms:.1%} false alarms on {len(nominal)} nominal images"
-        if masked:
+        if pixels.defect_pixels:
             self.pixel_threshold = calibration.f1_pixel_threshold(pixels)
         self.stats["calibration"] = (
             f"labelled validation images: image threshold {image_rule}, pixel threshold "
-            + ("F1-optimal" if masked else "by the nominal rule (no defect masks)"))
+            + _pixel_rule(masked, pixels.defect_pixels))
         self.stats["validation_set"] = {"nominal": ys.count(0), "defective": ys.count(1),
                                         "defective_with_mask": masked, "failed_images": failed,
                                         "max_false_alarms": max_false_alarms}
@@ -361,7 +373,8 @@ class PatchCore:
         dist, ids = dist.reshape(b, h * w), ids.reshape(b, h * w)
         counted = h * w
         if self.roi is not None:  # outside: 0, below any distance, so the image score's patches lie inside
-            inside = self.roi.on_grid((h, w)).reshape(1, -1)
+            input_hw = (int(batch.tensor.shape[-2]), int(batch.tensor.shape[-1]))
+            inside = self.roi.on_grid((h, w), input_hw, self.features.stride).reshape(1, -1)
             dist, counted = np.where(inside, dist, np.float32(0)), int(inside.sum())
         return flat.reshape(b, h * w, d), dist, ids, counted, (h, w)
 
@@ -378,7 +391,7 @@ class PatchCore:
         out = []
         for i, geo in enumerate(batch.geometries):
             top, left, bh, bw = geo.box
-            amap = anomaly_map(dist[i], input_hw, (bh, bw), self.config.sigma)
+            amap = anomaly_map(dist[i], input_hw, (bh, bw), self.config.sigma, self.features.stride)
             if self.roi is not None:  # the box is the whole image: no center crop with a region
                 amap *= self.roi.over_image((bh, bw))
             mask = amap > self.pixel_threshold

@@ -74,11 +74,22 @@ def gaussian_kernel(sigma: float) -> torch.Tensor:
     return k / k.sum()
 
 
-def smooth_maps(patch_scores: torch.Tensor, input_hw: tuple[int, int], sigma: float) -> torch.Tensor:
-    """(B, h, w) patch scores -> (B, H_in, W_in): bilinear upsampling, then a separable Gaussian blur
+def grid_span(cells: int, n_input: int, stride: int | None) -> int:
+    """Input pixels a feature grid's `cells` cover along a side of `n_input` pixels: cells x `stride` (the
+    backbone pads an input side that is not a multiple of its stride, so the last cell reaches past the
+    input's edge; each cell stays `stride` pixels wide); without a stride, the input side itself."""
+    return n_input if stride is None else max(n_input, cells * stride)
+
+
+def smooth_maps(patch_scores: torch.Tensor, input_hw: tuple[int, int], sigma: float,
+                span_hw: tuple[int, int] | None = None) -> torch.Tensor:
+    """(B, h, w) patch scores -> (B, H_in, W_in): bilinear upsampling to the `span_hw` input pixels the grid
+    covers (`grid_span`; default the input), cut to the input, then a separable Gaussian blur
     with scipy.ndimage.gaussian_filter's default border (mode "reflect": d c b a | a b c d | d c b a),
     sigma in model-input pixels (the paper's sigma = 4)."""
-    maps = F.interpolate(patch_scores[:, None], size=input_hw, mode="bilinear", align_corners=False)[:, 0]
+    span_hw = tuple(span_hw or input_hw)
+    maps = F.interpolate(patch_scores[:, None], size=span_hw, mode="bilinear", align_corners=False)
+    maps = maps[:, 0, : input_hw[0], : input_hw[1]]
     if sigma <= 0:
         return maps
     k = gaussian_kernel(sigma).to(maps.device)
