@@ -584,17 +584,25 @@ def record_results(session: Session, rows: Sequence[dict[str, Any]]) -> int:
     insert = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}.get(dialect)
     if insert is None:
         raise NotImplementedError(f"record_results does not support {dialect}")
-    stmt = insert(Result).values(rows)
-    stmt = stmt.on_conflict_do_update(
-        index_elements=["image_uri", "model_version_id"],
-        set_={name: stmt.excluded[name] for name in _RESULT_UPDATABLE if name in rows[0]},
-        where=Result.status == ResultStatus.FAILED.value,
-    )
-    return session.execute(stmt).rowcount
+    written = 0
+    for part in in_chunks(rows, MAX_STATEMENT_PARAMETERS // len(rows[0])):  # a large chunk size works too
+        stmt = insert(Result).values(list(part))
+        stmt = stmt.on_conflict_do_update(
+            index_elements=["image_uri", "model_version_id"],
+            set_={name: stmt.excluded[name] for name in _RESULT_UPDATABLE if name in rows[0]},
+            where=Result.status == ResultStatus.FAILED.value,
+        )
+        written += session.execute(stmt).rowcount
+    return written
 
 
-def in_chunks(items: Sequence[str], size: int = 500) -> Iterator[Sequence[str]]:
-    """Bounded IN lists: backends cap the parameters of one statement (SQLite 32766, PostgreSQL 65535)."""
+# Parameters of one statement, under every backend's cap (SQLite's default build 32766; psycopg2
+# binds on the client)
+MAX_STATEMENT_PARAMETERS = 30_000
+
+
+def in_chunks(items: Sequence[T], size: int = 500) -> Iterator[Sequence[T]]:
+    """Bounded IN lists (or VALUES lists): backends cap the parameters of one statement."""
     for start in range(0, len(items), size):
         yield items[start : start + size]
 

@@ -279,6 +279,24 @@ def test_record_results_is_exactly_once(db_url: str) -> None:
     assert got == {"s3://b/a.png": ("ok", 0.9, None), "s3://b/b.png": ("ok", 0.2, None)}
 
 
+def test_record_results_takes_more_rows_than_one_statement_may_bind(sqlite_url: str) -> None:
+    """A large chunk size (TOTALRECALL_CHUNK_SIZE) must not exceed the parameters one statement may bind:
+    32766 in SQLite's default build (this one allows more, so the test sets the default's limit)."""
+    import sqlite3
+
+    upgrade(sqlite_url)
+    with session_scope(sqlite_url) as session:
+        session.connection().connection.driver_connection.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 32766)
+        product = _product(session)
+        mv = _version(session, product, 1)
+        job = _job(session, product, mv)
+        rows = [_result_row(job, mv, f"s3://b/{i}.png") for i in range(4000)]
+        assert len(rows) * (len(rows[0]) + 1) > 32766  # + created_at
+        assert record_results(session, rows) == 4000
+    with session_scope(sqlite_url) as session:
+        assert session.scalar(sa.select(sa.func.count()).select_from(Result)) == 4000
+
+
 def test_one_active_version_per_product(db_url: str) -> None:
     with session_scope(db_url) as session:
         product = _product(session)
