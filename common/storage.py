@@ -159,7 +159,7 @@ def list_uris(prefix_uri: str | Path, suffixes: tuple[str, ...] | None = None) -
     if not text.startswith("s3://") and not _local_path(text).is_dir():
         return []
     storage = open_storage(text)
-    keys = storage.list()
+    keys = storage.list(follow_links_out=True) if isinstance(storage, LocalStorage) else storage.list()
     if suffixes is not None:
         keys = [k for k in keys if k.lower().endswith(suffixes)]
     return [_listed_uri(storage, key) for key in keys]
@@ -237,7 +237,10 @@ class LocalStorage(Storage):
     def _path(self, key: str) -> Path:
         check_key(key)
         path = self.root.joinpath(*key.split("/"))
-        resolved = path.resolve()
+        try:
+            resolved = path.resolve()
+        except (RuntimeError, OSError) as exc:  # a symlink loop: Python 3.11 raises RuntimeError
+            raise StorageNotFound(f"no object at {self.uri_for(key)}: {exc}") from exc
         if not resolved.is_relative_to(self.root):
             raise UnsafeKeyError(f"storage key {key!r} resolves to {resolved}, outside the root {self.root}")
         return path
@@ -261,9 +264,11 @@ class LocalStorage(Storage):
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
 
-    def list(self, prefix: str = "") -> list[str]:
-        """Keys under `prefix`, linked folders followed. A link that leads out of the root is listed
-        but not followed: reading it fails with the reason, so it is never skipped silently."""
+    def list(self, prefix: str = "", follow_links_out: bool = False) -> list[str]:
+        """Keys under `prefix`, linked folders followed (once each: a file reached both by its real path
+        and through a link is listed under its real path where that is listed too). A linked folder leading
+        out of the root is followed only with `follow_links_out` (`list_uris`, whose keys are read from "/"
+        as full paths); otherwise it is listed as a key, whose reading fails with the reason, and logged."""
         _check_prefix(prefix)
         folder = prefix.rpartition("/")[0]
         base = self._path(folder) if folder else self.root
@@ -273,9 +278,11 @@ class LocalStorage(Storage):
                 dirs[:] = []
                 continue
             walked.add(os.path.realpath(dirpath))
-            escaping = [d for d in dirs if not Path(dirpath, d).resolve().is_relative_to(self.root)]
+            dirs.sort(key=lambda d: (os.path.islink(os.path.join(dirpath, d)), d))  # real folders first
+            escaping = [] if follow_links_out else [
+                d for d in dirs if not Path(dirpath, d).resolve().is_relative_to(self.root)]
             dirs[:] = [d for d in dirs if d not in escaping]
-            for name in escaping:  # listed below, but without an image suffix a folder is not an image
+            for name in escaping:
                 log_event(logger, logging.WARNING, "storage_link_outside_root", folder_link=str(Path(dirpath, name)),
                           root=str(self.root))
             for name in files + escaping:

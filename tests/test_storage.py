@@ -132,6 +132,34 @@ def test_a_folder_listing_includes_linked_images_from_elsewhere(tmp_path: Path) 
     assert [read_uri(u) for u in uris] == [b"a", b"b"]
 
 
+def test_a_folder_listing_follows_linked_folders_wherever_they_lead(tmp_path: Path) -> None:
+    (tmp_path / "pool").mkdir()
+    (tmp_path / "pool" / "a.png").write_bytes(b"a")
+    (tmp_path / "train").mkdir()
+    os.symlink(tmp_path / "pool", tmp_path / "train" / "more")
+    uris = list_uris(tmp_path / "train", (".png",))
+    assert uris == [str(tmp_path / "train" / "more" / "a.png")] and read_uri(uris[0]) == b"a"
+
+
+def test_a_file_reached_by_a_link_too_is_listed_under_its_real_path(tmp_path: Path) -> None:
+    for link in ("a", "latest", "zz"):  # whatever the link's name sorts as
+        root = tmp_path / link
+        (root / "day1").mkdir(parents=True)
+        (root / "day1" / "x.png").write_bytes(b"x")
+        os.symlink(root / "day1", root / link)
+        assert LocalStorage(root).list() == ["day1/x.png"], link
+
+
+def test_a_symlink_loop_is_listed_and_fails_alone_when_read(tmp_path: Path) -> None:
+    (tmp_path / "ok.png").write_bytes(b"ok")
+    os.symlink(tmp_path / "loop.png", tmp_path / "loop.png")
+    uris = list_uris(tmp_path, (".png",))
+    assert uris == [str(tmp_path / "loop.png"), str(tmp_path / "ok.png")]
+    with pytest.raises(StorageNotFound, match="loop"):
+        read_uri(uris[0])
+    assert read_uri(uris[1]) == b"ok"
+
+
 def test_local_list_follows_linked_folders_inside_the_root_without_cycles(tmp_path: Path) -> None:
     store = LocalStorage(tmp_path)
     store.put_bytes("pool/a.png", b"a")
