@@ -169,7 +169,21 @@ def test_an_older_fit_finishing_last_leaves_the_newer_version_active(store: Stor
     with session_scope() as session:
         error = session.get(Job, job.id).error
     assert f"model version {older.version} is ready but not active: version {newer}, from a fit started " \
-        f"later, is ready already (`totalrecall model activate {NAME} {older.version}`" in error
+        f"later, is active already (`totalrecall model activate {NAME} {older.version}`" in error
     capsys.readouterr()
     assert main(["model", "list", NAME]) == 0
-    assert f"not activated: v{newer} (fitted later) was ready first" in capsys.readouterr().out
+    assert f"not activated: v{newer} (fitted later) was active first" in capsys.readouterr().out
+
+
+def test_an_older_fit_finishing_last_is_activated_when_the_newer_version_is_not_active(store: Storage) -> None:
+    """The fit started later finished first but its version is not active (deactivated here; or it missed
+    its activation rule): the older fit's passing version becomes the active one."""
+    with session_scope() as session:
+        job = new_fit_job(_product(), "test")
+        session.add(job)
+    older = start_fit(job.id)
+    assert main(["fit", NAME, "--wait"]) == 0
+    assert main(["model", "deactivate", NAME]) == 0
+    outcome = fit_job(job.id)
+    assert outcome is not None and outcome.activated
+    assert _versions()[older.version].is_active

@@ -169,8 +169,8 @@ def cmd_model_list(a: argparse.Namespace) -> int:
     for v in list_versions(a.name):
         activation = v.activation or {}
         note = v.error or ("" if activation.get("passed", True) else f"not activated: {activation.get('reason')}")
-        if not note and activation.get("superseded_by"):  # passed, but a newer version was ready first
-            note = f"not activated: v{activation['superseded_by']} (fitted later) was ready first"
+        if not note and activation.get("superseded_by"):  # passed, but a newer version was active first
+            note = f"not activated: v{activation['superseded_by']} (fitted later) was active first"
         labelled = v.validation_set
         thresholds = "" if v.status != "ready" else "nominal" if not labelled else (
             ("F1" if labelled.get("max_false_alarms") is None else f"<= {labelled['max_false_alarms']:.1%} FA")

@@ -13,7 +13,7 @@ most `MAX_FAILED_FRACTION` of the training folder's images failed to load (unrea
 good are failures of the fit but not counted here), and it flags every image reviewed defective that was
 flagged the last time it was scored, all of them readable (`workers.reviews`). Otherwise it is kept
 `ready` but inactive, and the job says why. A passing version is not activated either when a newer version
-of the product is ready already (two fits overlapped, and the older one finished last): the job says so.
+of the product is active already (two fits overlapped, and the older one finished last): the job says so.
 A failed fit leaves its version `failed`, never active.
 
 A redelivered fit task reuses the version row its first attempt created (the job points to it), so a
@@ -282,7 +282,7 @@ def publish(target: FitTarget, folder: Path, model: PatchCore, stats: dict[str, 
 
 def finish_fit(session: Session, job: Job, version: ModelVersion, model: PatchCore, stats: dict[str, Any],
                sha256: str, artifact_uri: str, passed: bool, reason: str, n_images: int) -> str:
-    """Record the ready version (activating it if it passed and no newer version is ready) and the job's
+    """Record the ready version (activating it if it passed and no newer version is active) and the job's
     outcome (job row locked); returns why the version was left inactive ("": it was activated)."""
     version.status, version.error = ModelStatus.READY.value, None
     version.sha256, version.artifact_uri = sha256, artifact_uri
@@ -295,10 +295,10 @@ def finish_fit(session: Session, job: Job, version: ModelVersion, model: PatchCo
     inactive = "" if passed else reason
     if passed:
         lock_product(session, version.product_id)  # a newer fit publishing meanwhile commits first: seen below
-        newer = _newer_ready_version(session, version)
+        newer = _newer_active_version(session, version)
         if newer is not None:
             activation["superseded_by"] = newer
-            inactive = (f"version {newer}, from a fit started later, is ready already (`totalrecall model "
+            inactive = (f"version {newer}, from a fit started later, is active already (`totalrecall model "
                         f"activate {job.product.name} {version.version}` makes this one active)")
     version.validation = {**stats, "activation": activation}
     session.flush()
@@ -311,11 +311,12 @@ def finish_fit(session: Session, job: Job, version: ModelVersion, model: PatchCo
     return inactive
 
 
-def _newer_ready_version(session: Session, version: ModelVersion) -> int | None:
-    """The newest ready version of the product numbered above `version`, if any."""
-    return session.scalar(select(func.max(ModelVersion.version)).where(
+def _newer_active_version(session: Session, version: ModelVersion) -> int | None:
+    """The product's active version if it is numbered above `version` (a newer one that missed its own
+    activation rule does not hold an older passing one back)."""
+    return session.scalar(select(ModelVersion.version).where(
         ModelVersion.product_id == version.product_id, ModelVersion.version > version.version,
-        ModelVersion.status == ModelStatus.READY.value))
+        ModelVersion.is_active))
 
 
 def fail_fit(job_id: int, error: str) -> str | None:
