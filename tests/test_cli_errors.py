@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -239,3 +240,20 @@ def test_a_ctrl_c_swallowed_by_a_finalizer_is_raised_again() -> None:
         _RaisesInFinalizer()  # dropped at once: its __del__ raises, and Python only prints "Exception ignored"
         for _ in range(100):
             time.sleep(0.01)
+
+
+@pytest.mark.timeout(60)
+def test_a_redelivered_ctrl_c_interrupts_a_blocking_wait() -> None:
+    from totalrecall.interrupts import keep_interrupts
+
+    with pytest.raises(KeyboardInterrupt), keep_interrupts():
+        _RaisesInFinalizer()
+        threading.Event().wait()  # no timeout: only a signal ends it (pytest-timeout fails the test otherwise)
+
+
+def test_a_ctrl_c_swallowed_as_the_command_ends_is_raised_there_and_only_there() -> None:
+    from totalrecall.interrupts import REDELIVERY_DELAY_S, keep_interrupts
+
+    with pytest.raises(KeyboardInterrupt), keep_interrupts():
+        _RaisesInFinalizer()  # the block ends before the redelivery is due
+    time.sleep(20 * REDELIVERY_DELAY_S)  # nothing arrives after the block

@@ -8,8 +8,8 @@ pressed. `keep_interrupts` delivers such an interrupt again, to be raised in the
 
 from __future__ import annotations
 
-import _thread
 import contextlib
+import signal
 import sys
 import threading
 from collections.abc import Iterator
@@ -20,15 +20,20 @@ REDELIVERY_DELAY_S = 0.01
 
 @contextlib.contextmanager
 def keep_interrupts() -> Iterator[None]:
-    """While active, a KeyboardInterrupt swallowed by a finalizer is raised again a moment later."""
+    """While active, a KeyboardInterrupt swallowed by a finalizer is raised again a moment later; one still
+    on its way when the block ends is raised there."""
     previous = sys.unraisablehook
+    pending: list[threading.Timer] = []
 
     def hook(unraisable: Any) -> None:
         if isinstance(unraisable.exc_value, KeyboardInterrupt):
-            # As if SIGINT arrived again, a moment later: called here, the handler would raise inside this
-            # hook, where it is ignored too. Should it land in another finalizer, this hook runs again.
-            timer = threading.Timer(REDELIVERY_DELAY_S, _thread.interrupt_main)
+            # SIGINT again, a moment later and to the main thread, so that a blocking wait is interrupted
+            # too: sent from here, it would be handled inside this hook, where it is ignored as well. Should
+            # it land in another finalizer, this hook runs again.
+            timer = threading.Timer(REDELIVERY_DELAY_S, signal.pthread_kill,
+                                    (threading.main_thread().ident, signal.SIGINT))
             timer.daemon = True
+            pending.append(timer)
             timer.start()
         else:
             previous(unraisable)
@@ -38,3 +43,8 @@ def keep_interrupts() -> Iterator[None]:
         yield
     finally:
         sys.unraisablehook = previous
+        waiting = [t for t in pending if not t.finished.is_set()]  # not sent yet
+        for timer in waiting:
+            timer.cancel()
+        if waiting and sys.exc_info()[0] is None:
+            raise KeyboardInterrupt
