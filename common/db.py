@@ -585,7 +585,8 @@ def record_results(session: Session, rows: Sequence[dict[str, Any]]) -> int:
     if insert is None:
         raise NotImplementedError(f"record_results does not support {dialect}")
     written = 0
-    for part in in_chunks(rows, MAX_STATEMENT_PARAMETERS // len(rows[0])):  # a large chunk size works too
+    per_row = len(rows[0]) + 1  # and the statement's own few
+    for part in in_chunks(rows, MAX_STATEMENT_PARAMETERS // per_row):  # a large chunk size works too
         stmt = insert(Result).values(list(part))
         stmt = stmt.on_conflict_do_update(
             index_elements=["image_uri", "model_version_id"],

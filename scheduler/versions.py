@@ -58,6 +58,9 @@ def activate_version(product_name: str, version: int) -> tuple[int | None, Versi
 
     def work(session: Session) -> tuple[int | None, VersionInfo]:
         product = get_product(session, product_name)
+        # the product first, then the version: the order of deactivate and of a publishing fit, so that
+        # none of them waits for the other in a deadlock; "before" is read under the lock
+        lock_product(session, product.id)
         target = session.scalars(select(ModelVersion).where(
             ModelVersion.product_id == product.id, ModelVersion.version == version).with_for_update()
         ).one_or_none()
@@ -68,8 +71,6 @@ def activate_version(product_name: str, version: int) -> tuple[int | None, Versi
             raise SchedulingError(f"model version {version} of {product_name!r} is {target.status}"
                                   + (f" ({target.error})" if target.error else "")
                                   + "; only a ready version can be active")
-        # read "before" under the lock (taken after the version's row, the order a publishing fit takes them)
-        lock_product(session, product.id)
         before = active_version(session, product)
         activate_model_version(session, target)
         return (before.version if before else None), _info(target)
