@@ -653,8 +653,12 @@ def lock_product(session: Session, product_id: int) -> None:
 
     SQLite has no row locks, and Python's sqlite3 begins a transaction only at the first write: a write
     comes first there, taking SQLite's one write lock for the whole transaction (as `workers.job_state`
-    does for jobs)."""
+    does for jobs).
+
+    On PostgreSQL the lock is FOR NO KEY UPDATE: it excludes other holders of this lock, while the rows
+    that reference the product (a night's results and jobs, whose foreign keys take FOR KEY SHARE) are
+    still written meanwhile."""
     if session.get_bind().dialect.name == "sqlite":
         session.execute(update(Product).where(Product.id == product_id).values(name=Product.name)
                         .execution_options(synchronize_session=False))
-    session.execute(select(Product.id).where(Product.id == product_id).with_for_update())
+    session.execute(select(Product.id).where(Product.id == product_id).with_for_update(key_share=True))

@@ -62,7 +62,7 @@ def activate_version(product_name: str, version: int) -> tuple[int | None, Versi
         # none of them waits for the other in a deadlock; "before" is read under the lock
         lock_product(session, product.id)
         target = session.scalars(select(ModelVersion).where(
-            ModelVersion.product_id == product.id, ModelVersion.version == version).with_for_update()
+            ModelVersion.product_id == product.id, ModelVersion.version == version).with_for_update(key_share=True)
         ).one_or_none()
         if target is None:
             raise SchedulingError(f"product {product_name!r} has no model version {version} "

@@ -35,6 +35,7 @@ from common.db import (
     get_engine,
     in_transaction,
     job_summary,
+    lock_product,
     make_engine,
     record_results,
     session_scope,
@@ -358,6 +359,24 @@ def test_concurrent_activations_of_one_product_do_not_collide(clean_pg_url: str)
     with session_scope(clean_pg_url) as session:
         active = session.scalars(sa.select(ModelVersion.id).filter_by(product_id=product_id, is_active=True))
         assert active.all() == [ids[1]]
+
+
+@pytest.mark.integration
+def test_the_product_lock_lets_a_nights_results_be_written(clean_pg_url: str) -> None:
+    """While an activation holds the product's lock, rows referencing the product are still inserted
+    (their foreign key check takes FOR KEY SHARE on the product, which FOR UPDATE would block)."""
+    with session_scope(clean_pg_url) as session:
+        product = _product(session)
+        mv = _version(session, product, 1, is_active=True)
+        job = _job(session, product, mv)
+        product_id, row = product.id, _result_row(job, mv, "s3://b/archive/a.png")
+    with session_scope(clean_pg_url) as holder:
+        lock_product(holder, product_id)
+        with session_scope(clean_pg_url) as writer:
+            writer.execute(sa.text("SET LOCAL lock_timeout = '2s'"))  # a blocked insert fails, not hangs
+            assert record_results(writer, [row]) == 1
+    with session_scope(clean_pg_url) as session:
+        assert session.scalar(sa.select(sa.func.count()).select_from(Result)) == 1
 
 
 @pytest.mark.integration
