@@ -86,6 +86,28 @@ def test_add_product_refuses_a_false_alarm_budget_without_validation_images(tmp_
         assert _products() == {}
 
 
+def test_folders_that_would_mix_training_and_labelled_or_archived_images_are_refused(
+        tmp_path: Path, capsys) -> None:
+    """Training folders are listed recursively: a validation or archive folder inside one would feed
+    defective images to the memory bank."""
+    with embedded_default(tmp_path):
+        for validation in ("parts/train/validation", "parts/train"):
+            with pytest.raises(SchedulingError, match="validation folder must not lie inside the training"):
+                add_product("part", "parts/train", "archive/{date}", PatchCoreConfig(), validation_uri=validation)
+        with pytest.raises(SchedulingError, match="training folder must not lie inside the validation"):
+            add_product("part", "parts/train", "archive/{date}", PatchCoreConfig(), validation_uri="parts")
+        with pytest.raises(SchedulingError, match="lies inside the training folder"):
+            add_product("part", "parts/train", "parts/train/{date}", PatchCoreConfig())
+        assert _products() == {}
+        # a sibling whose name merely starts like the training folder's is apart
+        assert main(["product", "add", "part", "--train", "parts/train", "--archive", "parts/train-{date}",
+                     "--validation", "parts/train-validation"]) == 0
+        assert main(["product", "set", "part", "--validation", "parts/train/labelled"]) == 2
+        assert "must not lie inside the training folder" in capsys.readouterr().err
+        with session_scope() as session:
+            assert session.scalar(select(Product.validation_uri)).endswith("/parts/train-validation")
+
+
 def _cli(home: Path, *args: str, **kwargs) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TOTALRECALL_")}
     env |= {"TOTALRECALL_HOME": str(home), "TOTALRECALL_TEST_CHUNK_DELAY": "1.0"}
