@@ -150,6 +150,13 @@ def test_config_rejects_b_equal_one() -> None:
     ({"sigma": -1.0}, "sigma must be a number >= 0"),
     ({"num_neighbors": 2.5}, "num_neighbors .* must be an integer"),  # every score failed in the kNN search
     ({"resize": "square", "center_crop": 0}, "center_crop in 1..image_size"),
+    # through the API (the CLI types them): a fractional or textual size failed later, or never did
+    ({"image_size": 288.5}, "image_size must be an integer"),
+    ({"image_size": "288"}, "image_size must be an integer"),
+    ({"resize": "square", "center_crop": 224.0}, "center_crop must be an integer"),
+    ({"embed_dim": True}, "embed_dim must be an integer"),
+    ({"scale": float("nan")}, "scale must be a finite number"),
+    ({"coreset_ratio": "0.1"}, "coreset_ratio must be a finite number"),
 ])
 def test_config_refuses_settings_every_fit_would_fail_on(setting: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):

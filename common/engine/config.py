@@ -66,6 +66,15 @@ class PatchCoreConfig:
     index_pq_m: int = 0  # IVF-PQ bytes per feature; 0: a divisor of the feature dimension near dim / 4
 
     def __post_init__(self) -> None:
+        for field in fields(self):  # annotations are strings here (postponed evaluation)
+            if field.name in ("seed", "num_neighbors", "sigma"):
+                continue  # checked below, with what they may be
+            value = getattr(self, field.name)
+            if field.type in ("int", "int | None") and not (_is_int(value) or (value is None and "None" in field.type)):
+                raise ValueError(f"{field.name} must be an integer, not {value!r}")
+            if field.type == "float" and not (isinstance(value, Real) and not isinstance(value, bool)
+                                              and math.isfinite(value)):
+                raise ValueError(f"{field.name} must be a finite number, not {value!r}")
         if self.backbone not in BACKBONE_NAMES:
             raise ValueError(f"unknown backbone {self.backbone!r}; choose one of {', '.join(BACKBONE_NAMES)}")
         if self.layers is not None and (isinstance(self.layers, str) or not self.layers
