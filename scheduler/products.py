@@ -118,7 +118,8 @@ def update_product(name: str, train_uri: str | None = None, archive_uri_template
                 changes[what] = (getattr(product, attribute), new)
                 setattr(product, attribute, new)
         if settings:
-            before = PatchCoreConfig.from_dict(product.fit_config).to_dict()
+            # read unchecked: settings stored before a check was added (e.g. seed -1) can still be repaired
+            before = {**PatchCoreConfig().to_dict(), **product.fit_config}
             after_config = PatchCoreConfig.from_dict({**before, **settings})  # validates, or raises
             if {"backbone", "layers"} & set(settings):
                 after_config.check_stages()

@@ -108,6 +108,23 @@ def test_folders_that_would_mix_training_and_labelled_or_archived_images_are_ref
             assert session.scalar(select(Product.validation_uri)).endswith("/parts/train-validation")
 
 
+def test_a_stored_setting_a_newer_check_refuses_can_be_repaired(tmp_path: Path, capsys) -> None:
+    """Settings stored before a check was added (here seed -1, refused since) fail every fit; `product
+    set` must still be able to change them."""
+    with embedded_default(tmp_path):
+        assert main(["product", "add", "part", "--train", "train", "--archive", "archive/{date}",
+                     "--layers", "blocks.2,blocks.4"]) == 0
+        with session_scope() as session:
+            product = session.scalars(select(Product)).one()
+            product.fit_config = {**product.fit_config, "seed": -1}
+        capsys.readouterr()
+        assert main(["product", "set", "part", "--seed", "7"]) == 0
+        assert "seed -1 -> 7" in capsys.readouterr().out  # and nothing else changed
+        with session_scope() as session:
+            stored = session.scalars(select(Product.fit_config)).one()
+        assert PatchCoreConfig.from_dict(stored) == PatchCoreConfig(seed=7, layers=("blocks.2", "blocks.4"))
+
+
 def _cli(home: Path, *args: str, **kwargs) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TOTALRECALL_")}
     env |= {"TOTALRECALL_HOME": str(home), "TOTALRECALL_TEST_CHUNK_DELAY": "1.0"}
