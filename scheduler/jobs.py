@@ -199,8 +199,12 @@ def fail_if_abandoned(session: Session, job: Job) -> Job | None:
     locked = locked_job(session, job.id)  # decided under the lock: no chunk of it records meanwhile
     if locked is None or locked.status not in UNFINISHED:
         return None
-    last = session.scalar(select(func.max(Result.created_at)).where(Result.job_id == job.id))
-    quiet = utcnow() - max(t for t in (locked.created_at, locked.started_at, last) if t is not None)
-    if quiet <= timedelta(seconds=limit):
+    if quiet_for(session, locked) <= timedelta(seconds=limit):
         return None
     return fail_locked_job(session, job.id, ABANDONED.format(limit))
+
+
+def quiet_for(session: Session, job: Job) -> timedelta:
+    """How long since anything happened to the job: its creation, its start or its last result."""
+    last = session.scalar(select(func.max(Result.created_at)).where(Result.job_id == job.id))
+    return utcnow() - max(t for t in (job.created_at, job.started_at, last) if t is not None)

@@ -11,7 +11,9 @@ scored for the model version (for a nightly job: that have no result for it at a
 images another job scored first, or whose images were deleted meanwhile, completes too.
 
 A job whose folder cannot be listed (a deleted bucket, revoked access) is logged (`recovery_job_failed`)
-and left unfinished for the next sweep, without holding up the other jobs.
+and left unfinished for the next sweep, without holding up the other jobs. Once nothing has happened to it
+for UNLISTABLE_GIVE_UP and none of its work is in the broker, it is marked failed, saying why: nothing
+else would ever finish it.
 
 Only jobs older than `TOTALRECALL_RECOVERY_GRACE` are looked at: a younger job may still be sending its
 tasks. Running this twice, or while tasks are running, is harmless: tasks are idempotent.
@@ -33,9 +35,12 @@ from common.logs import log_context, log_event
 from common.settings import get_settings, redact_text
 from common.storage import StorageError, StorageUnavailable, list_uris
 from workers.broker import PendingWork, pending_work, redis_client
-from workers.job_state import lock_job, refresh_counts
+from workers.job_state import fail_locked_job, lock_job, locked_job, refresh_counts
 
 logger = logging.getLogger(__name__)
+
+# an unfinished job whose folder has been unlistable, with nothing recorded for it, this long is failed
+UNLISTABLE_GIVE_UP = timedelta(hours=6)
 
 
 @dataclass(frozen=True)
@@ -86,12 +91,38 @@ def recover_lost_work(client: Any = None) -> list[Recovery]:
             except StorageUnavailable:
                 raise  # the store is down for every job: the next sweep tries them all again
             except StorageError as exc:  # this job's folder alone (a deleted bucket, access revoked)
-                log_event(logger, logging.WARNING, "recovery_job_failed", error=redact_text(str(exc)),
+                error = redact_text(str(exc))
+                if kind == JobKind.SCORE.value and not pending.images.get(job_id) and _give_up(job_id, error):
+                    continue
+                log_event(logger, logging.WARNING, "recovery_job_failed", error=error,
                           retry_in=settings.recovery_interval)
                 continue
         if outcome is not None:
             recovered.append(outcome)
     return recovered
+
+
+def _give_up(job_id: int, error: str) -> bool:
+    """Fail the score job if nothing has happened to it for UNLISTABLE_GIVE_UP (decided under its lock);
+    True if it was failed."""
+    from scheduler.jobs import quiet_for
+
+    hours = UNLISTABLE_GIVE_UP.total_seconds() / 3600
+
+    def work(session: Session) -> str | None:
+        job = locked_job(session, job_id)
+        if job is None or job.status not in UNFINISHED or quiet_for(session, job) <= UNLISTABLE_GIVE_UP:
+            return None
+        message = (f"its images folder {job.images_uri} could not be listed ({error}) and nothing was "
+                   f"recorded for it for {hours:g} h: images without a result were not scored; score the "
+                   "folder again once it can be read")
+        return message if fail_locked_job(session, job_id, message) is not None else None
+
+    message = in_transaction(work)
+    if message is None:
+        return False
+    log_event(logger, logging.ERROR, "job_failed", error=message)
+    return True
 
 
 def settle_in_process(job_id: int) -> Recovery | None:

@@ -11,12 +11,13 @@ from pathlib import Path
 
 import pytest
 import redis
+from sqlalchemy import select
 
-from common.db import ModelStatus, ModelVersion, session_scope, utcnow
+from common.db import UNFINISHED, Job, ModelStatus, ModelVersion, Result, session_scope, utcnow
 from common.engine.config import PatchCoreConfig
 from scheduler.jobs import new_score_job
 from scheduler.products import add_product
-from scheduler.recovery import recover_lost_work
+from scheduler.recovery import UNLISTABLE_GIVE_UP, recover_lost_work
 from tests.conftest import embedded_default
 from workers.broker import pending_work
 
@@ -33,12 +34,12 @@ def broker_url(redis_url: str) -> Iterator[str]:
     redis.Redis.from_url(url).flushdb()
 
 
-def _old_score_job(product_id: int, version_id: int, images_uri: str, total: int) -> int:
+def _old_score_job(product_id: int, version_id: int, images_uri: str, total: int, hours: float = 1) -> int:
     with session_scope() as session:
         job = new_score_job(product_id, version_id, images_uri, total, enqueued_by="test")
         session.add(job)
         session.flush()
-        job.created_at = utcnow() - timedelta(hours=1)  # past the recovery grace
+        job.created_at = utcnow() - timedelta(hours=hours)  # past the recovery grace
         return job.id
 
 
@@ -77,6 +78,31 @@ def test_a_job_whose_folder_cannot_be_listed_does_not_hold_up_the_others(
         assert pending_work(broker).images[recoverable] == {str(folder / f"p{i}.png") for i in range(3)}
         failed = [r.getMessage() for r in caplog.records if "event=recovery_job_failed" in r.getMessage()]
         assert len(failed) == 1 and f"job={lost_elsewhere}" in failed[0] and gone.split("/")[2] in failed[0]
+
+
+def test_a_job_whose_folder_stays_unlistable_is_failed_after_hours_of_nothing(
+        tmp_path: Path, broker_url: str, s3_env: str) -> None:
+    """Nothing else would ever finish it: after UNLISTABLE_GIVE_UP with nothing recorded it fails, saying
+    why; a job that recorded a result within that time, or is younger, is only retried."""
+    broker = redis.Redis.from_url(broker_url)
+    with embedded_default(tmp_path / "home", TOTALRECALL_BROKER_URL=broker_url):
+        product_id, version_id, _ = _product_with_a_folder(tmp_path)
+        gone = f"s3://tr-deleted-{uuid.uuid4().hex[:12]}/night/"
+        hours = UNLISTABLE_GIVE_UP.total_seconds() / 3600
+        quiet, busy, young = (_old_score_job(product_id, version_id, gone, 3, hours=h)
+                              for h in (hours + 1, hours + 1, hours - 1))
+        with session_scope() as session:  # a chunk of `busy` recorded an image an hour ago
+            session.add(Result(job_id=busy, model_version_id=version_id, product_id=product_id,
+                               image_uri=gone + "a.png", status="ok", score=0.5, threshold=1.0,
+                               is_anomalous=False, created_at=utcnow() - timedelta(hours=1)))
+
+        assert recover_lost_work(broker) == []
+
+        with session_scope() as session:
+            jobs = {j.id: (j.status, j.error or "") for j in session.scalars(select(Job))}
+        assert jobs[quiet][0] == "failed"
+        assert gone in jobs[quiet][1] and "could not be listed" in jobs[quiet][1]
+        assert jobs[busy][0] in UNFINISHED and jobs[young][0] in UNFINISHED
 
 
 def test_a_sweep_does_not_start_while_another_still_runs(tmp_path: Path, broker_url: str) -> None:
