@@ -665,6 +665,25 @@ def test_readonly_login_reads_views_only(clean_pg_url: str) -> None:
         create_readonly_login(migrated_pg_url, "")
 
 
+@pytest.mark.integration
+def test_db_upgrade_applies_the_readonly_password(clean_pg_url: str, monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture) -> None:
+    from totalrecall.cli import main
+
+    password = f"ro-{uuid.uuid4().hex}"
+    monkeypatch.setenv("TOTALRECALL_DATABASE_URL", clean_pg_url)
+    monkeypatch.setenv("TOTALRECALL_READONLY_PASSWORD", password)
+    reset_settings_cache()
+    assert main(["db", "upgrade"]) == 0
+    assert f"role {READONLY_ROLE} can log in" in capsys.readouterr().out
+    engine = sa.create_engine(readonly_url(clean_pg_url, password))
+    try:
+        with engine.connect() as connection:
+            assert connection.execute(sa.text("SELECT count(*) FROM anomaly_history")).scalar() == 0
+    finally:
+        engine.dispose()
+
+
 def test_readonly_login_is_postgres_only(sqlite_url: str) -> None:
     with pytest.raises(NotImplementedError):
         create_readonly_login(sqlite_url, "pw")

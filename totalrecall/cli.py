@@ -113,11 +113,19 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 
 
 def cmd_db_upgrade(a: argparse.Namespace) -> int:
-    from common.migrate import current_revision, upgrade
+    from common.db import READONLY_ROLE
+    from common.migrate import create_readonly_login, current_revision, upgrade
     from common.settings import get_settings, redact_url
 
+    settings = get_settings()
     upgrade()
-    print(f"database {redact_url(get_settings().database_url)} is at revision {current_revision()}")
+    print(f"database {redact_url(settings.database_url)} is at revision {current_revision()}")
+    if settings.readonly_password:
+        if settings.database_url.startswith("sqlite"):
+            print("TOTALRECALL_READONLY_PASSWORD ignored: SQLite has no roles", file=sys.stderr)
+        else:
+            create_readonly_login(settings.database_url, settings.readonly_password)
+            print(f"role {READONLY_ROLE} can log in with TOTALRECALL_READONLY_PASSWORD (it reads the history views)")
     return 0
 
 
