@@ -17,7 +17,9 @@ from __future__ import annotations
 import logging
 import mimetypes
 import os
+import re
 import shutil
+import stat
 import tempfile
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -54,6 +56,11 @@ class UnsafeKeyError(StorageError, ValueError):
 
 class ObjectTooLarge(StorageError, ValueError):
     """The object is larger than the reader accepts; it was not downloaded."""
+
+
+class NotAFile(StorageError, ValueError):
+    """A local path names something other than a regular file (a pipe, a device): it is not read, since
+    reading a pipe would wait for a writer for ever."""
 
 
 def _check_size(size: int, max_bytes: int | None, uri: str) -> None:
@@ -144,35 +151,65 @@ def read_uri(uri: str | Path, max_bytes: int | None = None) -> bytes:
 
 
 def absolute_uri(uri: str | Path) -> str:
-    """`uri` in the form stored in the database: S3 URIs unchanged, local paths absolute."""
+    """`uri` in the form stored in the database: S3 URIs unchanged, local paths absolute (`storable`)."""
     text = str(uri)
-    return text if text.startswith("s3://") else str(_local_path(text))
+    return text if text.startswith("s3://") else storable(str(_local_path(text)))
+
+
+_ESCAPED_BYTE = re.compile(rb"\\x([89a-f][0-9a-f])")
+
+
+def storable(path: str) -> str:
+    """A local path as text that a database can hold: the bytes of a name that are not UTF-8 (which Python
+    holds as lone surrogates, e.g. a Latin-1 "Pr\xfcfteil.png") written as `\\xHH`, as `ls -b` shows them.
+    `_local_path` finds the file again from that text."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return os.fsencode(path).decode("utf-8", "backslashreplace")
+    return path
+
+
+def _unescaped(path: Path) -> Path:
+    """The path that `storable` wrote as `path`, or `path` itself when there is no such file."""
+    if "\\x" not in str(path) or os.path.lexists(path):
+        return path
+    found = Path(os.fsdecode(_ESCAPED_BYTE.sub(lambda m: bytes([int(m[1], 16)]), os.fsencode(path))))
+    return found if os.path.lexists(found) else path
 
 
 def list_uris(prefix_uri: str | Path, suffixes: tuple[str, ...] | None = None) -> list[str]:
     """Full URIs of the objects under a folder-like URI (`s3://bucket/archive/2026-11-27/`, a folder), sorted.
 
     `suffixes` keeps only names ending in one of them (case-insensitive), e.g. `common.images.IMAGE_SUFFIXES`.
-    A local folder that does not exist lists as empty (and is not created).
+    A local folder that does not exist lists as empty (and is not created). A local subfolder that cannot
+    be read is listed too, whatever `suffixes` say: reading it fails with the reason (permission denied),
+    so its images are not skipped silently. A local folder that cannot be read itself raises `StorageError`.
     """
     text = str(prefix_uri)
     if not text.startswith("s3://") and not _local_path(text).is_dir():
         return []
     storage = open_storage(text)
-    keys = storage.list(follow_links_out=True) if isinstance(storage, LocalStorage) else storage.list()
+    unlisted: list[str] = []
+    if isinstance(storage, LocalStorage):
+        keys, unlisted = storage.walk(follow_links_out=True)
+    else:
+        keys = storage.list()
     if suffixes is not None:
         keys = [k for k in keys if k.lower().endswith(suffixes)]
-    return [_listed_uri(storage, key) for key in keys]
+    return [_listed_uri(storage, key) for key in sorted(keys + unlisted)]
 
 
 def _listed_uri(storage: Storage, key: str) -> str:
     """The URI of a listed object. S3 allows keys this code will not address (`a//b.png`, `a/../b.png`):
     they are listed all the same, and reading one fails as that image's failure, with the reason, instead
-    of failing the whole folder's listing (or skipping the image silently)."""
+    of failing the whole folder's listing (or skipping the image silently). A local name that is not UTF-8
+    is listed as `storable` writes it."""
     try:
-        return storage.uri_for(key)
+        uri = storage.uri_for(key)
     except UnsafeKeyError:
-        return storage.root_uri + key
+        uri = storage.root_uri + key
+    return storable(uri) if isinstance(storage, LocalStorage) else uri
 
 
 def check_key(key: str) -> str:
@@ -213,7 +250,7 @@ def _local_path(uri: str) -> Path:
     elif "://" in uri:
         raise ValueError(f"unsupported storage URI scheme: {uri!r} (use s3://, file:// or a path)")
     # normalised ("data/../imgs" -> "imgs"): the keys of what it lists never hold ".." segments
-    return Path(os.path.normpath(Path(uri).expanduser().absolute()))
+    return _unescaped(Path(os.path.normpath(Path(uri).expanduser().absolute())))
 
 
 def _current_umask() -> int:
@@ -252,12 +289,18 @@ class LocalStorage(Storage):
 
     def get_bytes(self, key: str, max_bytes: int | None = None) -> bytes:
         path = self._path(key)
-        try:
-            with open(path, "rb") as f:
-                _check_size(os.fstat(f.fileno()).st_size, max_bytes, self.uri_for(key))
-                data = f.read() if max_bytes is None else f.read(max_bytes + 1)
+        try:  # non-blocking: opening a pipe for reading would otherwise wait for a writer
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
             raise StorageNotFound(f"no object at {self.uri_for(key)}") from exc
+        with open(fd, "rb") as f:
+            mode = os.fstat(fd).st_mode
+            if stat.S_ISDIR(mode):
+                raise StorageNotFound(f"no object at {self.uri_for(key)}: it is a folder")
+            if not stat.S_ISREG(mode):
+                raise NotAFile(f"{self.uri_for(key)} is not a regular file (a pipe, socket or device); not read")
+            _check_size(os.fstat(fd).st_size, max_bytes, self.uri_for(key))
+            data = f.read() if max_bytes is None else f.read(max_bytes + 1)
         _check_size(len(data), max_bytes, self.uri_for(key))  # it grew after the stat
         return data
 
@@ -268,12 +311,31 @@ class LocalStorage(Storage):
         """Keys under `prefix`, linked folders followed (once each: a file reached both by its real path
         and through a link is listed under its real path where that is listed too). A linked folder leading
         out of the root is followed only with `follow_links_out` (`list_uris`, whose keys are read from "/"
-        as full paths); otherwise it is listed as a key, whose reading fails with the reason, and logged."""
+        as full paths); otherwise it is listed as a key, whose reading fails with the reason, and logged.
+        So is a folder below `prefix` that cannot be read (see `walk`)."""
+        keys, unlisted = self.walk(prefix, follow_links_out)
+        return sorted(keys + unlisted)
+
+    def walk(self, prefix: str = "", follow_links_out: bool = False) -> tuple[list[str], list[str]]:
+        """`list`'s keys, and apart from them the keys of the folders below `prefix` that could not be
+        read (permission denied; reading such a key fails with the reason); `StorageError` if the folder of
+        `prefix` itself cannot be read."""
         _check_prefix(prefix)
         folder = prefix.rpartition("/")[0]
         base = self._path(folder) if folder else self.root
-        keys, walked = [], set()
-        for dirpath, dirs, files in os.walk(base, followlinks=True):
+        keys, walked, unlisted = [], set(), []
+
+        def unreadable(exc: OSError) -> None:
+            if isinstance(exc, FileNotFoundError | NotADirectoryError):
+                return  # no such folder (or gone meanwhile): nothing in it to list
+            where = Path(exc.filename or base)
+            if where == base:
+                raise StorageError(f"cannot list {base}: {exc.strerror or exc}") from exc
+            key = where.relative_to(self.root).as_posix()
+            if key.startswith(prefix):
+                unlisted.append(key)
+
+        for dirpath, dirs, files in os.walk(base, onerror=unreadable, followlinks=True):
             if os.path.realpath(dirpath) in walked:  # a link back to a folder already walked: no cycles
                 dirs[:] = []
                 continue
@@ -291,7 +353,7 @@ class LocalStorage(Storage):
                 key = Path(dirpath, name).relative_to(self.root).as_posix()
                 if key.startswith(prefix):
                     keys.append(key)
-        return sorted(keys)
+        return sorted(keys), sorted(unlisted)
 
     def delete(self, key: str) -> None:
         path = self._path(key)

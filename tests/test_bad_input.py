@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -172,6 +173,92 @@ def test_every_bad_image_fails_alone_with_its_reason(embedded: Embedded) -> None
         assert status == "ok", (name, error)
         with Image.open(mask) as png:
             assert (png.height, png.width) == shape, name
+
+
+def _score_rows(embedded: Embedded, folder: Path, *wrap: str, timeout: float = 300
+                ) -> tuple[str, dict[str, tuple[str, str | None]], tuple]:
+    """`score --wait` of `folder` (run under the `wrap` command, if any): its output, the job's rows by
+    URI below the folder (status, error) and the job's (status, total, done, failed)."""
+    proc = subprocess.run([*wrap, sys.executable, "-m", "totalrecall.cli", "score", PRODUCT, "--images",
+                           str(folder), "--wait"], env=embedded.env, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    with sqlite3.connect(embedded.home / "totalrecall.db") as db:
+        ((job_id, *counts),) = db.execute("SELECT id, status, total, done, failed FROM jobs WHERE images_uri = ?"
+                                          " ORDER BY id DESC LIMIT 1", (str(folder),)).fetchall()
+        rows = {uri[len(str(folder)) + 1:]: (status, error) for uri, status, error in db.execute(
+            "SELECT image_uri, status, error FROM results WHERE job_id = ?", (job_id,))}
+    return proc.stdout, rows, tuple(counts)
+
+
+def test_a_pipe_named_like_an_image_fails_alone_instead_of_hanging_the_batch(embedded: Embedded) -> None:
+    """A FIFO (or a device) with an image name: reading it would wait for a writer for ever; in-process
+    that hung the command, on a worker it held a download thread for ever and failed only at the chunk's
+    time budget."""
+    folder = embedded.home / "pipes"
+    folder.mkdir()
+    (folder / "a-good.png").write_bytes(png_bytes(nominal_image(80, SIZE)))
+    os.mkfifo(folder / "camera-pipe.png")
+    (folder / "z-good.png").write_bytes(png_bytes(nominal_image(81, SIZE)))
+    out, rows, counts = _score_rows(embedded, folder, timeout=60)
+    assert counts == ("succeeded", 3, 2, 1)
+    assert rows["a-good.png"][0] == rows["z-good.png"][0] == "ok"
+    status, error = rows["camera-pipe.png"]
+    assert status == "failed" and "not a regular file" in error, error
+    assert f"{folder / 'camera-pipe.png'}: " in out
+
+
+def test_file_names_that_are_not_utf8_are_scored(embedded: Embedded) -> None:
+    """Names whose bytes are not UTF-8 (an old camera's Latin-1 "Prüfteil"): the database cannot hold them
+    as they are, which failed the whole folder (and a product's whole night) with a UnicodeEncodeError. They
+    are recorded as `ls -b` shows them (\\xHH), and scored."""
+    folder = embedded.home / "latin1"
+    folder.mkdir()
+    raw = os.fsencode(folder)
+    (folder / "good.png").write_bytes(png_bytes(nominal_image(82, SIZE)))
+    Path(os.fsdecode(raw + b"/Pr\xfcfteil 7.png")).write_bytes(png_bytes(nominal_image(83, SIZE)))
+    Path(os.fsdecode(raw + b"/Linie \xe4")).mkdir()
+    Path(os.fsdecode(raw + b"/Linie \xe4/teil.png")).write_bytes(png_bytes(nominal_image(84, SIZE)))
+    Path(os.fsdecode(raw + b"/kaputt \xff.png")).write_bytes(b"not an image")
+    out, rows, counts = _score_rows(embedded, folder)
+    assert counts == ("succeeded", 4, 3, 1), out
+    assert rows == {"good.png": ("ok", None), "Pr\\xfcfteil 7.png": ("ok", None),
+                    "Linie \\xe4/teil.png": ("ok", None),
+                    "kaputt \\xff.png": ("failed", "ImageDecodeError: not a recognised image format")}
+    # Scored again: nothing left to do (the recorded names match what the folder lists).
+    again = subprocess.run([sys.executable, "-m", "totalrecall.cli", "score", PRODUCT, "--images", str(folder)],
+                           env=embedded.env, capture_output=True, text=True)
+    assert again.returncode == 0 and "1 image(s) enqueued, 3 already scored" in again.stdout, again.stdout
+
+
+def _without_root_powers() -> tuple[str, ...]:
+    """A command prefix that runs a command without the power to read any file (root's), or skips."""
+    if os.geteuid() != 0:
+        return ()
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("runs as root and setpriv is not available to drop the power to read any file")
+    drop = "-dac_override,-dac_read_search"
+    return setpriv, f"--bounding-set={drop}", f"--inh-caps={drop}"
+
+
+def test_an_unreadable_subfolder_is_a_failed_row_not_a_silent_skip(embedded: Embedded) -> None:
+    folder = embedded.home / "locked"
+    (folder / "line-2").mkdir(parents=True)
+    (folder / "good.png").write_bytes(png_bytes(nominal_image(85, SIZE)))
+    (folder / "unreadable.png").write_bytes(png_bytes(nominal_image(86, SIZE)))
+    (folder / "line-2" / "hidden.png").write_bytes(png_bytes(nominal_image(87, SIZE)))
+    (folder / "unreadable.png").chmod(0)
+    (folder / "line-2").chmod(0)
+    try:
+        out, rows, counts = _score_rows(embedded, folder, *_without_root_powers())
+    finally:
+        (folder / "line-2").chmod(0o755)
+    assert counts == ("succeeded", 3, 1, 2), out
+    assert rows["good.png"] == ("ok", None)
+    for name in ("unreadable.png", "line-2"):
+        status, error = rows[name]
+        assert status == "failed" and "Permission denied" in error, (name, error)
 
 
 # --- through S3 and a real worker ------------------------------------------------------------------------
