@@ -85,7 +85,7 @@ def _decode(source: bytes | str | Path, max_side: int | None, needed: Callable[[
         raise ImageDecodeError("empty file (0 bytes)")
     with contextlib.ExitStack() as decoding:  # holds this image's share of the process's pixel budget
         try:
-            with Image.open(io.BytesIO(data)) as img:
+            with open_image(data) as img:
                 width, height = img.size
                 if width * height > max_pixels:
                     raise ImageDecodeError(
@@ -354,6 +354,22 @@ def _stored_size(img: Image.Image) -> tuple[int, int]:
     return width, height
 
 
+# Pillow opens EPS by running Ghostscript (where installed) on the file, without a time limit: a
+# PostScript file named .png could hang a worker. No camera writes EPS, so it is not opened at all.
+_EXTERNAL_PROGRAM_FORMATS = frozenset({"EPS"})
+
+
+@lru_cache(maxsize=1)
+def _raster_formats() -> tuple[str, ...]:
+    Image.init()
+    return tuple(f for f in Image.OPEN if f not in _EXTERNAL_PROGRAM_FORMATS)
+
+
+def open_image(source: bytes | str | Path) -> Image.Image:
+    """`Image.open` of image bytes or a file, with every format Pillow decodes itself (not EPS)."""
+    return Image.open(io.BytesIO(source) if isinstance(source, bytes) else source, formats=_raster_formats())
+
+
 @lru_cache(maxsize=1)
 def _pillow_orients_tiffs() -> bool:
     """Whether this Pillow turns a TIFF as its orientation tag says when it loads it, reporting the shown
@@ -414,7 +430,7 @@ def decoded_size(source: bytes | str | Path) -> tuple[int, int] | None:
     for a JPEG decoded at a reduced scale (`at_least`, or above the side limit: up to half smaller)."""
     _pillow_limit()
     try:  # a path is opened, not read: Pillow reads only the header
-        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
+        with open_image(source) as img:
             return _shown_size(img.size, _orientation(img), get_settings().max_image_side)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, *DECODER_FAULTS):
         return None
@@ -426,7 +442,7 @@ def bits_used(source: bytes | str | Path) -> int | None:
     images of 8-bit samples and for unreadable ones. Decodes the pixels of high-bit images only."""
     max_pixels = _pillow_limit()
     try:
-        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
+        with open_image(source) as img:
             if img.size[0] * img.size[1] > max_pixels:
                 return None  # a refused image fails, with its reason, when it is decoded
             grey = img.mode in HIGH_BIT_MODES

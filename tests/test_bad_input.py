@@ -84,6 +84,12 @@ def embedded(tmp_path_factory: pytest.TempPathFactory) -> Embedded:
     return Embedded(home, env)
 
 
+def _eps(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.convert("L").save(buf, "EPS")
+    return buf.getvalue()
+
+
 def _jpeg(image: Image.Image, **kwargs: object) -> bytes:
     buf = io.BytesIO()
     image.save(buf, "JPEG", quality=90, **kwargs)
@@ -122,6 +128,7 @@ def _bad_inputs() -> tuple[dict[str, bytes], dict[str, str], dict[str, tuple[int
         "exif-rotated.jpg": _jpeg(wide, exif=exif.tobytes()),
         "huge.jpg": _jpeg(big),  # 48 megapixels: decoded at 1/8 scale, its mask at the side-limited size
         "huge.png": _png(big.resize((6000, 4000)), compress_level=1),  # 24 megapixels: decoded, reduced
+        "postscript.png": _eps(good),  # never handed to Ghostscript, which has no time limit
     }
     failing = {
         "zero-bytes.png": "empty file (0 bytes)",
@@ -131,6 +138,7 @@ def _bad_inputs() -> tuple[dict[str, bytes], dict[str, str], dict[str, tuple[int
         "one-pixel.png": "1x1 pixels, too small to inspect",
         "bomb.png": "refused without decoding",
         "too-many-bytes.png": "above the limit of 4,194,304 (TOTALRECALL_MAX_IMAGE_BYTES); not downloaded",
+        "postscript.png": "not a recognised image format",
     }
     shapes = {"good-1.png": (SIZE, SIZE), "good-2.png": (SIZE, SIZE), "gray-16-bit.png": (SIZE, SIZE),
               "rgba.png": (SIZE, SIZE), "cmyk.jpg": (SIZE, SIZE), "palette.png": (SIZE, SIZE),

@@ -3,7 +3,6 @@ mask may have any image suffix, in any case: `masks_by_stem`)."""
 
 from __future__ import annotations
 
-import io
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from common.images import IMAGE_SUFFIXES, list_image_files
+from common.images import IMAGE_SUFFIXES, list_image_files, open_image
 
 MASK_SUFFIXES = tuple(f"_mask{suffix}" for suffix in IMAGE_SUFFIXES)  # in order of preference
 
@@ -81,7 +80,7 @@ def read_mask(source: bytes | str | Path, hw: tuple[int, int] | None = None) -> 
 
     Defect pixels are those >= 128 of 255 (MVTec's 0/255, robust to a JPEG mask's ringing); a mask whose
     values stay below 128 is a 0/1 (label-index) mask, whose defect pixels are the non-zero ones."""
-    with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as m:
+    with open_image(source) as m:
         values = np.asarray(m.convert("L"))
     mask = values >= (128 if values.max() >= 128 else 1)
     return mask if hw is None else resize_mask(mask, hw)
