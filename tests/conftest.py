@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import socket
 import uuid
 import warnings
@@ -212,3 +213,14 @@ def _fresh_settings() -> Iterator[None]:
     reset_settings_cache()
     yield
     reset_settings_cache()
+
+
+def without_root_powers() -> tuple[str, ...]:
+    """A command prefix that runs a command without the power to read any file (root's), or skips."""
+    if os.geteuid() != 0:
+        return ()
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("runs as root and setpriv is not available to drop the power to read any file")
+    drop = "-dac_override,-dac_read_search"
+    return setpriv, f"--bounding-set={drop}", f"--inh-caps={drop}"

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import os
-import shutil
 import sqlite3
 import subprocess
 import sys
@@ -28,7 +27,7 @@ from PIL import Image
 from common.db import fresh_database
 from common.synthetic import nominal_image, plant_defect, png_bytes
 from tests.cluster import PRODUCT, SIZE, Cluster, cluster, ok
-from tests.conftest import Services
+from tests.conftest import Services, without_root_powers
 from tests.synthetic import one_bit_png
 
 MAX_SIDE = 1024  # images are reduced to this while decoding (the model's input is 96 px)
@@ -239,17 +238,6 @@ def test_file_names_that_are_not_utf8_are_scored(embedded: Embedded) -> None:
     assert again.returncode == 0 and "1 image(s) enqueued, 3 already scored" in again.stdout, again.stdout
 
 
-def _without_root_powers() -> tuple[str, ...]:
-    """A command prefix that runs a command without the power to read any file (root's), or skips."""
-    if os.geteuid() != 0:
-        return ()
-    setpriv = shutil.which("setpriv")
-    if setpriv is None:
-        pytest.skip("runs as root and setpriv is not available to drop the power to read any file")
-    drop = "-dac_override,-dac_read_search"
-    return setpriv, f"--bounding-set={drop}", f"--inh-caps={drop}"
-
-
 def test_an_unreadable_subfolder_is_a_failed_row_not_a_silent_skip(embedded: Embedded) -> None:
     folder = embedded.home / "locked"
     (folder / "line-2").mkdir(parents=True)
@@ -259,7 +247,7 @@ def test_an_unreadable_subfolder_is_a_failed_row_not_a_silent_skip(embedded: Emb
     (folder / "unreadable.png").chmod(0)
     (folder / "line-2").chmod(0)
     try:
-        out, rows, counts = _score_rows(embedded, folder, *_without_root_powers())
+        out, rows, counts = _score_rows(embedded, folder, *without_root_powers())
     finally:
         (folder / "line-2").chmod(0o755)
     assert counts == ("succeeded", 3, 1, 2), out

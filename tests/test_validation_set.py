@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import struct
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,7 +24,7 @@ from common.engine.mvtec import read_mask
 from common.settings import reset_settings_cache
 from common.storage import Storage
 from common.synthetic import mask_png_bytes, nominal_image, plant_defect, png_bytes
-from tests.conftest import SMALL_FIT, embedded_with_training_images
+from tests.conftest import SMALL_FIT, embedded_with_training_images, without_root_powers
 from totalrecall.cli import main
 from workers import validation
 
@@ -185,6 +187,23 @@ def test_masks_are_found_with_any_image_suffix_in_any_case(tmp_path: Path) -> No
     found = validation.list_validation_set(str(tmp_path))
     masks = {Path(image).name: mask and Path(mask).name for image, mask in zip(found.images, found.masks, strict=True)}
     assert masks == {"g.png": None, "d0.png": "d0_mask.PNG", "d1.JPG": "d1_mask.tif", "d2.png": "d2_mask.png"}
+
+
+def test_an_unreadable_folder_in_the_validation_set_fails_the_listing(tmp_path: Path) -> None:
+    """Its images would have been left out of the thresholds without a word."""
+    for key in ("good/g.png", "crack/d0.png", "scratch/d1.png"):
+        (tmp_path / key).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / key).write_bytes(b"")
+    (tmp_path / "scratch").chmod(0)
+    try:
+        run = subprocess.run([*without_root_powers(), sys.executable, "-c",
+                              f"from workers import validation; validation.list_validation_set({str(tmp_path)!r})"],
+                             capture_output=True, text=True, timeout=120)
+    finally:
+        (tmp_path / "scratch").chmod(0o755)
+    assert run.returncode == 1
+    assert f"ValidationSetError: cannot read scratch under the validation folder {tmp_path}" in run.stderr, run.stderr
+    assert len(validation.list_validation_set(str(tmp_path)).images) == 3  # readable again: all listed
 
 
 def test_a_false_alarm_budget_sets_the_image_threshold_from_the_nominal_images(store: Storage, capsys) -> None:
