@@ -311,19 +311,19 @@ def test_chunk_memory_is_bounded_whatever_the_image_sizes(c: Cluster) -> None:
 
 @pytest.mark.integration
 def test_a_hung_download_and_the_soft_time_limit_cannot_block_a_worker(c: Cluster) -> None:
-    """A download that never returns (a FIFO nobody writes to) and a chunk slower than its soft time
-    limit: the chunk records failed rows with the reasons, well before the hard limit, and the worker goes
-    on with the next job."""
+    """A download that never returns (`tests.hung_download`: a stalled share) and a chunk slower than its
+    soft time limit: the chunk records failed rows with the reasons, well before the hard limit, and the
+    worker goes on with the next job."""
     folder = c.tmp / "hung"
     folder.mkdir()
-    fifo = folder / "a-hung.png"
-    os.mkfifo(fifo)
+    hung = folder / "a-hung.png"
+    hung.write_bytes(png_bytes(nominal_image(1, SIZE)))
     for name in ("b-good.png", "c-good.png"):
         (folder / name).write_bytes(png_bytes(nominal_image(len(name), SIZE)))
     # Budget 8 s (80 % of the soft limit): the hung image fails then, 2 s before the soft limit even when
     # loading the model is slow on a loaded machine (with 6 s, 1.2 s was once too little in CI); its 2.5 s
     # "slow image" delay then runs into the soft limit, so the two good images are never scored.
-    (worker,) = c.start_workers("slow", extra={
+    (worker,) = c.start_workers("slow", include=("tests.hung_download",), extra={
         "TOTALRECALL_SCORE_SOFT_TIME_LIMIT": "10", "TOTALRECALL_SCORE_TIME_LIMIT": "30",
         "TOTALRECALL_TEST_CHUNK_DELAY": "2.5"})
     try:
@@ -349,7 +349,5 @@ def test_a_hung_download_and_the_soft_time_limit_cannot_block_a_worker(c: Cluste
         assert [r.status for r in c.results(image_uri=str(folder / "next" / "d.png"))] == ["ok"]
         assert worker.alive() and "Soft time limit (10s) exceeded" in worker.text()
     finally:
-        with contextlib.suppress(OSError):  # let the stuck reader finish, so the worker can exit
-            fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
-            os.close(fd)
+        Path(f"{hung}.release").touch()  # let the stuck reader finish, so the worker can exit
         worker.stop()
