@@ -153,7 +153,7 @@ def test_config_rejects_b_equal_one() -> None:
     # through the API (the CLI types them): a fractional or textual size failed later, or never did
     ({"image_size": 288.5}, "image_size must be an integer"),
     ({"image_size": "288"}, "image_size must be an integer"),
-    ({"resize": "square", "center_crop": 224.0}, "center_crop must be an integer"),
+    ({"resize": "square", "center_crop": 224.5}, "center_crop must be an integer"),
     ({"embed_dim": True}, "embed_dim must be an integer"),
     ({"scale": float("nan")}, "scale must be a finite number"),
     ({"coreset_ratio": "0.1"}, "coreset_ratio must be a finite number"),
@@ -162,6 +162,9 @@ def test_config_refuses_settings_every_fit_would_fail_on(setting: dict, message:
     with pytest.raises(ValueError, match=message):
         PatchCoreConfig(**setting)
     assert PatchCoreConfig(seed=np.int64(3), sigma=np.float32(2.0), num_neighbors=np.int64(4)).seed == 3
+    # a whole number written as a float (stored so by older versions, in settings and artifacts) still loads
+    whole = PatchCoreConfig.from_dict({"image_size": 96.0, "embed_dim": 256.0, "center_crop": None})
+    assert (whole.image_size, whole.embed_dim) == (96, 256) and isinstance(whole.image_size, int)
 
 
 # ------------------------------------------------------------------------------------------ coreset
