@@ -684,6 +684,34 @@ def test_db_upgrade_applies_the_readonly_password(clean_pg_url: str, monkeypatch
         engine.dispose()
 
 
+@pytest.mark.integration
+def test_db_upgrade_by_a_user_who_cannot_change_roles_warns_and_succeeds(
+        pg_server_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    """The read-only role is the cluster's, maybe created by another user: a migrating user without
+    CREATEROLE upgrades the schema and is told why the login was not set (it crashed after migrating)."""
+    from common.db import dispose_engines, execute_autocommit, fresh_database
+    from totalrecall.cli import main
+
+    user, password = f"tr_owner_{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
+    execute_autocommit(pg_server_url, f"CREATE ROLE {user} LOGIN PASSWORD '{password}' NOCREATEROLE",
+                       f"GRANT {user} TO CURRENT_USER")  # to hand it a database
+    try:
+        with fresh_database(pg_server_url, "tr_norole") as url:
+            execute_autocommit(pg_server_url, f'ALTER DATABASE "{sa.make_url(url).database}" OWNER TO {user}')
+            owner_url = sa.make_url(url).set(username=user, password=password).render_as_string(hide_password=False)
+            monkeypatch.setenv("TOTALRECALL_DATABASE_URL", owner_url)
+            monkeypatch.setenv("TOTALRECALL_READONLY_PASSWORD", "ro-pw")
+            reset_settings_cache()
+            assert main(["db", "upgrade"]) == 0
+            out, err = capsys.readouterr()
+            assert "is at revision" in out
+            assert f"warning: the schema is upgraded, but role {READONLY_ROLE} was not given its login" in err
+            assert "permission denied" in err.lower() or "must have CREATEROLE" in err
+            dispose_engines(owner_url)
+    finally:
+        execute_autocommit(pg_server_url, f"DROP ROLE IF EXISTS {user}")
+
+
 def test_readonly_login_is_postgres_only(sqlite_url: str) -> None:
     with pytest.raises(NotImplementedError):
         create_readonly_login(sqlite_url, "pw")

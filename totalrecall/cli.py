@@ -113,6 +113,9 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 
 
 def cmd_db_upgrade(a: argparse.Namespace) -> int:
+    import psycopg2
+    from sqlalchemy.exc import DBAPIError
+
     from common.db import READONLY_ROLE
     from common.migrate import create_readonly_login, current_revision, upgrade
     from common.settings import get_settings, redact_url
@@ -124,8 +127,15 @@ def cmd_db_upgrade(a: argparse.Namespace) -> int:
         if settings.database_url.startswith("sqlite"):
             print("TOTALRECALL_READONLY_PASSWORD ignored: SQLite has no roles", file=sys.stderr)
         else:
-            create_readonly_login(settings.database_url, settings.readonly_password)
-            print(f"role {READONLY_ROLE} can log in with TOTALRECALL_READONLY_PASSWORD (it reads the history views)")
+            try:
+                create_readonly_login(settings.database_url, settings.readonly_password)
+            except (DBAPIError, psycopg2.Error, LookupError) as exc:  # e.g. a migrating user without CREATEROLE
+                reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+                print(f"warning: the schema is upgraded, but role {READONLY_ROLE} was not given its login: "
+                      f"{reason} (a user with CREATEROLE can run `totalrecall db upgrade` again)", file=sys.stderr)
+            else:
+                print(f"role {READONLY_ROLE} can log in with TOTALRECALL_READONLY_PASSWORD (it reads the history "
+                      "views)")
     return 0
 
 
