@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from common.engine.artifact import META_FILE, ArtifactIncompatible
 from common.engine.config import PatchCoreConfig
 from common.engine.patchcore import PatchCore
 from workers.model_cache import ModelCache
@@ -115,3 +119,20 @@ def test_a_download_survives_another_process_pruning_the_cache_meanwhile(artifac
     monkeypatch.setattr(model_cache, "os", PrunedAfterRename())
     model = cache.get(x_sha, x_uri)
     assert model.image_threshold == 0.0 and not (tmp_path / "cache" / x_sha).exists()
+
+
+def test_an_intact_but_incompatible_copy_is_kept_and_not_downloaded_again(artifacts, tmp_path: Path) -> None:
+    """A copy this code cannot use (here: a future artifact format) is not damaged: it is neither deleted
+    nor downloaded again on every chunk (which would fail the same way), and the reason is raised."""
+    sha, uri = artifacts[0]
+    future = json.loads((Path(uri) / META_FILE).read_bytes()) | {"format_version": 99}
+    data = json.dumps(future).encode()
+    future_sha = hashlib.sha256(data).hexdigest()
+    copy = tmp_path / "cache" / future_sha
+    shutil.copytree(uri, copy)
+    (copy / META_FILE).write_bytes(data)
+    cache = ModelCache(tmp_path / "cache", max_bytes=2**30, device="cpu")
+    for _ in range(2):
+        with pytest.raises(ArtifactIncompatible, match="unsupported artifact format"):
+            cache.get(future_sha, uri)
+    assert cache.stats.downloads == 0 and (copy / META_FILE).read_bytes() == data

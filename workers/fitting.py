@@ -284,6 +284,9 @@ def finish_fit(session: Session, job: Job, version: ModelVersion, model: PatchCo
                sha256: str, artifact_uri: str, passed: bool, reason: str, n_images: int) -> str:
     """Record the ready version (activating it if it passed and no newer version is active) and the job's
     outcome (job row locked); returns why the version was left inactive ("": it was activated)."""
+    # the product before the version's row (written below): the order of `model activate`, so the two never
+    # wait for each other; and a newer fit publishing meanwhile commits first, seen below
+    lock_product(session, version.product_id)
     version.status, version.error = ModelStatus.READY.value, None
     version.sha256, version.artifact_uri = sha256, artifact_uri
     version.config = model.config.to_dict()
@@ -294,7 +297,6 @@ def finish_fit(session: Session, job: Job, version: ModelVersion, model: PatchCo
     activation = {"passed": passed, "rule": ACTIVATION_RULE, "reason": reason}
     inactive = "" if passed else reason
     if passed:
-        lock_product(session, version.product_id)  # a newer fit publishing meanwhile commits first: seen below
         newer = _newer_active_version(session, version)
         if newer is not None:
             activation["superseded_by"] = newer

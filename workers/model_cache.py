@@ -23,7 +23,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.engine.artifact import BANK_FILE, META_FILE, ArtifactError
+from common.engine.artifact import BANK_FILE, META_FILE, ArtifactError, ArtifactIncompatible
 from common.engine.patchcore import PatchCore
 from common.logs import log_event
 from common.per_process import PerProcess
@@ -118,6 +118,8 @@ class ModelCache:
             try:
                 mark_used(folder)  # first: a process pruning meanwhile deletes other copies first
                 return PatchCore.load(folder, sha256, device=self.device), "disk"
+            except ArtifactIncompatible:
+                raise  # intact: a new download would fail the same way (and the copy serves once fixed)
             except (ArtifactError, OSError) as exc:  # damaged, or deleted meanwhile by another process
                 log_event(logger, logging.WARNING, "model_copy_damaged", sha256=sha256[:12], error=str(exc),
                           action="downloading it again")

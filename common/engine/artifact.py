@@ -37,6 +37,11 @@ class ArtifactError(ValueError):
     """The artifact is corrupt, incomplete or incompatible with this code."""
 
 
+class ArtifactIncompatible(ArtifactError):
+    """The artifact is intact (its checksums match) but this code, or these backbone weights, cannot use
+    it: another copy of it would fail the same way."""
+
+
 @dataclass
 class ModelState:
     config: PatchCoreConfig
@@ -128,14 +133,14 @@ def _sha256_array(a: np.ndarray) -> str:
 def _state_from(meta: dict[str, Any], bank_path: Path) -> ModelState:
     version = meta.get("format_version")
     if meta.get("format") != FORMAT or version not in (FORMAT_VERSION, FORMAT_VERSION_INDEX):
-        raise ArtifactError(f"unsupported artifact format {meta.get('format')!r} v{version}; this code "
+        raise ArtifactIncompatible(f"unsupported artifact format {meta.get('format')!r} v{version}; this code "
                             f"reads {FORMAT} v{FORMAT_VERSION} and v{FORMAT_VERSION_INDEX}")
     if sha256_file(bank_path) != meta["bank_sha256"]:
         raise ArtifactError(f"{bank_path}: sha256 mismatch (memory bank corrupted)")
     try:
         config = PatchCoreConfig.from_dict({**PRE_SETTING_DEFAULTS, **meta["config"]})
     except (TypeError, ValueError) as exc:
-        raise ArtifactError(f"artifact config incompatible with this code: {exc}") from exc
+        raise ArtifactIncompatible(f"artifact config incompatible with this code: {exc}") from exc
     tensors = load_file(str(bank_path))
     bank = tensors.pop("bank")
     if list(bank.shape) != meta["bank_shape"] or bank.dtype != np.float32:

@@ -15,7 +15,13 @@ import torch
 from tqdm import tqdm
 
 from common.engine import calibration
-from common.engine.artifact import ArtifactError, ModelState, load_artifact, save_artifact
+from common.engine.artifact import (
+    ArtifactError,
+    ArtifactIncompatible,
+    ModelState,
+    load_artifact,
+    save_artifact,
+)
 from common.engine.backbone_cache import shared_backbone
 from common.engine.config import PatchCoreConfig
 from common.engine.coreset import StreamingProjection, coreset_size, greedy_from_projection
@@ -429,13 +435,13 @@ class PatchCore:
             raise ArtifactError(f"artifact region of interest unusable: {exc}") from exc
         model = cls(state.config, device=device, weights=weights, roi=roi)
         if state.backbone_sha256 not in (None, model._backbone.weights_sha256):
-            raise ArtifactError(
+            raise ArtifactIncompatible(
                 f"the model was fitted with other {state.config.backbone} weights than these "
                 f"(sha256 {state.backbone_sha256[:12]}... fitted, {model._backbone.weights_sha256[:12]}... "
                 f"loaded{f' from {weights}' if weights else ''}): its scores would not mean what its "
                 "thresholds say; load it with the weights it was fitted with, or fit it again")
         if state.bank.shape[1] != model.features.dim:
-            raise ArtifactError(f"bank has {state.bank.shape[1]}-d features, {state.config.backbone} "
+            raise ArtifactIncompatible(f"bank has {state.bank.shape[1]}-d features, {state.config.backbone} "
                                 f"with this config produces {model.features.dim}-d")
         spec = IndexSpec.for_bank(state.config, len(state.bank), state.bank.shape[1])
         if spec.approximate != (state.index is not None):
