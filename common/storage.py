@@ -197,10 +197,10 @@ def list_uris(prefix_uri: str | Path, suffixes: tuple[str, ...] | None = None) -
         keys = storage.list()
     if suffixes is not None:
         keys = [k for k in keys if k.lower().endswith(suffixes)]
-    return [_listed_uri(storage, key) for key in sorted(keys + unlisted)]
+    return [listed_uri(storage, key) for key in sorted(keys + unlisted)]
 
 
-def _listed_uri(storage: Storage, key: str) -> str:
+def listed_uri(storage: Storage, key: str) -> str:
     """The URI of a listed object. S3 allows keys this code will not address (`a//b.png`, `a/../b.png`):
     they are listed all the same, and reading one fails as that image's failure, with the reason, instead
     of failing the whole folder's listing (or skipping the image silently). A local name that is not UTF-8

@@ -7,6 +7,7 @@ fits and a real score job.
 from __future__ import annotations
 
 import json
+import os
 import struct
 import subprocess
 import sys
@@ -22,7 +23,7 @@ from common.db import Job, ModelVersion, Product, Result, session_scope
 from common.engine.artifact import META_FILE
 from common.engine.mvtec import read_mask
 from common.settings import reset_settings_cache
-from common.storage import Storage
+from common.storage import Storage, read_uri
 from common.synthetic import mask_png_bytes, nominal_image, plant_defect, png_bytes
 from tests.conftest import SMALL_FIT, embedded_with_training_images, without_root_powers
 from totalrecall.cli import main
@@ -187,6 +188,20 @@ def test_masks_are_found_with_any_image_suffix_in_any_case(tmp_path: Path) -> No
     found = validation.list_validation_set(str(tmp_path))
     masks = {Path(image).name: mask and Path(mask).name for image, mask in zip(found.images, found.masks, strict=True)}
     assert masks == {"g.png": None, "d0.png": "d0_mask.PNG", "d1.JPG": "d1_mask.tif", "d2.png": "d2_mask.png"}
+
+
+def test_validation_names_that_are_not_utf8_are_listed_as_storable_text(tmp_path: Path) -> None:
+    """As for scored images: the URIs go into the version's JSON (failed images, unreadable masks), which
+    PostgreSQL refuses with lone surrogates in it."""
+    raw = os.fsencode(tmp_path)
+    for key in (b"good/g.png", b"crack/d\xfc.png", b"ground_truth/crack/d\xfc_mask.png"):
+        path = Path(os.fsdecode(raw + b"/" + key))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(key)
+    found = validation.list_validation_set(str(tmp_path))
+    assert found.images == [f"{tmp_path}/crack/d\\xfc.png", f"{tmp_path}/good/g.png"]
+    assert found.masks == [f"{tmp_path}/ground_truth/crack/d\\xfc_mask.png", None]
+    assert read_uri(found.masks[0]) == b"ground_truth/crack/d\xfc_mask.png"  # the text leads to the file
 
 
 def test_an_unreadable_folder_in_the_validation_set_fails_the_listing(tmp_path: Path) -> None:

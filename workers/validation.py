@@ -28,7 +28,7 @@ from PIL import Image
 from common.engine.mvtec import masks_by_stem, read_mask
 from common.engine.patchcore import PatchCore
 from common.images import DECODER_FAULTS, IMAGE_SUFFIXES
-from common.storage import LocalStorage, StorageNotFound, list_uris, open_storage, read_uri
+from common.storage import LocalStorage, StorageNotFound, list_uris, listed_uri, open_storage, read_uri
 from workers.job_state import name_failures
 
 NOMINAL = "good"
@@ -77,8 +77,8 @@ def list_validation_set(uri: str) -> ValidationSet:
                                  f"ones in defect-type folders: found {labels.count(0)} and {labels.count(1)}")
     by_stem = masks_by_stem(mask_keys)
     masks = [None if label == 0 else by_stem.get(_mask_stem(k)) for k, label in zip(image_keys, labels, strict=True)]
-    return ValidationSet(uri, [storage.uri_for(k) for k in image_keys], labels,
-                         [None if m is None else storage.uri_for(m) for m in masks])
+    return ValidationSet(uri, [listed_uri(storage, k) for k in image_keys], labels,
+                         [None if m is None else listed_uri(storage, m) for m in masks])
 
 
 class _Masks(Sequence):
