@@ -14,6 +14,7 @@ so that callers (Celery tasks) can retry later. Local writes are atomic (temp fi
 
 from __future__ import annotations
 
+import errno
 import logging
 import mimetypes
 import os
@@ -23,7 +24,7 @@ import stat
 import tempfile
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 from urllib.parse import unquote, urlsplit
 
 from common.logs import log_event
@@ -61,6 +62,13 @@ class ObjectTooLarge(StorageError, ValueError):
 class NotAFile(StorageError, ValueError):
     """A local path names something other than a regular file (a pipe, a device): it is not read, since
     reading a pipe would wait for a writer for ever."""
+
+
+def _check_regular(mode: int, uri: str) -> None:
+    if stat.S_ISDIR(mode):
+        raise StorageNotFound(f"no object at {uri}: it is a folder")
+    if not stat.S_ISREG(mode):
+        raise NotAFile(f"{uri} is not a regular file (a pipe, socket or device); not read")
 
 
 def _check_size(size: int, max_bytes: int | None, uri: str) -> None:
@@ -288,21 +296,33 @@ class LocalStorage(Storage):
         return self.uri_for(key)
 
     def get_bytes(self, key: str, max_bytes: int | None = None) -> bytes:
-        path = self._path(key)
-        try:  # non-blocking: opening a pipe for reading would otherwise wait for a writer
-            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-        except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
-            raise StorageNotFound(f"no object at {self.uri_for(key)}") from exc
-        with open(fd, "rb") as f:
-            mode = os.fstat(fd).st_mode
-            if stat.S_ISDIR(mode):
-                raise StorageNotFound(f"no object at {self.uri_for(key)}: it is a folder")
-            if not stat.S_ISREG(mode):
-                raise NotAFile(f"{self.uri_for(key)} is not a regular file (a pipe, socket or device); not read")
-            _check_size(os.fstat(fd).st_size, max_bytes, self.uri_for(key))
+        with self._open_file(key) as f:
+            _check_size(os.fstat(f.fileno()).st_size, max_bytes, self.uri_for(key))
             data = f.read() if max_bytes is None else f.read(max_bytes + 1)
         _check_size(len(data), max_bytes, self.uri_for(key))  # it grew after the stat
         return data
+
+    def _open_file(self, key: str) -> BinaryIO:
+        """The regular file at `key`, open for reading. Anything else is refused before it is opened (opening
+        a pipe waits for a writer, opening a device can act on it: a tape rewinds) and checked again once
+        open, non-blocking, in case it was replaced meanwhile."""
+        path, uri = self._path(key), self.uri_for(key)
+        try:
+            mode = os.stat(path).st_mode
+            if stat.S_ISDIR(mode) and not os.access(path, os.R_OK | os.X_OK):  # listed as unreadable (`walk`)
+                raise PermissionError(errno.EACCES, f"a folder that cannot be read ({os.strerror(errno.EACCES)})",
+                                      str(path))
+            _check_regular(mode, uri)
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
+            raise StorageNotFound(f"no object at {uri}") from exc
+        f = open(fd, "rb")  # noqa: SIM115 - returned to the caller, who closes it
+        try:
+            _check_regular(os.fstat(fd).st_mode, uri)
+        except BaseException:
+            f.close()
+            raise
+        return f
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
@@ -370,14 +390,9 @@ class LocalStorage(Storage):
         return self.uri_for(key)
 
     def get_file(self, key: str, path: str | Path) -> Path:
-        source = self._path(key)
         dest = Path(path)
         dest.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            src = open(source, "rb")  # noqa: SIM115 - closed below, before the replace
-        except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
-            raise StorageNotFound(f"no object at {self.uri_for(key)}") from exc
-        with src:
+        with self._open_file(key) as src:
             _write_atomically(dest, lambda f: shutil.copyfileobj(src, f, 1 << 20))
         return dest
 

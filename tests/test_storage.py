@@ -12,6 +12,7 @@ import pytest
 
 from common.storage import (
     LocalStorage,
+    NotAFile,
     S3Storage,
     Storage,
     StorageError,
@@ -99,6 +100,30 @@ def test_malformed_keys_refused(store: Storage, key: str) -> None:
         store.put_bytes(key, b"x")
     with pytest.raises(UnsafeKeyError):
         store.get_bytes(key)
+
+
+def test_pipes_and_devices_are_refused_by_every_local_read(tmp_path: Path) -> None:
+    """Before they are opened: a pipe would wait for a writer for ever (a model download with get_file too),
+    a device could act (a tape rewinds when opened)."""
+    store = LocalStorage("/")  # as `read_uri` reads local paths: the link to /dev/null stays inside
+    (tmp_path / "root").mkdir()
+    os.mkfifo(tmp_path / "root" / "pipe.png")
+    (tmp_path / "root" / "device.png").symlink_to("/dev/null")
+    done = threading.Event()
+    watchdog = threading.Timer(10, lambda: done.is_set() or os.close(os.open(tmp_path / "root" / "pipe.png",
+                                                                             os.O_WRONLY | os.O_NONBLOCK)))
+    watchdog.start()  # were the pipe opened, this would release the reader (and the checks below fail)
+    try:
+        for name in ("pipe.png", "device.png"):
+            key = str(tmp_path / "root" / name).lstrip("/")
+            with pytest.raises(NotAFile, match="is not a regular file"):
+                store.get_bytes(key)
+            with pytest.raises(NotAFile, match="is not a regular file"):
+                store.get_file(key, tmp_path / "copy.png")
+        assert not (tmp_path / "copy.png").exists()
+    finally:
+        done.set()
+        watchdog.cancel()
 
 
 def test_local_refuses_symlink_out(tmp_path: Path) -> None:
