@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from enum import Enum
@@ -59,7 +60,7 @@ def add_product(name: str, train_uri: str, archive_uri_template: str, config: Pa
     _check_false_alarms(max_false_alarms)
     _check_false_alarms_have_validation(max_false_alarms, validation_uri)
     _check_roi(config.center_crop, roi_uri)
-    _check_folders_apart(absolute_uri(train_uri), archive, _optional_uri(validation_uri))
+    _check_folders_apart(absolute_uri(train_uri), archive, _optional_uri(validation_uri), _optional_uri(roi_uri))
     config.check_stages()
     try:
         with session_scope() as session:
@@ -127,7 +128,8 @@ def update_product(name: str, train_uri: str | None = None, archive_uri_template
             changes.update({k: (before[k], after[k]) for k in after if after[k] != before[k]})
             product.fit_config = after
         _check_roi(product.fit_config.get("center_crop"), product.roi_uri)  # raising rolls it all back
-        _check_folders_apart(product.train_uri, product.archive_uri_template, product.validation_uri)
+        _check_folders_apart(product.train_uri, product.archive_uri_template, product.validation_uri,
+                             product.roi_uri)
         _check_false_alarms_have_validation(product.max_false_alarms, product.validation_uri)
         return changes
 
@@ -137,11 +139,16 @@ def _optional_uri(uri: str | None) -> str | None:
     return absolute_uri(uri) if uri else None
 
 
-def _check_folders_apart(train_uri: str, archive_template: str, validation_uri: str | None) -> None:
-    """Training images are listed recursively: a validation or archive folder inside the training folder
-    would put its defective images into the memory bank, and a training folder inside the validation
-    folder would count training images as validation ones. Refused (absolute URIs)."""
+def _check_folders_apart(train_uri: str, archive_template: str, validation_uri: str | None,
+                         roi_uri: str | None = None) -> None:
+    """Training images are listed recursively, links followed: a validation or archive folder (or the
+    region-of-interest image) inside the training folder would put its images into the memory bank, and a
+    training folder inside the validation folder would count training images as validation ones. Refused
+    (absolute URIs; local paths compared where their links lead)."""
     train = _as_folder(train_uri)
+    if roi_uri and _as_folder(roi_uri).startswith(train):
+        raise SchedulingError(f"the region of interest {roi_uri} lies inside the training folder {train_uri}: "
+                              "every image under a training folder enters the memory bank; keep it elsewhere")
     if validation_uri:
         validation = _as_folder(validation_uri)
         if validation.startswith(train) or train.startswith(validation):
@@ -151,14 +158,17 @@ def _check_folders_apart(train_uri: str, archive_template: str, validation_uri: 
                 f"the {inner} folder must not lie inside the {outer} folder, nor be the same folder "
                 f"(training {train_uri}, validation {validation_uri}): every image under a training folder "
                 "enters the memory bank; give them separate folders")
-    if archive_template.startswith(train):
+    if _as_folder(archive_template.partition("{date}")[0] + "x").startswith(train):
         raise SchedulingError(
             f"the archive {archive_template} lies inside the training folder {train_uri}: every image under "
             "a training folder enters the memory bank, archived defects included; give them separate folders")
 
 
 def _as_folder(uri: str) -> str:
-    return uri if uri.endswith("/") else uri + "/"
+    """`uri` ending in exactly one "/" (S3 lists `train//` as `train/`), a local path where its links lead."""
+    if not uri.startswith("s3://"):
+        uri = os.path.realpath(uri)
+    return uri.rstrip("/") + "/"
 
 
 def _check_false_alarms(rate: float | None) -> None:

@@ -98,6 +98,16 @@ def test_folders_that_would_mix_training_and_labelled_or_archived_images_are_ref
             add_product("part", "parts/train", "archive/{date}", PatchCoreConfig(), validation_uri="parts")
         with pytest.raises(SchedulingError, match="lies inside the training folder"):
             add_product("part", "parts/train", "parts/train/{date}", PatchCoreConfig())
+        with pytest.raises(SchedulingError, match="region of interest .* lies inside the training folder"):
+            add_product("part", "parts/train", "archive/{date}", PatchCoreConfig(), roi_uri="parts/train/roi.png")
+        (tmp_path / "parts" / "train").mkdir(parents=True)
+        (tmp_path / "labelled").symlink_to(tmp_path / "parts" / "train")  # the same folder under another name
+        with pytest.raises(SchedulingError, match="validation folder must not lie inside the training"):
+            add_product("part", str(tmp_path / "parts" / "train"), "archive/{date}", PatchCoreConfig(),
+                        validation_uri=str(tmp_path / "labelled" / "v"))
+        with pytest.raises(SchedulingError, match="validation folder must not lie inside the training"):
+            add_product("part", "s3://b/train//", "s3://b/archive/{date}/", PatchCoreConfig(),
+                        validation_uri="s3://b/train/validation/")  # S3 lists train// as train/
         assert _products() == {}
         # a sibling whose name merely starts like the training folder's is apart
         assert main(["product", "add", "part", "--train", "parts/train", "--archive", "parts/train-{date}",
