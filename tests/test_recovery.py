@@ -15,7 +15,7 @@ from sqlalchemy import select
 
 from common.db import UNFINISHED, Job, ModelStatus, ModelVersion, Result, session_scope, utcnow
 from common.engine.config import PatchCoreConfig
-from scheduler.jobs import new_score_job
+from scheduler.jobs import new_score_job, send_chunks
 from scheduler.products import add_product
 from scheduler.recovery import UNLISTABLE_GIVE_UP, recover_lost_work
 from tests.conftest import embedded_default
@@ -89,8 +89,9 @@ def test_a_job_whose_folder_stays_unlistable_is_failed_after_hours_of_nothing(
         product_id, version_id, _ = _product_with_a_folder(tmp_path)
         gone = f"s3://tr-deleted-{uuid.uuid4().hex[:12]}/night/"
         hours = UNLISTABLE_GIVE_UP.total_seconds() / 3600
-        quiet, busy, young = (_old_score_job(product_id, version_id, gone, 3, hours=h)
-                              for h in (hours + 1, hours + 1, hours - 1))
+        quiet, busy, young, queued = (_old_score_job(product_id, version_id, gone, 3, hours=h)
+                                      for h in (hours + 1, hours + 1, hours - 1, hours + 1))
+        send_chunks(queued, [gone + "q.png"])  # a chunk of it still waits in the broker: not given up
         with session_scope() as session:  # a chunk of `busy` recorded an image an hour ago
             session.add(Result(job_id=busy, model_version_id=version_id, product_id=product_id,
                                image_uri=gone + "a.png", status="ok", score=0.5, threshold=1.0,
@@ -102,7 +103,8 @@ def test_a_job_whose_folder_stays_unlistable_is_failed_after_hours_of_nothing(
             jobs = {j.id: (j.status, j.error or "") for j in session.scalars(select(Job))}
         assert jobs[quiet][0] == "failed"
         assert gone in jobs[quiet][1] and "could not be listed" in jobs[quiet][1]
-        assert jobs[busy][0] in UNFINISHED and jobs[young][0] in UNFINISHED
+        assert jobs[busy][0] in UNFINISHED and jobs[young][0] in UNFINISHED and jobs[queued][0] in UNFINISHED
+        assert pending_work(broker).images[queued] == {gone + "q.png"}
 
 
 def test_a_sweep_does_not_start_while_another_still_runs(tmp_path: Path, broker_url: str) -> None:
