@@ -14,6 +14,7 @@ import http.server
 import io
 import json
 import os
+import re
 import threading
 import time
 import uuid
@@ -161,7 +162,8 @@ def _refused(home: Path, match: str) -> None:
         job = session.scalars(select(Job).where(Job.kind == "score").order_by(Job.id.desc())).first()
         rows = session.scalars(select(Result).where(Result.job_id == job.id)).all()
     assert job.status == "failed" and rows == []
-    assert job.error.startswith(f"ModelUnusable: model version 1 of '{PRODUCT}' cannot be used: ArtifactError")
+    assert re.match(f"ModelUnusable: model version 1 of '{PRODUCT}' cannot be used: "
+                    "Artifact(Error|Incompatible): ", job.error), job.error  # damaged, or intact but unusable
     assert match.replace("\\", "") in job.error
 
 
