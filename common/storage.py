@@ -198,14 +198,18 @@ def list_uris(prefix_uri: str | Path, suffixes: tuple[str, ...] | None = None) -
     if not text.startswith("s3://") and not _local_path(text).is_dir():
         return []
     storage = open_storage(text)
-    unlisted: list[str] = []
-    if isinstance(storage, LocalStorage):
-        keys, unlisted = storage.walk(follow_links_out=True)
-    else:
-        keys = storage.list()
+    keys, unlisted = walk_keys(storage, follow_links_out=True)
     if suffixes is not None:
         keys = [k for k in keys if k.lower().endswith(suffixes)]
     return [listed_uri(storage, key) for key in sorted(keys + unlisted)]
+
+
+def walk_keys(storage: Storage, follow_links_out: bool = False) -> tuple[list[str], list[str]]:
+    """All keys of `storage`, and apart from them the local folders that could not be read (`LocalStorage.walk`;
+    none on S3)."""
+    if isinstance(storage, LocalStorage):
+        return storage.walk(follow_links_out=follow_links_out)
+    return storage.list(), []
 
 
 def listed_uri(storage: Storage, key: str) -> str:

@@ -124,18 +124,17 @@ def cmd_db_upgrade(a: argparse.Namespace) -> int:
     upgrade()
     print(f"database {redact_url(settings.database_url)} is at revision {current_revision()}")
     if settings.readonly_password:
-        if settings.database_url.startswith("sqlite"):
-            print("TOTALRECALL_READONLY_PASSWORD ignored: SQLite has no roles", file=sys.stderr)
+        try:
+            create_readonly_login(settings.database_url, settings.readonly_password)
+        except NotImplementedError as exc:  # SQLite: no roles
+            print(f"TOTALRECALL_READONLY_PASSWORD ignored: {exc}", file=sys.stderr)
+        except (DBAPIError, psycopg2.Error, LookupError) as exc:  # e.g. a migrating user without CREATEROLE
+            reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+            print(f"warning: the schema is upgraded, but role {READONLY_ROLE} was not given its login: "
+                  f"{reason} (a user with CREATEROLE can run `totalrecall db upgrade` again)", file=sys.stderr)
         else:
-            try:
-                create_readonly_login(settings.database_url, settings.readonly_password)
-            except (DBAPIError, psycopg2.Error, LookupError) as exc:  # e.g. a migrating user without CREATEROLE
-                reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
-                print(f"warning: the schema is upgraded, but role {READONLY_ROLE} was not given its login: "
-                      f"{reason} (a user with CREATEROLE can run `totalrecall db upgrade` again)", file=sys.stderr)
-            else:
-                print(f"role {READONLY_ROLE} can log in with TOTALRECALL_READONLY_PASSWORD (it reads the history "
-                      "views)")
+            print(f"role {READONLY_ROLE} can log in with TOTALRECALL_READONLY_PASSWORD (it reads the history "
+                  "views)")
     return 0
 
 

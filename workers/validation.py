@@ -28,7 +28,7 @@ from PIL import Image
 from common.engine.mvtec import masks_by_stem, read_mask
 from common.engine.patchcore import PatchCore
 from common.images import DECODER_FAULTS, IMAGE_SUFFIXES
-from common.storage import LocalStorage, StorageNotFound, list_uris, listed_uri, open_storage, read_uri
+from common.storage import StorageNotFound, list_uris, listed_uri, open_storage, read_uri, walk_keys
 from workers.job_state import name_failures
 
 NOMINAL = "good"
@@ -57,13 +57,10 @@ def list_validation_set(uri: str) -> ValidationSet:
     if not list_uris(uri, IMAGE_SUFFIXES):  # never creates a missing local folder, unlike open_storage
         raise ValidationSetError(f"no images under the validation folder {uri}")
     storage = open_storage(uri)
-    if isinstance(storage, LocalStorage):
-        listed, unreadable = storage.walk()
-        if unreadable:  # its images would be left out of the thresholds without a word
-            raise ValidationSetError(f"cannot read {', '.join(unreadable[:3])}" + (" ..." if len(unreadable) > 3
-                                     else "") + f" under the validation folder {uri} (permission denied)")
-    else:
-        listed = storage.list()
+    listed, unreadable = walk_keys(storage)
+    if unreadable:  # its images would be left out of the thresholds without a word
+        raise ValidationSetError(f"cannot read {', '.join(unreadable[:3])}" + (" ..." if len(unreadable) > 3
+                                 else "") + f" under the validation folder {uri} (permission denied)")
     keys = sorted(k for k in listed if k.lower().endswith(IMAGE_SUFFIXES))
     mask_keys = {k for k in keys if k.startswith(MASKS + "/")}
     image_keys = [k for k in keys if k not in mask_keys]

@@ -70,11 +70,12 @@ class PatchCoreConfig:
             if field.name in ("seed", "num_neighbors", "sigma"):
                 continue  # checked below, with what they may be
             value = getattr(self, field.name)
-            if field.type in ("int", "int | None") and isinstance(value, float) and value.is_integer():
-                value = int(value)  # 288.0: accepted before this check, and stored so in older artifacts
-                object.__setattr__(self, field.name, value)
-            if field.type in ("int", "int | None") and not (_is_int(value) or (value is None and "None" in field.type)):
-                raise ValueError(f"{field.name} must be an integer, not {value!r}")
+            if field.type in ("int", "int | None"):
+                if isinstance(value, float) and value.is_integer():
+                    value = int(value)  # 288.0: accepted before this check, and stored so in older artifacts
+                    object.__setattr__(self, field.name, value)
+                if not (_is_int(value) or (value is None and field.type == "int | None")):
+                    raise ValueError(f"{field.name} must be an integer, not {value!r}")
             if field.type == "float" and not (isinstance(value, Real) and not isinstance(value, bool)
                                               and math.isfinite(value)):
                 raise ValueError(f"{field.name} must be a finite number, not {value!r}")
