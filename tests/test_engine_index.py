@@ -1,5 +1,5 @@
-"""Approximate (IVF) kNN index: recall against exact search, deterministic training, choice by bank
-size, and the round trip through the model artifact."""
+"""kNN search: approximate (IVF) index recall against exact search, deterministic training, choice by
+bank size, the round trip through the model artifact; the torch search of faiss builds without GPU."""
 
 from __future__ import annotations
 
@@ -8,10 +8,11 @@ import json
 import faiss
 import numpy as np
 import pytest
+import torch
 
 from common.engine.artifact import BANK_FILE, META_FILE, ArtifactError, load_artifact
 from common.engine.config import PatchCoreConfig
-from common.engine.knn import IndexSpec, NearestNeighbors, auto_nlist, auto_pq_m
+from common.engine.knn import IndexSpec, NearestNeighbors, TorchFlatL2, auto_nlist, auto_pq_m
 from common.engine.patchcore import PatchCore
 
 
@@ -141,3 +142,21 @@ def test_a_tampered_or_missing_index_is_refused(tmp_path) -> None:
     rewrite({"bank": tensors["bank"]}, {**no_index, "format_version": 1})
     with pytest.raises(ArtifactError, match="lacks a stored approximate index"):
         PatchCore.load(folder, device="cpu")
+
+
+def test_torch_flat_search_finds_the_exact_neighbours_in_any_block_size(monkeypatch) -> None:
+    """TorchFlatL2 is what a CUDA worker with faiss-cpu searches with; here it runs on the CPU."""
+    exact_d2, exact_ids = faiss.knn(QUERIES, BANK, 9)
+    search = TorchFlatL2(BANK, torch.device("cpu"))
+    d2, ids = search.search(QUERIES, 9)
+    assert ids.dtype == np.int64 and (ids == exact_ids).mean() > 0.999  # float32 near-ties may swap
+    full = d2 + (QUERIES * QUERIES).sum(1, keepdims=True)  # its order key lacks the query's own |q|^2
+    np.testing.assert_allclose(full, exact_d2, rtol=1e-4, atol=1e-2)
+    monkeypatch.setattr(TorchFlatL2, "BLOCK", len(BANK) * 7)  # blocks of 7 queries, the last one short
+    assert np.array_equal(search.search(QUERIES, 9)[1], ids)
+    assert search.search(QUERIES[:0], 1)[1].shape == (0, 1)
+    nn = NearestNeighbors(BANK, use_gpu=False)
+    de, ie = nn.search(QUERIES, 1)
+    nn.index = search  # the same search through NearestNeighbors: candidates refined to exact distances
+    dt, it = nn.search(QUERIES, 1)
+    assert np.array_equal(it, ie) and np.array_equal(dt, de)

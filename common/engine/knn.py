@@ -1,7 +1,9 @@
 """Nearest-neighbour search over the memory bank with faiss: exact by default, IVF for very large banks.
 
 - "flat": exact L2 search. On CPU it searches the bank array itself (`faiss.knn`, the same kernel as
-  `IndexFlatL2`), so the bank is held once; on CUDA a GPU flat index.
+  `IndexFlatL2`), so the bank is held once; on CUDA a faiss GPU flat index, or, where the installed faiss
+  has no GPU support (faiss-cpu, e.g. on a CUDA version faiss-gpu wheels are not built for), a torch
+  matrix product on the GPU (`TorchFlatL2`): a CPU search would cost a GPU worker most of its time.
 - "ivf_flat" / "ivf_pq": inverted-file index (coarse k-means lists, `nprobe` searched per query), with
   the vectors stored as they are (exact distances to the candidates) or product-quantized (`pq_m` bytes a
   vector, approximate distances). Used only for banks of at least `index_min_bank` features.
@@ -102,20 +104,25 @@ class NearestNeighbors:
         self.batch = batch
         self.spec = spec or (state.spec if state is not None else IndexSpec())
         self.state: IndexState | None = None
-        use_gpu = gpu_available() and use_gpu is not False  # a CPU-only faiss build searches on the CPU
-        if self.spec.approximate:
+        faiss_gpu = gpu_available() and use_gpu is not False
+        if self.spec.approximate:  # with a CPU-only faiss build an IVF index searches on the CPU
             index, self.state = _ivf(self.bank, self.spec, state)
-        elif use_gpu:
+        elif faiss_gpu:
             index = faiss.IndexFlatL2(self.bank.shape[1])
             index.add(self.bank)
+        elif use_gpu and torch.cuda.is_available():
+            index = TorchFlatL2(self.bank, torch.device("cuda", self._device()))
         else:
             index = None  # faiss.knn over self.bank: no second copy of the bank
-        if use_gpu and index is not None:
+        if faiss_gpu and index is not None:
             index = self._to_gpu(index)
         self.index = index
 
+    def _device(self) -> int:
+        return torch.cuda.current_device() if self.gpu_device is None else self.gpu_device
+
     def _to_gpu(self, index: faiss.Index) -> faiss.Index:
-        device = torch.cuda.current_device() if self.gpu_device is None else self.gpu_device
+        device = self._device()
         self._resources = gpu_resources(device)
         try:
             return faiss.index_cpu_to_gpu(self._resources, device, index)
@@ -160,6 +167,31 @@ class NearestNeighbors:
             dists[start: start + self.batch] = np.sqrt(np.maximum(d2, 0.0))
             ids[start: start + self.batch] = i
         return dists, ids
+
+
+class TorchFlatL2:
+    """Exact L2 search by matrix product on a torch device, with faiss' `search(queries, k)` signature:
+    the GPU search of a faiss build without GPU support. Distances are |b|^2 - 2 q.b in float32 (the
+    query's own |q|^2 does not change its order); `NearestNeighbors.search` recomputes the chosen rows'."""
+
+    BLOCK = 1 << 26  # distance matrix elements per block of queries (256 MiB of float32)
+
+    def __init__(self, bank: np.ndarray, device: torch.device):
+        self.bank = torch.from_numpy(bank).to(device)
+        self.sq = (self.bank * self.bank).sum(1)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        q = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32)).to(self.bank.device)
+        if not len(q):
+            return np.empty((0, k), np.float32), np.empty((0, k), np.int64)
+        rows = max(1, self.BLOCK // max(1, len(self.bank)))
+        d2, ids = [], []
+        for s in range(0, len(q), rows):
+            block = torch.addmm(self.sq[None], q[s: s + rows], self.bank.T, alpha=-2)
+            d, i = block.topk(k, dim=1, largest=False, sorted=True)
+            d2.append(d)
+            ids.append(i)
+        return torch.cat(d2).cpu().numpy(), torch.cat(ids).cpu().numpy().astype(np.int64)
 
 
 def _refine(queries: np.ndarray, candidates: np.ndarray, bank: np.ndarray, k: int,
