@@ -52,7 +52,8 @@ def add_model_options(p: argparse.ArgumentParser, defaults: bool = True) -> None
     arg("--batch-size", type=int, default=d.batch_size)
     arg("--seed", type=int, default=d.seed)
     arg("--precision", choices=PRECISIONS, default=d.precision,
-        help="backbone arithmetic: auto (bf16 on CUDA, fp32 on CPU), fp32, or bf16 (fast on AMX CPUs)")
+        help="backbone arithmetic: auto or fp32 (float32 on every device: the same scores on GPU and CPU "
+             "workers), or bf16 (bfloat16: fast on AMX CPUs, scores a few percent off float32's)")
     arg("--bit-depth", type=int, default=d.bit_depth,
         help="significant bits of images stored with more than 8 bits a sample (grey or colour), e.g. 12 "
         "for a Mono12 camera (0: the most the training images use)")

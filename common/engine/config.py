@@ -50,9 +50,10 @@ class PatchCoreConfig:
     sigma: float = 4.0  # Gaussian smoothing of the anomaly map, in model-input pixels
     holdout_fraction: float = 0.1  # nominal images kept out of the bank to calibrate thresholds
     batch_size: int = 8
-    # backbone arithmetic: auto = bfloat16 autocast on CUDA, float32 on the CPU; fp32 everywhere (the
-    # closest scores across devices); bf16 everywhere halves the backbone's CPU time on CPUs with AMX
-    # (docs/benchmarks.md section 4) at a small accuracy cost
+    # backbone arithmetic: auto and fp32 = IEEE float32 on every device, so a model scores the same on
+    # GPU and CPU workers (auto is the stored default of earlier versions, when it meant bfloat16 on
+    # CUDA); bf16 = bfloat16 autocast on every device: half the backbone's CPU time on CPUs with AMX,
+    # scores a few percent off float32's (docs/benchmarks.md sections 4 and 7)
     precision: str = "auto"
     # significant bits of images stored with more than 8 bits a sample (12 for a Mono12 camera writing
     # 16-bit files): their values are scaled from 0..2**bit_depth-1 to 8 bits, the same for every image of

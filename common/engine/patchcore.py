@@ -108,9 +108,9 @@ class PatchCore:
         self.image_threshold = float("nan")
         self.pixel_threshold = float("nan")
         self.stats: dict[str, Any] = {}
-        if self.config.precision == "fp32" and self.device.type == "cuda":
-            # CUDA convolutions default to TF32 (10-bit mantissa): fp32 means IEEE float32, the closest
-            # scores to the CPU's (process-wide; "auto" and "bf16" models run under bfloat16 autocast anyway)
+        if self.config.precision != "bf16" and self.device.type == "cuda":
+            # CUDA convolutions default to TF32 (10-bit mantissa): float32 means IEEE float32, the CPU's
+            # scores to 1e-6 (measured on an H200); process-wide, bf16 models run under autocast anyway
             torch.backends.cudnn.conv.fp32_precision = "ieee"
         if self.config.precision == "bf16" and self.device.type == "cpu" and not _cpu_has_native_bf16():
             warnings.warn("precision bf16 on a CPU without native bfloat16 instructions is emulated: "
@@ -120,10 +120,10 @@ class PatchCore:
 
     # ----------------------------------------------------------------------------------- features
     def autocast(self) -> torch.autocast:
-        """The arithmetic the backbone runs under: bfloat16 autocast or none (`PatchCoreConfig.precision`)."""
-        precision = self.config.precision
-        bf16 = precision == "bf16" or (precision == "auto" and self.device.type == "cuda")
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16)
+        """The arithmetic the backbone runs under: bfloat16 autocast for `precision` bf16, else none, on
+        every device. (Until this version auto meant bfloat16 on CUDA: a GPU-fitted model's scores on a CPU
+        worker then differed by up to 2 % (image) and 7 % (map maxima), docs/benchmarks.md section 7.)"""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.precision == "bf16")
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) normalised inputs -> (B, H/8, W/8, D) float32 patch features, on the device."""
