@@ -1083,3 +1083,18 @@ def test_auto_resize_fit_calls_each_loader_once(train, tmp_path) -> None:
     direct.fit([t if i != bad else b"" for i, t in enumerate(train)])  # same images, no loaders
     assert m.config == direct.config and np.array_equal(m.index.bank, direct.index.bank)
     assert m.image_threshold == direct.image_threshold
+
+
+def test_float32_models_turn_off_tf32_convolutions() -> None:
+    """What a float32 model on CUDA calls (there CUDA's TF32 default moved scores off the CPU's); the switch
+    itself can be read on any machine."""
+    from common.engine.patchcore import _ieee_float32_convolutions
+
+    conv = torch.backends.cudnn.conv
+    before = conv.fp32_precision
+    try:
+        conv.fp32_precision = "tf32"
+        _ieee_float32_convolutions()
+        assert conv.fp32_precision == "ieee"
+    finally:
+        conv.fp32_precision = before

@@ -53,7 +53,7 @@ class PatchCoreConfig:
     # backbone arithmetic: auto and fp32 = IEEE float32 on every device, so a model scores the same on
     # GPU and CPU workers (auto is the stored default of earlier versions, when it meant bfloat16 on
     # CUDA); bf16 = bfloat16 autocast on every device: half the backbone's CPU time on CPUs with AMX,
-    # scores a few percent off float32's (docs/benchmarks.md sections 4 and 7)
+    # scores a few percent off float32's (docs/benchmarks.md sections 4 and 11)
     precision: str = "auto"
     # significant bits of images stored with more than 8 bits a sample (12 for a Mono12 camera writing
     # 16-bit files): their values are scaled from 0..2**bit_depth-1 to 8 bits, the same for every image of

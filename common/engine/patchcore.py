@@ -92,6 +92,16 @@ def _cpu_has_native_bf16() -> bool:
     return bool(probe()) if probe else False
 
 
+def _ieee_float32_convolutions() -> None:
+    """CUDA convolutions default to TF32 (10-bit mantissa); float32 models want IEEE float32, which gave the
+    CPU's scores to 2e-7 on an H200. Process-wide: bf16 models run under autocast anyway."""
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if conv is not None and hasattr(conv, "fp32_precision"):
+        conv.fp32_precision = "ieee"
+    else:  # torch before 2.9
+        torch.backends.cudnn.allow_tf32 = False
+
+
 class PatchCore:
     def __init__(self, config: PatchCoreConfig | None = None, device: str | None = "auto",
                  weights: str | Path | None = None, roi: RegionOfInterest | None = None):
@@ -109,9 +119,7 @@ class PatchCore:
         self.pixel_threshold = float("nan")
         self.stats: dict[str, Any] = {}
         if self.config.precision != "bf16" and self.device.type == "cuda":
-            # CUDA convolutions default to TF32 (10-bit mantissa): float32 means IEEE float32, the CPU's
-            # scores to 1e-6 (measured on an H200); process-wide, bf16 models run under autocast anyway
-            torch.backends.cudnn.conv.fp32_precision = "ieee"
+            _ieee_float32_convolutions()
         if self.config.precision == "bf16" and self.device.type == "cpu" and not _cpu_has_native_bf16():
             warnings.warn("precision bf16 on a CPU without native bfloat16 instructions is emulated: "
                           "measured 1.3x slower than fp32 with AVX-512 and over 20x slower with AVX2 only; "
@@ -122,7 +130,7 @@ class PatchCore:
     def autocast(self) -> torch.autocast:
         """The arithmetic the backbone runs under: bfloat16 autocast for `precision` bf16, else none, on
         every device. (Until this version auto meant bfloat16 on CUDA: a GPU-fitted model's scores on a CPU
-        worker then differed by up to 2 % (image) and 7 % (map maxima), docs/benchmarks.md section 7.)"""
+        worker then differed by up to 2 % (image) and 7 % (map maxima), docs/benchmarks.md section 11.)"""
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.precision == "bf16")
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
