@@ -186,6 +186,14 @@ def _unescaped(path: Path) -> Path:
     return found if os.path.lexists(found) else path
 
 
+def real_location(uri: str) -> str:
+    """Where the object at `uri` really is, to tell whether two URIs name one file: a local path with its
+    links resolved (as `storable` text), an S3 URI as it is (S3 has no links)."""
+    if uri.startswith("s3://"):
+        return uri
+    return storable(os.path.realpath(_local_path(uri)))
+
+
 def list_uris(prefix_uri: str | Path, suffixes: tuple[str, ...] | None = None) -> list[str]:
     """Full URIs of the objects under a folder-like URI (`s3://bucket/archive/2026-11-27/`, a folder), sorted.
 

@@ -259,3 +259,29 @@ def test_an_unreadable_validation_image_is_named_and_the_others_still_calibrate(
     assert [f["uri"] for f in summary["failed_images"]] == [store.uri_for("partly-broken/good/torn.png")]
     assert "corrupt or truncated image" in summary["failed_images"][0]["error"]
     assert (summary["nominal"], summary["defective"]) == (2, 1)  # scored; the unreadable one is listed above
+
+
+def test_a_training_image_that_is_also_a_validation_image_fails_the_fit(store: Storage) -> None:
+    """A link in the training folder that leads into the validation folder, and the folders of a product
+    stored nested before `product add` refused that: the validation images would enter the memory bank."""
+    import shutil
+
+    root = Path(store.uri_for("train")).parent
+    linked, nested = root / "train-linked", root / "train-nested"
+    shutil.copytree(root / "train", linked)
+    (linked / "more").symlink_to(root / "validation" / "scratch")
+    shutil.copytree(root / "train", nested)
+    shutil.copytree(root / "validation", nested / "validation")
+    archive = store.uri_for("archive/{date}/x")
+    assert main(["product", "add", "linked", "--train", str(linked), "--archive", archive, *SMALL_FIT,
+                 "--validation", store.uri_for("validation")]) == 0
+    assert main(["product", "add", "nested", "--train", str(nested), "--archive", archive, *SMALL_FIT]) == 0
+    with session_scope() as session:  # as stored before the check
+        session.scalars(select(Product).where(Product.name == "nested")).one().validation_uri = \
+            str(nested / "validation")
+    for name, example in (("linked", f"{linked}/more/d0.png"), ("nested", f"{nested}/validation/")):
+        assert main(["fit", name, "--wait"]) != 0
+        version, job = _latest(name)
+        assert job.status == "failed" and not version.is_active
+        assert "training image(s) are also validation images" in job.error and example in job.error
+    assert "4 training image(s)" in _latest("linked")[1].error  # d0-d3, each seen through the link

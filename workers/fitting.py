@@ -61,10 +61,10 @@ from common.engine.roi import RegionOfInterest
 from common.images import IMAGE_SUFFIXES
 from common.logs import log_context, log_event
 from common.settings import get_settings
-from common.storage import StorageError, StorageUnavailable, list_uris, open_storage, read_uri
+from common.storage import StorageError, StorageUnavailable, list_uris, open_storage, read_uri, real_location
 from workers.job_state import describe_error, fail_locked_job, lock_job, name_failures
 from workers.reviews import Confirmed, check_confirmed, confirmed_defects, reviewed_good
-from workers.validation import calibrate_on_validation_set, list_validation_set
+from workers.validation import ValidationSet, calibrate_on_validation_set, list_validation_set
 
 logger = logging.getLogger(__name__)
 
@@ -136,6 +136,7 @@ def _fit_and_publish(target: FitTarget) -> FitOutcome | None:
     uris = train + reviewed
     config = PatchCoreConfig.from_dict(target.fit_config)
     validation = list_validation_set(target.validation_uri) if target.validation_uri else None  # fail early
+    _check_apart_from_training(train, validation, target.roi_uri)
     max_bytes = get_settings().max_image_bytes
     roi = _read_roi(target.roi_uri, max_bytes) if target.roi_uri else None
     log_event(logger, logging.INFO, "fit_started", images=len(uris), reviewed_good=len(reviewed),
@@ -169,6 +170,23 @@ def _fit_and_publish(target: FitTarget) -> FitOutcome | None:
         return None
     failed = len(stats.get("failed_images", []))
     return FitOutcome(target.version, sha256, not inactive, inactive or reason, len(uris), failed)
+
+
+def _check_apart_from_training(train: list[str], validation: ValidationSet | None, roi_uri: str | None) -> None:
+    """No training image may be a validation image, a defect mask or the region of interest. `product add`
+    and `set` refuse nested folders, but a link in the training folder can still lead there (as can the
+    folders of a product stored before that check): such an image would enter the memory bank."""
+    others = [*validation.images, *(m for m in validation.masks if m)] if validation else []
+    if roi_uri:
+        others.append(roi_uri)
+    if not others:
+        return
+    elsewhere = {real_location(u) for u in others}
+    shared = [u for u in train if real_location(u) in elsewhere]
+    if shared:
+        raise FitError(f"{len(shared)} training image(s) are also validation images, defect masks or the region "
+                       f"of interest, e.g. {shared[0]} (a link in the training folder?): every image under the "
+                       "training folder enters the memory bank; move or unlink them")
 
 
 def _read_roi(uri: str, max_bytes: int) -> RegionOfInterest:
