@@ -12,7 +12,7 @@ import torch
 
 from common.engine.artifact import BANK_FILE, META_FILE, ArtifactError, load_artifact
 from common.engine.config import PatchCoreConfig
-from common.engine.knn import IndexSpec, NearestNeighbors, TorchFlatL2, auto_nlist, auto_pq_m
+from common.engine.knn import IndexSpec, NearestNeighbors, TorchFlatL2, auto_nlist, auto_pq_m, flat_search
 from common.engine.patchcore import PatchCore
 
 
@@ -160,3 +160,10 @@ def test_torch_flat_search_finds_the_exact_neighbours_in_any_block_size(monkeypa
     nn.index = search  # the same search through NearestNeighbors: candidates refined to exact distances
     dt, it = nn.search(QUERIES, 1)
     assert np.array_equal(it, ie) and np.array_equal(dt, de)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU machine: bench/gpu_check.py checks its search")
+def test_flat_search_on_a_machine_without_cuda_is_faiss_on_the_cpu() -> None:
+    """On CUDA it is faiss-gpu or torch-gpu (measured on an H200, docs/benchmarks.md section 11)."""
+    assert flat_search(True) == flat_search(None) == flat_search(False) == "faiss-cpu"
+    assert NearestNeighbors(BANK, use_gpu=True).index is None  # faiss.knn over the bank

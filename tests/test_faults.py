@@ -127,6 +127,9 @@ def test_worker_killed_mid_fit_leaves_no_half_published_model(c: Cluster) -> Non
     try:  # this worker's 1-second limits must not reach the next tests' chunks
         assert not any(p.exists() for p in leftovers), leftovers
         assert f"event=worker_disk_tidied leftovers={len(leftovers)}" in tidy.text()
+        wait_for(lambda: "event=worker_compute" in tidy.text(), 60)  # its pool process says where it computes
+        compute = next(line for line in tidy.text().splitlines() if "event=worker_compute" in line)
+        assert "device=cpu" in compute and "search=faiss-cpu" in compute and "gpu=" not in compute
     finally:
         tidy.stop()
         del c.workers["t"]

@@ -68,7 +68,27 @@ def _preload_backbones(**_: Any) -> None:
     only a few seconds to start): the first chunk of a night then loads just its bank."""
     import threading
 
-    threading.Thread(target=preload_backbones, name="totalrecall-preload", daemon=True).start()
+    def start() -> None:
+        log_compute()
+        preload_backbones()
+
+    threading.Thread(target=start, name="totalrecall-preload", daemon=True).start()
+
+
+def log_compute() -> None:
+    """Say what this pool process computes on: a GPU worker whose kNN search ran on its CPU scored 15-39
+    images/s instead of 273-301 (docs/benchmarks.md section 11), which nothing else would show."""
+    import faiss
+    import torch
+
+    from common.engine.knn import flat_search
+    from common.engine.patchcore import resolve_device
+
+    device = resolve_device("auto")
+    cuda = device.type == "cuda"
+    log_event(logger, logging.INFO, "worker_compute", device=device,
+              gpu=torch.cuda.get_device_name(device) if cuda else None, torch=torch.__version__,
+              cuda=torch.version.cuda if cuda else None, faiss=faiss.__version__, search=flat_search(cuda))
 
 
 def preload_backbones() -> None:

@@ -33,6 +33,17 @@ def gpu_available() -> bool:
     return torch.cuda.is_available() and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 
+def flat_search(use_gpu: bool | None) -> str:
+    """Where exact search runs: "faiss-gpu" (a faiss GPU index), "torch-gpu" (`TorchFlatL2`: CUDA with a
+    faiss build without GPU support) or "faiss-cpu". `use_gpu`: the model's device is CUDA (None: use a
+    faiss GPU index if there is one)."""
+    if gpu_available() and use_gpu is not False:
+        return "faiss-gpu"
+    if use_gpu and torch.cuda.is_available():
+        return "torch-gpu"
+    return "faiss-cpu"
+
+
 @cache
 def gpu_resources(device: int) -> faiss.StandardGpuResources:
     """One faiss GPU context per device for the process: each reserves scratch memory, so a worker
@@ -104,17 +115,17 @@ class NearestNeighbors:
         self.batch = batch
         self.spec = spec or (state.spec if state is not None else IndexSpec())
         self.state: IndexState | None = None
-        faiss_gpu = gpu_available() and use_gpu is not False
+        where = flat_search(use_gpu)
         if self.spec.approximate:  # with a CPU-only faiss build an IVF index searches on the CPU
             index, self.state = _ivf(self.bank, self.spec, state)
-        elif faiss_gpu:
+        elif where == "faiss-gpu":
             index = faiss.IndexFlatL2(self.bank.shape[1])
             index.add(self.bank)
-        elif use_gpu and torch.cuda.is_available():
+        elif where == "torch-gpu":
             index = TorchFlatL2(self.bank, torch.device("cuda", self._device()))
         else:
             index = None  # faiss.knn over self.bank: no second copy of the bank
-        if faiss_gpu and index is not None:
+        if where == "faiss-gpu" and index is not None:
             index = self._to_gpu(index)
         self.index = index
 
