@@ -97,7 +97,9 @@ def main() -> None:
     if a.one:
         print(json.dumps(one(a.features, int(a.one[0]), float(a.one[1]), a.device)))
         return
-    if a.extract or not a.features.exists():
+    if a.synthetic and a.features == p.get_default("features"):
+        p.error("--synthetic needs --features PATH of its own (the default file holds bottle's features)")
+    if a.extract or a.synthetic or not a.features.exists():
         a.features.parent.mkdir(parents=True, exist_ok=True)
         extract(a.features, a.data, a.synthetic)
     for ratio in a.ratios:

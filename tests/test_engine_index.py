@@ -162,8 +162,23 @@ def test_torch_flat_search_finds_the_exact_neighbours_in_any_block_size(monkeypa
     assert np.array_equal(it, ie) and np.array_equal(dt, de)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU machine: bench/gpu_check.py checks its search")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU machine: bench/gpu_check.py fails on a CPU search")
 def test_flat_search_on_a_machine_without_cuda_is_faiss_on_the_cpu() -> None:
-    """On CUDA it is faiss-gpu or torch-gpu (measured on an H200, docs/benchmarks.md section 11)."""
     assert flat_search(True) == flat_search(None) == flat_search(False) == "faiss-cpu"
     assert NearestNeighbors(BANK, use_gpu=True).index is None  # faiss.knn over the bank
+
+
+@pytest.mark.parametrize(("faiss_gpu", "cuda", "expected"), [
+    (True, True, {True: "faiss-gpu", None: "faiss-gpu", False: "faiss-cpu"}),
+    (False, True, {True: "torch-gpu", None: "faiss-cpu", False: "faiss-cpu"}),  # faiss-cpu on a CUDA machine
+    (False, False, {True: "faiss-cpu", None: "faiss-cpu", False: "faiss-cpu"}),
+])
+def test_flat_search_follows_the_faiss_build_and_the_model_device(monkeypatch, faiss_gpu: bool, cuda: bool,
+                                                                   expected: dict) -> None:
+    """The decision alone (the machine's probes set as on each kind of machine); the searches themselves
+    ran on an H200 (docs/benchmarks.md section 11)."""
+    from common.engine import knn
+
+    monkeypatch.setattr(knn, "gpu_available", lambda: faiss_gpu)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    assert {use_gpu: flat_search(use_gpu) for use_gpu in expected} == expected

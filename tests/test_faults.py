@@ -14,8 +14,10 @@ from datetime import date
 
 import pytest
 import sqlalchemy as sa
+import torch
 
 from common.db import ModelVersion, fresh_database
+from common.engine.knn import flat_search
 from common.settings import Settings, SettingsError
 from tests.cluster import PRODUCT, Cluster, cluster, ok, wait_for
 from tests.conftest import Services
@@ -129,7 +131,9 @@ def test_worker_killed_mid_fit_leaves_no_half_published_model(c: Cluster) -> Non
         assert f"event=worker_disk_tidied leftovers={len(leftovers)}" in tidy.text()
         wait_for(lambda: "event=worker_compute" in tidy.text(), 60)  # its pool process says where it computes
         compute = next(line for line in tidy.text().splitlines() if "event=worker_compute" in line)
-        assert "device=cpu" in compute and "search=faiss-cpu" in compute and "gpu=" not in compute
+        cuda = torch.cuda.is_available()  # the worker sees the machine this test runs on
+        assert f"device={'cuda' if cuda else 'cpu'}" in compute and ("gpu=" in compute) == cuda
+        assert f"exact_search={flat_search(cuda)}" in compute
     finally:
         tidy.stop()
         del c.workers["t"]

@@ -285,3 +285,4 @@ def test_a_training_image_that_is_also_a_validation_image_fails_the_fit(store: S
         assert job.status == "failed" and not version.is_active
         assert "training image(s) are also validation images" in job.error and example in job.error
     assert "4 training image(s)" in _latest("linked")[1].error  # d0-d3, each seen through the link
+    assert "11 training image(s)" in _latest("nested")[1].error  # 8 validation images and their 3 masks

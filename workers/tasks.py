@@ -69,7 +69,10 @@ def _preload_backbones(**_: Any) -> None:
     import threading
 
     def start() -> None:
-        log_compute()
+        try:
+            log_compute()
+        except Exception as exc:  # e.g. a CUDA device that fails to initialise: the preload still runs
+            log_event(logger, logging.WARNING, "worker_compute_unknown", error=describe_error(exc))
         preload_backbones()
 
     threading.Thread(target=start, name="totalrecall-preload", daemon=True).start()
@@ -88,7 +91,8 @@ def log_compute() -> None:
     cuda = device.type == "cuda"
     log_event(logger, logging.INFO, "worker_compute", device=device,
               gpu=torch.cuda.get_device_name(device) if cuda else None, torch=torch.__version__,
-              cuda=torch.version.cuda if cuda else None, faiss=faiss.__version__, search=flat_search(cuda))
+              cuda=torch.version.cuda if cuda else None, faiss=faiss.__version__,
+              exact_search=flat_search(cuda))  # IVF indexes search on the CPU without faiss-gpu
 
 
 def preload_backbones() -> None:

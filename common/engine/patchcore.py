@@ -94,7 +94,8 @@ def _cpu_has_native_bf16() -> bool:
 
 def _ieee_float32_convolutions() -> None:
     """CUDA convolutions default to TF32 (10-bit mantissa); float32 models want IEEE float32, which gave the
-    CPU's scores to 2e-7 on an H200. Process-wide: bf16 models run under autocast anyway."""
+    CPU's scores to 2e-7 on an H200. Process-wide: bf16 models run under autocast anyway. (On torch 2.9 and
+    later, code that then reads the legacy `torch.backends.cudnn.allow_tf32` gets torch's mixed-API error.)"""
     conv = getattr(torch.backends.cudnn, "conv", None)
     if conv is not None and hasattr(conv, "fp32_precision"):
         conv.fp32_precision = "ieee"
