@@ -67,11 +67,14 @@ def yesterday_utc() -> date:
 def scheduled_day(nightly_at: tuple[int, int], now: datetime | None = None) -> date:
     """The day that the most recent scheduled nightly (daily at `nightly_at` UTC, at or before `now` give
     or take `CLOCK_SKEW`) inspects: the day before it fired. A beat task that waited in the queue past
-    midnight still inspects the day it was sent for (as long as it waited less than a day), and a worker
-    whose clock is a little behind beat's takes a task sent at 02:00:00 for today's, not yesterday's."""
+    midnight still inspects the day it was sent for (as long as it waited less than a day less the skew),
+    and a worker whose clock is a little behind beat's takes a task sent at 02:00:00 for today's, not
+    yesterday's, and one sent at 00:00:00 while its own clock still reads 23:59 for tomorrow's."""
     now = now or datetime.now(UTC)
     fired = now.astimezone(UTC).replace(hour=nightly_at[0], minute=nightly_at[1], second=0, microsecond=0)
-    if fired > now + CLOCK_SKEW:
+    if fired + timedelta(days=1) <= now + CLOCK_SKEW:  # beat's clock is past midnight already
+        fired += timedelta(days=1)
+    elif fired > now + CLOCK_SKEW:
         fired -= timedelta(days=1)
     return fired.date() - timedelta(days=1)
 

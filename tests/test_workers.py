@@ -331,6 +331,9 @@ def test_racing_schedulers_create_one_job(embedded: Embedded) -> None:
     ("2026-12-04T01:59:59.990+00:00", (2, 0), "2026-12-03"),  # this worker's clock a little behind beat's
     ("2026-12-04T00:10+00:00", (23, 50), "2026-12-02"),  # fired at 23:50 on the 3rd, ran after midnight
     ("2026-12-04T00:30+00:00", (0, 30), "2026-12-03"),
+    ("2026-12-03T23:59:30+00:00", (0, 0), "2026-12-03"),  # sent at 00:00 on the 4th; this clock is behind
+    ("2026-12-03T23:58+00:00", (0, 5), "2026-12-03"),
+    ("2026-12-03T23:40+00:00", (0, 0), "2026-12-02"),  # 20 min before midnight: the 3rd's firing, queued
     ("2026-12-04T03:00+02:00", (2, 0), "2026-12-02"),  # 01:00 UTC, long before today's 02:00 UTC
 ])
 def test_beat_nightly_inspects_the_day_before_its_scheduled_time(now: str, at: tuple[int, int],
