@@ -35,7 +35,7 @@ from common.logs import log_context, log_event
 from common.settings import get_settings, redact_text
 from common.storage import StorageError, StorageUnavailable, list_uris
 from workers.broker import PendingWork, pending_work, redis_client
-from workers.job_state import fail_locked_job, lock_job, locked_job, refresh_counts
+from workers.job_state import Drift, fail_locked_job, lock_job, locked_job, log_drift, refresh_counts
 
 logger = logging.getLogger(__name__)
 
@@ -159,7 +159,7 @@ def _recover_score(job_id: int, product: str, waiting: set[str]) -> Recovery | N
     job = in_transaction(lambda s: s.get(Job, job_id))
     listed = set(list_uris(job.images_uri, IMAGE_SUFFIXES)) if job.images_uri else set()
 
-    def recount(session: Session) -> tuple[list[str], int] | None:
+    def recount(session: Session) -> tuple[list[str], int, Drift | None] | None:
         locked = lock_job(session, job_id)  # no chunk of this job commits while we count
         if locked.status not in UNFINISHED:
             return None
@@ -169,13 +169,14 @@ def _recover_score(job_id: int, product: str, waiting: set[str]) -> Recovery | N
                                     ok_only=locked.idempotency_key is None)
         outstanding = {u for u in others if u not in taken}
         locked.total = len(own) + len(outstanding)
-        refresh_counts(session, locked)
-        return sorted(outstanding - waiting), locked.total
+        drifted = refresh_counts(session, locked)
+        return sorted(outstanding - waiting), locked.total, drifted
 
     outcome = in_transaction(recount)
     if outcome is None:
         return None
-    lost, total = outcome
+    lost, total, drifted = outcome
+    log_drift([drifted] if drifted else [])
     if lost:
         send_chunks(job_id, lost)
     elif total == job.total:

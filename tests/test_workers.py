@@ -280,6 +280,27 @@ def test_nightly_records_its_median_score_and_warns_of_score_drift(embedded: Emb
         assert format_warnings(views) == f"job {job.id} ({PRODUCT}): {job.warning}"  # in full, for --wait
 
 
+def test_a_drifted_job_finished_by_a_recount_logs_score_drift(embedded: Embedded,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    """Job B's images were half scored by job A first: B's own chunk writes two rows, and the in-process
+    settle (as the workers' recovery sweep) recounts B to two images and finishes it: the alert must come."""
+    uris = []
+    for i in range(4):  # dark parts: a drifted run
+        image = (nominal_image(90_000 + i, SIZE) * 0.5).astype(np.uint8)
+        uris.append(embedded.store.put_bytes(f"recount/dark {i}.png", png_bytes(image)))
+    version = _active_version()
+    first = _adhoc_job(version, embedded.store.uri_for("recount"), 2)
+    score_chunk.apply(args=(first, uris[:2]))
+    second = _adhoc_job(version, embedded.store.uri_for("recount"), 4)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="workers.job_state"):
+        enqueue_score(second, uris)
+    job = _job(second)
+    assert (job.status, job.total, job.done) == ("succeeded", 2, 2) and job.warning is not None
+    events = [r.getMessage() for r in caplog.records if "event=score_drift" in r.getMessage()]
+    assert len(events) == 1 and f"job={second}" in events[0]
+
+
 def test_second_nightly_for_the_same_date_adds_nothing(embedded: Embedded) -> None:
     day = date(2026, 3, 1)
     before, jobs_before = _results(), _job_count()

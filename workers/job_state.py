@@ -14,6 +14,7 @@ import errno
 import logging
 import statistics
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from kombu.exceptions import OperationalError as BrokerError
@@ -138,7 +139,7 @@ def record_chunk(job_id: int, rows: Sequence[dict[str, Any]]) -> None:
     image to this job: the earlier job's total and counts drop by it, so every job's counts stay those of
     its own rows. Only an unfinished job takes images so; a finished one's rows for them are not written."""
 
-    def work(session: Session) -> tuple[dict[int, int], tuple[float, str] | None]:
+    def work(session: Session) -> tuple[dict[int, int], list[Drift]]:
         job = lock_job(session, job_id)
         writing = rows
         superseded = superseded_failures(session, job_id, rows)
@@ -152,23 +153,19 @@ def record_chunk(job_id: int, rows: Sequence[dict[str, Any]]) -> None:
         # PostgreSQL: a deadlock with a chunk of one of those jobs is possible, and retried (in_transaction)
         earlier = [lock_job(session, other) for other in sorted(moved)]
         record_results(session, writing)
-        finished_before = job.status == JobStatus.SUCCEEDED.value
-        refresh_counts(session, job)
+        drifted = [refresh_counts(session, job)]
         for other in earlier:
             other.total -= moved[other.id]
-            if other.status in UNFINISHED:
-                refresh_counts(session, other)
+            if other.status in UNFINISHED:  # it may finish now: its remaining images have rows
+                drifted.append(refresh_counts(session, other))
             else:  # a finished job keeps its outcome; only its counts follow its rows
                 count_results(session, other)
-        if finished_before or job.warning is None:
-            return moved, None
-        return moved, (job.median_score, job.warning)
+        return moved, [d for d in drifted if d is not None]
 
-    moved, drift = in_transaction(work)
+    moved, drifted = in_transaction(work)
     for other, images in sorted(moved.items()):
         log_event(logger, logging.INFO, "results_moved", job=other, to_job=job_id, images=images)
-    if drift is not None:
-        log_event(logger, logging.WARNING, "score_drift", job=job_id, median_score=drift[0], warning=drift[1])
+    log_drift(drifted)
 
 
 def superseded_failures(session: Session, job_id: int, rows: Sequence[dict[str, Any]]) -> dict[int, list[str]]:
@@ -196,8 +193,19 @@ def count_results(session: Session, job: Job) -> None:
     job.done, job.failed = session.execute(select(ok, failed).where(Result.job_id == job.id)).one()
 
 
-def refresh_counts(session: Session, job: Job) -> None:
+@dataclass(frozen=True)
+class Drift:
+    """A score job that finished with a drift warning (`record_drift`), for `log_drift` after commit."""
+
+    job_id: int
+    median_score: float | None
+    warning: str
+
+
+def refresh_counts(session: Session, job: Job) -> Drift | None:
     """Recount done/failed from this job's result rows; the job succeeds once every image has a row.
+    Returns its drift warning when this call finished the job and the run drifted: the caller logs it
+    (`log_drift`) once the transaction has committed, whichever path finished the job.
 
     Call with the job row locked (`lock_job`) in the transaction that wrote the rows.
     """
@@ -208,6 +216,16 @@ def refresh_counts(session: Session, job: Job) -> None:
         job.status, job.finished_at = JobStatus.SUCCEEDED.value, utcnow()
         job.started_at = job.started_at or job.finished_at
         record_drift(session, job)
+        if job.warning is not None:
+            return Drift(job.id, job.median_score, job.warning)
+    return None
+
+
+def log_drift(drifted: Sequence[Drift]) -> None:
+    """The `score_drift` WARNING of each job that finished drifted (alerts hang on it, README)."""
+    for d in drifted:
+        log_event(logger, logging.WARNING, "score_drift", job=d.job_id, median_score=d.median_score,
+                  warning=d.warning)
 
 
 def record_drift(session: Session, job: Job) -> None:
