@@ -228,6 +228,11 @@ def test_bad_arguments_are_refused_before_anything_is_written(tmp_path: Path, ca
         capsys.readouterr()
         assert main(["score", "part", "--images", train]) == 2
         assert "totalrecall model activate part VERSION" in capsys.readouterr().err
+        huge = str(2**70)  # beyond the database's 64-bit integers
+        for args in (["jobs", huge], ["jobs", "--limit", huge], ["report", huge, "--out", str(tmp_path / "r.html")],
+                     ["model", "activate", "part", huge]):
+            assert main(args) == 2, args
+            assert "error: a number given is too large" in capsys.readouterr().err, args
         jobs = _jobs_by_id()
     assert [k for k in jobs if k.startswith("score")] == []  # no job for any refused command
 

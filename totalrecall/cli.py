@@ -532,6 +532,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError, RuntimeError, LookupError, StorageError) as exc:  # e.g. --out into a file
         print(f"error: {redact_text(str(exc))}", file=sys.stderr)
         return 2
+    except OverflowError as exc:  # e.g. a job id beyond the database's 64-bit integers
+        print(f"error: a number given is too large ({exc})", file=sys.stderr)
+        return 2
     except SQLAlchemyError as exc:
         print(f"error: database: {_database_hint(exc)}", file=sys.stderr)
         return 2
