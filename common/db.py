@@ -575,7 +575,8 @@ def record_results(session: Session, rows: Sequence[dict[str, Any]]) -> int:
     All rows must have the same keys (one multi-row INSERT ... ON CONFLICT statement).
 
     A retried chunk is harmless: an existing `ok` result is never overwritten, while an existing `failed`
-    one is replaced (a retry may succeed where the first attempt failed).
+    one is replaced (a retry may succeed where the first attempt failed). A replacing row without a
+    captured date (an ad-hoc job's) keeps the replaced one's: the image stays in its night's history.
     """
     if not rows:
         return 0
@@ -590,7 +591,8 @@ def record_results(session: Session, rows: Sequence[dict[str, Any]]) -> int:
         stmt = insert(Result).values(list(part))
         stmt = stmt.on_conflict_do_update(
             index_elements=["image_uri", "model_version_id"],
-            set_={name: stmt.excluded[name] for name in _RESULT_UPDATABLE if name in rows[0]},
+            set_={name: func.coalesce(stmt.excluded[name], Result.captured_date) if name == "captured_date"
+                  else stmt.excluded[name] for name in _RESULT_UPDATABLE if name in rows[0]},
             where=Result.status == ResultStatus.FAILED.value,
         )
         written += session.execute(stmt).rowcount
@@ -621,6 +623,17 @@ def images_with_results(session: Session, model_version_id: int, image_uris: Seq
             query = query.where(Result.status == ResultStatus.OK.value)
         found.update(session.scalars(query))
     return found
+
+
+def date_scored(session: Session, model_version_id: int, image_uris: Sequence[str], day: date) -> None:
+    """Give `day` as the captured date to those of the images' results for the version that have none:
+    images of a night's archive folder that an ad-hoc job scored before the nightly came to them."""
+    for part in in_chunks(image_uris):
+        session.execute(update(Result).where(
+            Result.model_version_id == model_version_id,
+            Result.image_uri.in_(part),
+            Result.captured_date.is_(None),
+        ).values(captured_date=day).execution_options(synchronize_session=False))
 
 
 def activate_model_version(session: Session, version: ModelVersion) -> None:

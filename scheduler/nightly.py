@@ -20,7 +20,7 @@ from datetime import UTC, date, datetime, timedelta
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 
-from common.db import Job, JobStatus, Product, images_with_results, session_scope
+from common.db import Job, JobStatus, Product, date_scored, images_with_results, session_scope
 from common.images import IMAGE_SUFFIXES
 from common.logs import log_context, log_event
 from common.settings import redact_text
@@ -130,6 +130,7 @@ def _schedule(target: _Target, day: date, enqueued_by: str) -> ScheduledJob:
         with session_scope() as session:
             scored = images_with_results(session, target.version_id, uris)
             todo = [u for u in uris if u not in scored]
+            date_scored(session, target.version_id, sorted(scored), day)
             job = new_score_job(target.product_id, target.version_id, target.archive_uri, len(todo),
                                 run_date=day, enqueued_by=enqueued_by, key=key)
             session.add(job)

@@ -280,6 +280,24 @@ def test_record_results_is_exactly_once(db_url: str) -> None:
     assert got == {"s3://b/a.png": ("ok", 0.9, None), "s3://b/b.png": ("ok", 0.2, None)}
 
 
+def test_a_replacing_result_without_a_captured_date_keeps_the_replaced_ones(db_url: str) -> None:
+    """An ad-hoc job (no date) scoring a night's failed image again: it stays in that night's history."""
+    night, other = date(2026, 3, 1), date(2026, 3, 2)
+    with session_scope(db_url) as session:
+        product = _product(session)
+        mv = _version(session, product, 1)
+        job = _job(session, product, mv)
+        failed = {"status": "failed", "score": None, "is_anomalous": None, "error": "corrupt"}
+        record_results(session, [_result_row(job, mv, "s3://b/a.png", captured_date=night, **failed),
+                                 _result_row(job, mv, "s3://b/b.png", captured_date=night, **failed)])
+    with session_scope(db_url) as session:
+        record_results(session, [_result_row(job, mv, "s3://b/a.png", captured_date=None),
+                                 _result_row(job, mv, "s3://b/b.png", captured_date=other)])
+    with session_scope(db_url) as session:
+        got = {r.image_uri: (r.status, r.captured_date) for r in session.scalars(sa.select(Result))}
+    assert got == {"s3://b/a.png": ("ok", night), "s3://b/b.png": ("ok", other)}
+
+
 def test_record_results_takes_more_rows_than_one_statement_may_bind(sqlite_url: str) -> None:
     """A large chunk size (TOTALRECALL_CHUNK_SIZE) must not exceed the parameters one statement may bind:
     32766 in SQLite's default build (this one allows more, so the test sets the default's limit)."""

@@ -494,6 +494,17 @@ def test_a_broken_model_fails_its_product_only_and_its_date_is_retried(embedded:
             session.get(ModelVersion, version_id).is_active = False
 
 
+def test_a_night_scored_ad_hoc_before_its_nightly_gets_its_date(embedded: Embedded) -> None:
+    day = date(2026, 6, 2)
+    _write_archive(embedded, day, n=3, corrupt=False)
+    adhoc = score_images(PRODUCT, embedded.archive_uri(day))  # during the day, before the nightly
+    assert {r.captured_date for r in _results(adhoc.job_id)} == {None}
+    (nightly,) = schedule_nightly(day).jobs
+    assert nightly.total == 0 and nightly.skipped == 3  # nothing scored twice
+    rows = _results(adhoc.job_id)
+    assert len(rows) == 3 and {r.captured_date for r in rows} == {day}  # in the night's history
+
+
 def test_adhoc_scoring_skips_ok_images_and_retries_failed_ones(embedded: Embedded) -> None:
     day = date(2026, 3, 1)
     folder = embedded.archive_uri(day)
@@ -512,7 +523,8 @@ def test_adhoc_scoring_skips_ok_images_and_retries_failed_ones(embedded: Embedde
     (view,) = load_jobs([nightly])
     assert (view.total, view.done, view.failed) == (8, 8, 0)  # what `totalrecall jobs` shows
     (row,) = _results(scheduled.job_id)
-    assert row.image_uri.endswith("corrupt.png") and row.status == "ok" and row.captured_date is None
+    assert row.image_uri.endswith("corrupt.png") and row.status == "ok"
+    assert row.captured_date == day  # still in its night's history, although an ad-hoc job scored it
     assert f"/job-{scheduled.job_id}/corrupt.png_mask.png" in row.mask_uri
     again = score_images(PRODUCT, folder)
     assert again.total == 0 and _job(again.job_id).status == "succeeded"
