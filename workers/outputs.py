@@ -3,7 +3,9 @@
 Layout: `results/<product>/<model version>/<captured date or job-<id>>/<image key>_{mask,heatmap}.png`,
 where the image key is the image's path below the job's images folder with each segment made safe (and a
 short hash of the original appended when that changed anything, so two images never share a file).
-Both PNGs have the size of the original (EXIF-rotated) image, so they overlay it directly.
+Both PNGs have the size of the original (EXIF-rotated) image, so they overlay it directly; an image
+with a side over `TOTALRECALL_MAX_IMAGE_SIDE` is inspected at its reduced size, and its PNGs and the
+result's max_y/max_x are in that reduced frame (scale them by the original's longer side / that limit).
 """
 
 from __future__ import annotations
