@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -305,3 +306,27 @@ def test_a_confirmed_defect_that_can_no_longer_be_read_keeps_the_next_version_in
     assert f"e.g. {dent}: the regression check needs them" in reason and "review clear" in reason
     assert main(["model", "list", NAME]) == 0
     assert "confirmed defects (1 unreadable)" in capsys.readouterr().out.splitlines()[2]
+
+
+def test_reviews_outrank_the_training_folder(tmp_path: Path) -> None:
+    """A training folder holding a part reviewed defective (a contaminated training set, found by scoring
+    it) and one reviewed good: the next fit leaves the first out of its bank and puts the second in it,
+    never among the held-out images, as for reviewed images elsewhere."""
+    with embedded_with_training_images(tmp_path, "train", 12) as storage:
+        scratched, _ = plant_defect(nominal_image(500, SIZE), 5, kind="scratch", center=(48, 48))
+        storage.put_bytes("train/zz_scratched.png", png_bytes(scratched))
+        assert main(["product", "add", "mixed", "--train", storage.uri_for("train"),
+                     "--archive", storage.uri_for("archive/{date}/mixed"), *SMALL_FIT]) == 0
+        assert main(["fit", "mixed", "--wait"]) == 0
+        assert main(["score", "mixed", "--images", storage.uri_for("train"), "--wait"]) == 0
+        assert main(["review", "mark", "mixed", storage.uri_for("train/zz_scratched.png"), "--defective"]) == 0
+        assert main(["review", "mark", "mixed", storage.uri_for("train/n02.png"), "--good"]) == 0
+        assert main(["fit", "mixed", "--wait"]) == 0
+        with session_scope() as session:
+            first, second = session.scalars(select(ModelVersion).order_by(ModelVersion.version)).all()
+            stats = second.validation
+            assert stats["confirmed_defects"]["flagged"] == 1  # out of the bank, the scratch is found
+            assert stats["reviewed_good_images"] == 1  # in the bank, not in the holdout split
+            assert stats["reviewed_defective_left_out"] == 1
+            assert second.train_image_count == first.train_image_count - 1
+            assert stats["holdout_images"] == first.validation["holdout_images"]  # from the 11 others

@@ -286,3 +286,15 @@ def test_a_training_image_that_is_also_a_validation_image_fails_the_fit(store: S
         assert "training image(s) are also validation images" in job.error and example in job.error
     assert "4 training image(s)" in _latest("linked")[1].error  # d0-d3, each seen through the link
     assert "11 training image(s)" in _latest("nested")[1].error  # 8 validation images and their 3 masks
+
+
+def test_an_image_reviewed_good_that_is_a_validation_image_fails_the_fit(store: Storage) -> None:
+    """It would enter the bank, and the thresholds would be set on an image the model has learned."""
+    _add(store, "reviewed", "--validation", store.uri_for("validation"))
+    assert main(["fit", "reviewed", "--wait"]) == 0
+    assert main(["score", "reviewed", "--images", store.uri_for("validation/good"), "--wait"]) == 0
+    assert main(["review", "mark", "reviewed", store.uri_for("validation/good/g0.png"), "--good"]) == 0
+    assert main(["fit", "reviewed", "--wait"]) != 0
+    version, job = _latest("reviewed")
+    assert job.status == "failed" and not version.is_active
+    assert "validation/good/g0.png" in job.error and "totalrecall review clear" in job.error

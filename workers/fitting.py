@@ -128,19 +128,28 @@ def fit_job(job_id: int) -> FitOutcome | None:
 
 def _fit_and_publish(target: FitTarget) -> FitOutcome | None:
     """Fit on the product's training images and publish the version; None if another attempt did."""
-    train = list_uris(target.train_uri, IMAGE_SUFFIXES)
-    if not train:
+    listed = list_uris(target.train_uri, IMAGE_SUFFIXES)
+    if not listed:
         raise FitError(f"no training images under {target.train_uri}")
+    # Reviews outrank the folder: an image reviewed defective never enters a bank, and one reviewed good
+    # always does and is never held out, wherever it lies.
+    defective, reviewed = {c.uri for c in target.confirmed}, list(target.reviewed_good)
+    good = set(reviewed)
+    train = [u for u in listed if u not in defective and u not in good]
+    if not train:
+        raise FitError(f"every training image under {target.train_uri} is reviewed: a fit needs images "
+                       "that are not, to hold some out and calibrate its thresholds")
     in_train = set(train)
-    reviewed = [u for u in target.reviewed_good if u not in in_train]
     uris = train + reviewed
     config = PatchCoreConfig.from_dict(target.fit_config)
     validation = list_validation_set(target.validation_uri) if target.validation_uri else None  # fail early
-    _check_apart_from_training(train, validation, target.roi_uri)
+    _check_apart_from_training(uris, validation, target.roi_uri)
     max_bytes = get_settings().max_image_bytes
     roi = _read_roi(target.roi_uri, max_bytes) if target.roi_uri else None
+    left_out = sum(u in defective for u in listed)
     log_event(logger, logging.INFO, "fit_started", images=len(uris), reviewed_good=len(reviewed),
-              backbone=config.backbone, image_size=config.image_size, roi=target.roi_uri)
+              reviewed_defective_left_out=left_out, backbone=config.backbone, image_size=config.image_size,
+              roi=target.roi_uri)
     model = PatchCore(config, roi=roi)
     stats = model.fit([_loader(uri, max_bytes) for uri in train],
                       bank_only=[_loader(uri, max_bytes) for uri in reviewed])
@@ -150,6 +159,7 @@ def _fit_and_publish(target: FitTarget) -> FitOutcome | None:
         failure["error"] += " (an image reviewed good: restore it, or `totalrecall review clear` it)"
     stats["reviewed_good_images"] = len(reviewed) - len(unreadable_reviewed)  # those in the bank
     stats["reviewed_good_failed"] = len(unreadable_reviewed)
+    stats["reviewed_defective_left_out"] = left_out  # of the training folder's images
     if validation is not None:
         summary = calibrate_on_validation_set(model, validation, lambda u: _loader(u, max_bytes), max_bytes,
                                               target.max_false_alarms)
@@ -172,21 +182,23 @@ def _fit_and_publish(target: FitTarget) -> FitOutcome | None:
     return FitOutcome(target.version, sha256, not inactive, inactive or reason, len(uris), failed)
 
 
-def _check_apart_from_training(train: list[str], validation: ValidationSet | None, roi_uri: str | None) -> None:
-    """No training image may be a validation image, a defect mask or the region of interest. `product add`
-    and `set` refuse nested folders, but a link in the training folder can still lead there (as can the
-    folders of a product stored before that check): such an image would enter the memory bank."""
+def _check_apart_from_training(bank: list[str], validation: ValidationSet | None, roi_uri: str | None) -> None:
+    """No image for the memory bank (training images, images reviewed good) may be a validation image, a
+    defect mask or the region of interest. `product add` and `set` refuse nested folders, but a link in
+    the training folder can still lead there (as can the folders of a product stored before that check),
+    and an image of the validation folder can be reviewed good."""
     others = [*validation.images, *(m for m in validation.masks if m)] if validation else []
     if roi_uri:
         others.append(roi_uri)
     if not others:
         return
     elsewhere = {real_location(u) for u in others}
-    shared = [u for u in train if real_location(u) in elsewhere]
+    shared = [u for u in bank if real_location(u) in elsewhere]
     if shared:
         raise FitError(f"{len(shared)} training image(s) are also validation images, defect masks or the region "
-                       f"of interest, e.g. {shared[0]} (a link in the training folder?): every image under the "
-                       "training folder enters the memory bank; move or unlink them")
+                       f"of interest, e.g. {shared[0]} (a link in the training folder, or an image reviewed "
+                       "good?): every training image and image reviewed good enters the memory bank; move or "
+                       "unlink them, or `totalrecall review clear` the review")
 
 
 def _read_roi(uri: str, max_bytes: int) -> RegionOfInterest:
