@@ -528,6 +528,29 @@ def test_auto_resize_keeps_aspect_for_one_size_and_scales_varying_sizes() -> Non
     assert resized_hw(300, 500, cfg) == resized_hw(300, 500, replace(cfg, resize="keep_aspect"))
 
 
+def test_a_large_image_whose_pixels_do_not_decode_does_not_set_the_input_scale() -> None:
+    """A truncated upload of a 4000 x 3000 photo among small tiles: its header reads, its pixels do not.
+    The scale comes from the largest image that decodes; the broken one fails alone, when the fit decodes it."""
+    import io
+
+    from PIL import Image
+
+    from common.engine.loader import source_sizes
+
+    def png(h: int, w: int, seed: int) -> bytes:
+        out = io.BytesIO()
+        Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), np.uint8)).save(out, "PNG")
+        return out.getvalue()
+
+    tiles = [png(120, 200, 1), png(90, 160, 2), png(100, 100, 3)]
+    truncated = png(3000, 4000, 4)[:5000]
+    sizes = source_sizes([*tiles, truncated])
+    assert sorted(sizes) == [(90, 160), (100, 100), (120, 200)]
+    cfg = resolve_resize(PatchCoreConfig(image_size=96), sizes)
+    assert cfg.scale == pytest.approx(96 / math.sqrt(120 * 200), abs=1e-4)
+    assert sorted(source_sizes([*tiles, png(300, 400, 5)]))[-1] == (300, 400)  # a larger one that decodes counts
+
+
 def test_decoded_size_reads_headers_with_exif_and_side_limit(monkeypatch: pytest.MonkeyPatch,
                                                               tmp_path) -> None:
     import io

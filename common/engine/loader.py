@@ -59,9 +59,25 @@ def load_rgb(source: ImageSource, config: PatchCoreConfig | None = None) -> tupl
 
 def source_sizes(images: Sequence[ImageSource], threads: int = 8) -> list[tuple[int, int]]:
     """(height, width) of every readable image, from headers (a loader is called, i.e. downloaded,
-    once for this); unreadable ones are left out: they fail again, and are reported, when decoded."""
-    return _survey(images, lambda s: (int(s.shape[0]), int(s.shape[1])) if isinstance(s, np.ndarray)
-                   else decoded_size(s), threads)
+    once for this); unreadable ones are left out: they fail again, and are reported, when decoded.
+
+    The largest size sets an `auto` input scale, so the largest images are decoded too, largest first,
+    until one decodes: a file whose header reads but whose pixels do not (a truncated upload of a large
+    image) would otherwise shrink every image of the model, while it fails itself."""
+    sizes = _survey(images, _size_or_none, threads, keep_none=True)
+    for pos in sorted(range(len(sizes)), key=lambda i: -(sizes[i][0] * sizes[i][1]) if sizes[i] else 0):
+        if sizes[pos] is None or len({s for s in sizes if s is not None}) <= 1:
+            break
+        try:
+            load_rgb(images[pos])
+            break
+        except IMAGE_ERRORS:
+            sizes[pos] = None  # fails again, and is reported, when the fit decodes it
+    return [s for s in sizes if s is not None]
+
+
+def _size_or_none(source: Any) -> tuple[int, int] | None:
+    return (int(source.shape[0]), int(source.shape[1])) if isinstance(source, np.ndarray) else decoded_size(source)
 
 
 def source_bits(images: Sequence[ImageSource], threads: int = 8) -> list[int]:
@@ -70,9 +86,10 @@ def source_bits(images: Sequence[ImageSource], threads: int = 8) -> list[int]:
     return _survey(images, lambda s: None if isinstance(s, np.ndarray) else bits_used(s), threads)
 
 
-def _survey(images: Sequence[ImageSource], read: Callable[[Any], Any], threads: int) -> list:
+def _survey(images: Sequence[ImageSource], read: Callable[[Any], Any], threads: int,
+            keep_none: bool = False) -> list:
     """`read` of every image (a loader is called for it), in parallel; None results and images that
-    cannot be read are left out."""
+    cannot be read are left out (with `keep_none`, None in their place)."""
     def one(source: ImageSource) -> Any:
         try:
             return read(source() if callable(source) else source)
@@ -80,7 +97,8 @@ def _survey(images: Sequence[ImageSource], read: Callable[[Any], Any], threads: 
             return None
 
     with ThreadPoolExecutor(max_workers=threads) as pool:
-        return [r for r in pool.map(one, images) if r is not None]
+        results = list(pool.map(one, images))
+    return results if keep_none else [r for r in results if r is not None]
 
 
 def iter_batches(images: Sequence[ImageSource], config: PatchCoreConfig, mean: tuple[float, ...],
