@@ -61,7 +61,7 @@ def add_product(name: str, train_uri: str, archive_uri_template: str, config: Pa
     _check_false_alarms_have_validation(max_false_alarms, validation_uri)
     _check_roi(config.center_crop, roi_uri)
     _check_folders_apart(absolute_uri(train_uri), archive, _optional_uri(validation_uri), _optional_uri(roi_uri))
-    config.check_stages()
+    config.check_new()
     try:
         with session_scope() as session:
             _check_name_free(session, name)
@@ -123,7 +123,7 @@ def update_product(name: str, train_uri: str | None = None, archive_uri_template
             before = {**PatchCoreConfig().to_dict(), **product.fit_config}
             after_config = PatchCoreConfig.from_dict({**before, **settings})  # validates, or raises
             if {"backbone", "layers"} & set(settings):
-                after_config.check_stages()
+                after_config.check_new()
             after = after_config.to_dict()
             changes.update({k: (before[k], after[k]) for k in after if after[k] != before[k]})
             product.fit_config = after

@@ -192,6 +192,8 @@ def test_bad_arguments_are_refused_before_anything_is_written(tmp_path: Path, ca
                                "--layers", "layer2,layer3"], "unknown layer(s) layer2, layer3 for efficientnet"),
             "a stage twice": (["product", "add", "x", "--train", train, "--archive", archive,
                                "--layers", "blocks.2,blocks.2"], "layers name a stage twice"),
+            "a seed beyond 32 bits": (["product", "add", "x", "--train", train, "--archive", archive,
+                                       "--seed", str(2**40)], "seed must be at most 2147483647"),
         }
         for what, (args, message) in refused.items():
             assert main(args) == 2, what

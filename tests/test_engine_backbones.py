@@ -347,5 +347,5 @@ def test_layers_stored_before_the_stage_check_still_load() -> None:
     old = PatchCoreConfig.from_dict({"layers": ["blocks.2", "conv_head"]})
     assert old.layers == ("blocks.2", "conv_head")
     with pytest.raises(ValueError, match="unknown layer"):
-        old.check_stages()
-    PatchCoreConfig(layers=("blocks.3", "blocks.5")).check_stages()
+        old.check_new()
+    PatchCoreConfig(layers=("blocks.3", "blocks.5")).check_new()

@@ -182,3 +182,16 @@ def test_flat_search_follows_the_faiss_build_and_the_model_device(monkeypatch, f
     monkeypatch.setattr(knn, "gpu_available", lambda: faiss_gpu)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     assert {use_gpu: flat_search(use_gpu) for use_gpu in expected} == expected
+
+
+def test_an_ivf_pq_size_that_does_not_divide_the_features_fails_before_any_image_is_read() -> None:
+    """Not after hours of extraction and coreset: the feature dimension (152) is known from the backbone."""
+    read: list[int] = []
+
+    def loader(i: int):
+        return lambda: read.append(i)
+
+    model = PatchCore(PatchCoreConfig(image_size=64, index="ivf_pq", index_pq_m=7), device="cpu")
+    with pytest.raises(ValueError, match="index_pq_m=7 must divide the feature dimension 152"):
+        model.fit([loader(i) for i in range(4)])
+    assert read == []

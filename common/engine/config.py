@@ -10,6 +10,7 @@ from typing import Any
 RESIZE_MODES = ("auto", "keep_aspect", "square", "scale")
 INDEX_TYPES = ("flat", "ivf_flat", "ivf_pq")
 PRECISIONS = ("auto", "fp32", "bf16")
+MAX_SEED = 2**31 - 1  # faiss ClusteringParameters.seed is a C int
 # `common.engine.backbones.BACKBONES` builds these; their stages (feature maps) a model may take as
 # `layers`, named here so that checking a setting needs no torch (a test checks them against the networks)
 _RESNET_STAGES = ("layer1", "layer2", "layer3", "layer4")
@@ -124,10 +125,13 @@ class PatchCoreConfig:
         if self.layers is not None:
             object.__setattr__(self, "layers", tuple(self.layers))
 
-    def check_stages(self) -> None:
-        """Refuse layers that are not stages of the backbone, or name one twice. For settings being made
-        (`product add/set`), not in `__post_init__`: versions before this check accepted any top-level
-        module (e.g. `conv_head`), and their stored settings and artifacts must still load."""
+    def check_new(self) -> None:
+        """Checks for settings being made (`product add/set`), not in `__post_init__`, because versions
+        before them accepted more and their stored settings and artifacts must still load: layers must be
+        stages of the backbone (not any top-level module, e.g. `conv_head`), each named once, and the seed
+        must fit the 32-bit seeds of faiss' k-means (torch refuses beyond 64 bits, at fit time)."""
+        if self.seed > MAX_SEED:
+            raise ValueError(f"seed must be at most {MAX_SEED}, not {self.seed}")
         if self.layers is None:
             return
         stages = BACKBONE_STAGES[self.backbone]

@@ -68,9 +68,8 @@ class IndexSpec:
             return cls()
         nlist = config.index_nlist or auto_nlist(bank_size)
         nlist = max(1, min(nlist, bank_size))
+        check_pq_m(config, dim)
         pq_m = (config.index_pq_m or auto_pq_m(dim)) if config.index == "ivf_pq" else 0
-        if pq_m and dim % pq_m:
-            raise ValueError(f"index_pq_m={pq_m} must divide the feature dimension {dim}")
         return cls(config.index, nlist, min(config.index_nprobe, nlist), pq_m, config.seed)
 
     @property
@@ -79,6 +78,13 @@ class IndexSpec:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def check_pq_m(config: PatchCoreConfig, dim: int) -> None:
+    """A set `index_pq_m` of an IVF-PQ index must divide the feature dimension (checked as a fit starts,
+    not after its extraction and coreset: the dimension is known once the backbone is)."""
+    if config.index == "ivf_pq" and config.index_pq_m and dim % config.index_pq_m:
+        raise ValueError(f"index_pq_m={config.index_pq_m} must divide the feature dimension {dim}")
 
 
 def auto_nlist(bank_size: int) -> int:

@@ -27,7 +27,7 @@ from common.engine.config import PatchCoreConfig
 from common.engine.coreset import StreamingProjection, coreset_size, greedy_from_projection
 from common.engine.features import PatchFeatures
 from common.engine.featurestore import FeatureStore
-from common.engine.knn import IndexSpec, IndexState, NearestNeighbors
+from common.engine.knn import IndexSpec, IndexState, NearestNeighbors, check_pq_m
 from common.engine.loader import Batch, Failed, ImageSource, iter_batches, source_bits, source_sizes
 from common.engine.maps import anomaly_map
 from common.engine.mvtec import resize_mask
@@ -190,6 +190,7 @@ class PatchCore:
         then read back from the file. The `auto` settings are resolved from the training images first;
         when they are, loaders are called once each for both (`spool`)."""
         t0 = time.perf_counter()
+        check_pq_m(self.config, self.features.dim)
         sources = [*images, *bank_only]
         if self._surveys_sources() and needs_spool(sources):
             with TemporaryDirectory(prefix="totalrecall-spool-", dir=scratch_dir) as folder:
