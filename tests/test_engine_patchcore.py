@@ -977,6 +977,22 @@ def test_evaluate_few_shot(dataset, shots: int) -> None:
     assert report["image_auroc"] == 1.0
 
 
+def test_evaluate_names_the_training_images_it_could_not_read(dataset, tmp_path) -> None:
+    """Benchmark figures on fewer images than the dataset holds must say so."""
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(dataset["root"], root)
+    broken = root / dataset["category"] / "train" / "good" / "zz_broken.png"
+    broken.write_bytes(b"not a picture")
+    report = evaluate(root, dataset["category"], CFG, progress=False)
+    assert report["failed_images"] == []  # the test images
+    (failed,) = report["failed_training_images"]
+    assert failed["image"] == str(broken) and "not a recognised image" in failed["error"]
+    assert format_table(report).splitlines()[-1].split() == ["failed", "images", "(training", "/", "test)", "1", "/", "0"]
+    assert report["train_images"] + report["holdout_images"] == dataset["n_train"]  # the readable ones
+
+
 def test_evaluate_rejects_bad_shots(dataset) -> None:
     with pytest.raises(ValueError, match="shots"):
         evaluate(dataset["root"], dataset["category"], CFG, shots=0, progress=False)

@@ -71,7 +71,9 @@ def evaluate(data: str | Path, category: str, config: PatchCoreConfig, shots: in
         "train_images": fit["train_images"],
         "holdout_images": fit["holdout_images"],
         "test_images": len(tests),
-        "failed_images": failures,
+        "failed_images": failures,  # test images
+        "failed_training_images": [{"image": str(train[f["position"]]), "error": f["error"]}
+                                   for f in fit["failed_images"]],
         "image_auroc": image_auroc(np.array(scores), np.array(labels)),
         "pixel_auroc": pixels.pixel_auroc(),
         "image_auroc_per_type": _per_type_auroc(np.array(scores), np.array(types)),
@@ -142,7 +144,8 @@ def format_table(report: dict[str, Any]) -> str:
         ("fit s (coreset s)", f"{report['fit_seconds']:.1f} ({report['coreset_seconds']:.1f})"),
         ("score ms/image", f"{report['score_ms_per_image']:.1f}"),
         ("peak RSS MB", f"{report['peak_rss_mb']:.0f}"),
-        ("failed images", str(len(report["failed_images"]))),
+        ("failed images (training / test)",
+         f"{len(report['failed_training_images'])} / {len(report['failed_images'])}"),
     ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
