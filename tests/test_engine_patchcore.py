@@ -991,6 +991,10 @@ def test_evaluate_names_the_training_images_it_could_not_read(dataset, tmp_path)
     assert failed["image"] == str(broken) and "not a recognised image" in failed["error"]
     assert format_table(report).splitlines()[-1].split() == ["failed", "images", "(training", "/", "test)", "1", "/", "0"]
     assert report["train_images"] + report["holdout_images"] == dataset["n_train"]  # the readable ones
+    for path in (root / dataset["category"] / "test").rglob("*.*"):
+        path.write_bytes(b"")  # every test image unreadable: say why, not "empty scores"
+    with pytest.raises(ValueError, match="none of the .* test images could be scored, e.g. .*: ImageDecodeError"):
+        evaluate(root, dataset["category"], CFG, progress=False)
 
 
 def test_evaluate_rejects_bad_shots(dataset) -> None:

@@ -59,6 +59,9 @@ def evaluate(data: str | Path, category: str, config: PatchCoreConfig, shots: in
                       item.defect_type if item.label else None)  # per type: the defect types only
         metric_seconds += time.perf_counter() - t_metric
     score_seconds = time.perf_counter() - t0 - metric_seconds
+    if not scores:
+        raise ValueError(f"none of the {len(tests)} test images could be scored, e.g. {failures[0]['image']}: "
+                         f"{failures[0]['error']}")
     image_f1, _ = f1_max(np.array(scores), np.array(labels))
     pixel_f1, _ = pixels.pixel_f1_max()
     predicted = np.array(scores) > model.image_threshold  # the verdict rule of `ImageResult.is_anomalous`
