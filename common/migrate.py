@@ -1,4 +1,4 @@
-"""Schema migrations, run programmatically (CLI `init`, workers at start-up, tests).
+"""Schema migrations, run programmatically (`totalrecall db upgrade`, `totalrecall demo`, tests).
 
 The Alembic environment ships inside the `migrations` package, so this works from an installed wheel as
 well as from a checkout.

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 import yaml
 
 from totalrecall.cli import build_parser
@@ -33,9 +34,13 @@ def _compose() -> dict[str, Any]:
     return yaml.safe_load(COMPOSE.read_text())
 
 
+SECRETS_EXAMPLE = DEPLOY / "k8s-secrets.example.yaml"
+
+
 def _k8s_docs() -> list[tuple[str, dict[str, Any]]]:
+    """The manifests of k8s/ and the Secrets' example (applied apart, edited)."""
     docs = []
-    for path in sorted(K8S.glob("*.y*ml")):
+    for path in [*sorted(K8S.glob("*.y*ml")), SECRETS_EXAMPLE]:
         docs += [(path.name, doc) for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
     return docs
 
@@ -74,6 +79,39 @@ def test_compose_services() -> None:
     assert services["minio"]["image"].startswith("minio/minio")
     for name in ("postgres", "redis", "minio", "worker-gpu", "worker-cpu", "beat", "flower"):
         assert services[name]["healthcheck"]["test"], name
+
+
+def _probed_node(probe: str) -> str:
+    """The node a `celery inspect ping --destination NODE` probe pings, with the shell's host name as %h."""
+    node = probe.split("--destination", 1)[1].split()[0]
+    return node.replace("$$HOSTNAME", "%h").replace("$HOSTNAME", "%h")
+
+
+def test_worker_probes_ping_the_node_the_worker_is_named() -> None:
+    """A probe that pings another name fails for ever: Kubernetes would kill every worker minutes after it
+    started, mid-task (tests/test_faults.py checks that a worker so named answers the probe)."""
+    services = _compose()["services"]
+    for name in ("worker-gpu", "worker-cpu"):
+        command = services[name]["command"]
+        node = command[command.index("--name") + 1]
+        assert _probed_node(services[name]["healthcheck"]["test"][1]) == node == "totalrecall@%h", name
+    for name in ("totalrecall-worker-gpu", "totalrecall-worker-cpu"):
+        (container,) = _containers(_k8s("Deployment", name))
+        args = container["args"]
+        node = args[args.index("--name") + 1]
+        assert _probed_node(container["livenessProbe"]["exec"]["command"][-1]) == node == "totalrecall@%h", name
+
+
+def test_compose_passes_every_documented_setting_to_its_containers() -> None:
+    """A setting put in deploy/.env reaches the workers (compose passes only what it names); the image
+    sets TOTALRECALL_HOME and TOTALRECALL_CACHE_DIR itself."""
+    readme = (DEPLOY.parent / "README.md").read_text()
+    documented = {name for line in readme.splitlines() if line.startswith("| `TOTALRECALL_")
+                  for name in re.findall(r"`(TOTALRECALL_[A-Z0-9_]+)`", line)}
+    assert len(documented) > 20
+    passed = set(_compose()["x-app-environment"])
+    assert documented - {"TOTALRECALL_HOME", "TOTALRECALL_CACHE_DIR"} <= passed, sorted(documented - passed)
+    assert not {n for n in passed if n.startswith("TOTALRECALL_")} - documented  # no misspelt name
 
 
 def test_compose_gpu_worker_reserves_a_gpu() -> None:
@@ -208,6 +246,16 @@ def test_every_k8s_document_is_well_formed() -> None:
     assert expected <= names
 
 
+def test_applying_the_k8s_folder_never_overwrites_the_secrets() -> None:
+    """`kubectl apply -f deploy/k8s/` (the documented step) must not replace Secrets made from a secret
+    store with placeholders: they live in the example file outside the folder."""
+    in_folder = [(name, d["kind"]) for name, d in _k8s_docs() if name != SECRETS_EXAMPLE.name]
+    assert in_folder and all(kind != "Secret" for _, kind in in_folder), in_folder
+    example = [d for name, d in _k8s_docs() if name == SECRETS_EXAMPLE.name]
+    assert {d["metadata"]["name"] for d in example} == {"totalrecall-secrets", "totalrecall-flower"}
+    assert all("CHANGE-ME" in value for d in example for value in d["stringData"].values())
+
+
 def test_k8s_configuration_reaches_every_totalrecall_container() -> None:
     secret, config = _k8s("Secret", "totalrecall-secrets"), _k8s("ConfigMap", "totalrecall-config")
     provided = set(secret["stringData"]) | set(config["data"])
@@ -238,6 +286,11 @@ def test_k8s_gpu_worker_beat_and_flower() -> None:
     beat = _k8s("Deployment", "totalrecall-beat")
     assert beat["spec"]["replicas"] == 1 and beat["spec"]["strategy"]["type"] == "Recreate"
     assert _containers(beat)[0]["args"] == ["beat"]
+    # its schedule file outlives the pod (a fresh one would skip a night missed while it was recreated)
+    (mount,) = _containers(beat)[0]["volumeMounts"]
+    (volume,) = [v for v in beat["spec"]["template"]["spec"]["volumes"] if v["name"] == mount["name"]]
+    assert mount["mountPath"] == "/data"  # TOTALRECALL_HOME, where beat keeps celerybeat-schedule
+    assert _k8s("PersistentVolumeClaim", volume["persistentVolumeClaim"]["claimName"])
 
     flower = _k8s("Deployment", "totalrecall-flower")
     service = _k8s("Service", "totalrecall-flower")
@@ -271,7 +324,13 @@ def test_dockerfile() -> None:
     assert "nvidia/cuda:" in base and "runtime" in base
     assert "python3.11" in text
     assert "pip install torch==2.14.1 torchvision==0.29.1" in text
-    assert "faiss-gpu-cu12" in text and "pip uninstall -y faiss-cpu" in text
+    # one CUDA in the image: the base's is the pinned torch wheel's (the one installed here), and no
+    # faiss-gpu build for another CUDA is mixed in (a driver the base accepts could not run torch: the
+    # "GPU" worker would compute on its CPU)
+    base_major = base.split("nvidia/cuda:", 1)[1].split(".")[0]
+    if torch.__version__.split("+")[0] == "2.14.1" and torch.version.cuda:
+        assert base_major == torch.version.cuda.split(".")[0], (base, torch.version.cuda)
+    assert all(major == base_major for major in re.findall(r"faiss-gpu-cu(\d+)", text)), text
     assert "pip install ." in text
     users = [a.split(":")[0] for i, a in instructions if i == "USER"]
     assert users and users[-1] not in ("root", "0")

@@ -140,6 +140,35 @@ def test_worker_killed_mid_fit_leaves_no_half_published_model(c: Cluster) -> Non
 
 
 @pytest.mark.integration
+def test_a_worker_named_as_deployed_answers_its_liveness_probe(c: Cluster) -> None:
+    """deploy/'s workers run `totalrecall worker --name totalrecall@%h` and their probe pings
+    totalrecall@$HOSTNAME (tests/test_deploy.py ties the two): run that pair for real. The probe Celery's
+    default name would need (celery@$HOSTNAME) gets no answer: that one killed every pod."""
+    import socket
+    import subprocess
+    import sys
+
+    from tests.cluster import Worker
+
+    log = c.tmp / "worker-probe.log"
+    with open(log, "w") as out:  # a queue of its own: it takes none of the other tests' work
+        proc = subprocess.Popen([sys.executable, "-m", "totalrecall.cli", "worker", "--queues", "probe-only",
+                                 "--concurrency", "1", "--name", "totalrecall@%h"], env=c.env, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    worker = Worker("probe", proc, log)
+    try:
+        wait_for(lambda: " ready." in worker.text() or not worker.alive(), 120)
+        assert worker.alive(), worker.text()
+        env = c.env | {"HOSTNAME": socket.gethostname()}
+        for node, answers in (("totalrecall@$HOSTNAME", True), ("celery@$HOSTNAME", False)):
+            probe = subprocess.run(["sh", "-c", f"celery --app workers.app inspect ping --destination {node} "
+                                    "--timeout 10"], env=env, capture_output=True, text=True, timeout=60)
+            assert (probe.returncode == 0) == answers, (node, probe.stdout, probe.stderr)
+    finally:
+        worker.stop()
+
+
+@pytest.mark.integration
 def test_broker_outage_during_a_nightly_run(c: Cluster) -> None:
     _ensure_two_workers(c)
     day, late_day, given_up_day = date(2026, 6, 2), date(2026, 6, 3), date(2026, 6, 6)

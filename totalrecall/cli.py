@@ -357,9 +357,10 @@ def cmd_worker(a: argparse.Namespace) -> int:
     _require_broker()
     from workers.app import app
 
-    # a unique node name, so several workers on one machine do not clash (celery@host is the default)
+    # a unique node name by default, so several workers on one machine do not clash (celery@host is
+    # Celery's); a container's worker is named by --name, which its liveness probe pings
     argv = ["worker", "-Q", a.queues, "-P", "prefork", "--loglevel", a.loglevel,
-            "--hostname", f"totalrecall-{os.getpid()}@%h"]
+            "--hostname", a.name or f"totalrecall-{os.getpid()}@%h"]
     if a.concurrency:
         argv += ["--concurrency", str(a.concurrency)]
     app.worker_main(argv)
@@ -446,6 +447,9 @@ def _add_operations(sub: argparse._SubParsersAction) -> None:
     worker = sub.add_parser("worker", help="run a Celery worker (needs TOTALRECALL_BROKER_URL)")
     worker.add_argument("--queues", default="fit,score", help="comma-separated: fit, score")
     worker.add_argument("--concurrency", type=int, default=None, help="processes (default: CPU count)")
+    worker.add_argument("--name", default=None, metavar="NODE",
+                        help="Celery node name, %%h for the host name (default: totalrecall-PID@%%h); "
+                             "`celery --app workers.app inspect ping --destination NODE` pings it")
     worker.add_argument("--loglevel", default="INFO")
     worker.set_defaults(handler=cmd_worker)
 
