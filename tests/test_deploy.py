@@ -256,6 +256,19 @@ def test_applying_the_k8s_folder_never_overwrites_the_secrets() -> None:
     assert all("CHANGE-ME" in value for d in example for value in d["stringData"].values())
 
 
+def test_k8s_workers_cap_their_threads_to_their_cpus() -> None:
+    """Each pool process would otherwise start a thread per core of the node and be throttled by the
+    pod's CPU quota."""
+    for name in ("totalrecall-worker-gpu", "totalrecall-worker-cpu"):
+        (container,) = _containers(_k8s("Deployment", name))
+        env = {e["name"]: e.get("value") for e in container.get("env", [])}
+        processes = int(container["args"][container["args"].index("--concurrency") + 1])
+        resources = container["resources"]
+        cpus = float(resources.get("limits", {}).get("cpu") or resources["requests"]["cpu"])
+        for var in ("OMP_NUM_THREADS", "NUMBA_NUM_THREADS"):
+            assert 1 <= int(env[var]) * processes <= cpus, (name, var)
+
+
 def test_k8s_configuration_reaches_every_totalrecall_container() -> None:
     secret, config = _k8s("Secret", "totalrecall-secrets"), _k8s("ConfigMap", "totalrecall-config")
     provided = set(secret["stringData"]) | set(config["data"])
