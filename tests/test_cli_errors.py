@@ -195,6 +195,9 @@ def test_bad_arguments_are_refused_before_anything_is_written(tmp_path: Path, ca
             "a seed beyond 32 bits": (["product", "add", "x", "--train", train, "--archive", archive,
                                        "--seed", str(2**40)], "seed must be at most 2147483647"),
         }
+        refused["evaluate with a seed beyond 32 bits"] = (
+            ["evaluate", "--data", str(tmp_path / "none"), "--category", "c", "--seed", str(2**40)],
+            "seed must be at most 2147483647")  # before it reads (or misses) any data
         for what, (args, message) in refused.items():
             assert main(args) == 2, what
             assert message in capsys.readouterr().err, what

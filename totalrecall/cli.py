@@ -104,7 +104,9 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     from common.engine.roi import RegionOfInterest
 
     roi = RegionOfInterest.from_image(Path(a.roi).read_bytes()) if a.roi else None
-    report = evaluate(a.data, a.category, config_from_args(a), shots=a.shots, weights=a.weights,
+    config = config_from_args(a)
+    config.check_new()  # settings being made, as for a product
+    report = evaluate(a.data, a.category, config, shots=a.shots, weights=a.weights,
                       device=a.device, progress=not a.quiet, roi=roi)
     print(format_table(report))
     if a.json:
