@@ -194,19 +194,25 @@ def real_location(uri: str) -> str:
     return storable(os.path.realpath(_local_path(uri)))
 
 
-def list_uris(prefix_uri: str | Path, suffixes: tuple[str, ...] | None = None) -> list[str]:
+def list_uris(prefix_uri: str | Path, suffixes: tuple[str, ...] | None = None,
+              refuse_unreadable: bool = False) -> list[str]:
     """Full URIs of the objects under a folder-like URI (`s3://bucket/archive/2026-11-27/`, a folder), sorted.
 
     `suffixes` keeps only names ending in one of them (case-insensitive), e.g. `common.images.IMAGE_SUFFIXES`.
     A local folder that does not exist lists as empty (and is not created). A local subfolder that cannot
     be read is listed too, whatever `suffixes` say: reading it fails with the reason (permission denied),
-    so its images are not skipped silently. A local folder that cannot be read itself raises `StorageError`.
+    so its images are not skipped silently; with `refuse_unreadable` it raises `StorageError` instead (a
+    training folder: a fit on part of it would pass for a fit on all of it). A local folder that cannot be
+    read itself raises `StorageError`.
     """
     text = str(prefix_uri)
     if not text.startswith("s3://") and not _local_path(text).is_dir():
         return []
     storage = open_storage(text)
     keys, unlisted = walk_keys(storage, follow_links_out=True)
+    if unlisted and refuse_unreadable:
+        raise StorageError(f"cannot read {', '.join(unlisted[:3])}" + (" ..." if len(unlisted) > 3 else "")
+                           + f" under {text} (permission denied): its images would be left out")
     if suffixes is not None:
         keys = [k for k in keys if k.lower().endswith(suffixes)]
     return [listed_uri(storage, key) for key in sorted(keys + unlisted)]

@@ -257,6 +257,30 @@ def test_an_unreadable_subfolder_is_a_failed_row_not_a_silent_skip(embedded: Emb
         assert status == "failed" and "Permission denied" in error, (name, error)
 
 
+def test_a_training_folder_with_an_unreadable_subfolder_fails_the_fit(embedded: Embedded) -> None:
+    """Its images would be left out, and the fit's failure rule counts the folder as one image: a model of
+    half the training set would pass for a model of all of it."""
+    train = embedded.home / "train-locked"
+    (train / "line-2").mkdir(parents=True)
+    for i in range(6):
+        (train / f"n{i}.png").write_bytes(png_bytes(nominal_image(200 + i, SIZE)))
+        (train / "line-2" / f"m{i}.png").write_bytes(png_bytes(nominal_image(300 + i, SIZE)))
+    rc, out, err, _ = _run_measured(embedded.env, "product", "add", "locked", "--train", str(train), "--archive",
+                                    str(embedded.home / "archive-locked/{date}"), "--image-size", str(SIZE))
+    assert rc == 0, out + err
+    (train / "line-2").chmod(0)
+    try:
+        fit = subprocess.run([*without_root_powers(), sys.executable, "-m", "totalrecall.cli", "fit", "locked",
+                              "--wait"], env=embedded.env, capture_output=True, text=True, timeout=300)
+    finally:
+        (train / "line-2").chmod(0o755)
+    assert fit.returncode != 0
+    with sqlite3.connect(embedded.home / "totalrecall.db") as db:
+        ((status, error),) = db.execute("SELECT j.status, j.error FROM jobs j JOIN products p ON p.id = j.product_id "
+                                        "WHERE p.name = 'locked' AND j.kind = 'fit'").fetchall()
+    assert status == "failed" and f"cannot read line-2 under {train}" in error, error
+
+
 # --- through S3 and a real worker ------------------------------------------------------------------------
 
 

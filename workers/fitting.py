@@ -128,7 +128,7 @@ def fit_job(job_id: int) -> FitOutcome | None:
 
 def _fit_and_publish(target: FitTarget) -> FitOutcome | None:
     """Fit on the product's training images and publish the version; None if another attempt did."""
-    listed = list_uris(target.train_uri, IMAGE_SUFFIXES)
+    listed = list_uris(target.train_uri, IMAGE_SUFFIXES, refuse_unreadable=True)
     if not listed:
         raise FitError(f"no training images under {target.train_uri}")
     # Reviews outrank the folder: an image reviewed defective never enters a bank, and one reviewed good
